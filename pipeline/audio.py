@@ -1,0 +1,363 @@
+"""The one way speechmill reads audio: probe and stream-decode with PyAV, soundfile fallback.
+
+Inputs are local paths or fsspec URLs. Decoding is streamed in chunks of mono float32
+samples so memory stays bounded whatever the duration; resampling is streamed with
+soxr. Problems are raised as :class:`AudioError` with a short reason code that stages
+turn into reject rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import numpy as np
+
+
+class AudioError(Exception):
+    """A per-file problem; ``reason`` is the reject code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class AudioInfo:
+    container: str
+    codec: str
+    duration: float | None  # seconds, as the container/stream header declares
+    sample_rate: int
+    channels: int
+    bit_rate: int | None = None
+    has_video: bool = False
+    backend: str = "pyav"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def open_binary(path: str) -> Iterator[IO[bytes] | str]:
+    """Yield a local path (str) or, for remote URLs, a seekable binary file from fsspec."""
+    if not is_url(path):
+        p = local_path(path)
+        if not os.path.exists(p):
+            raise AudioError("unreadable", f"no such file: {p}")
+        if not os.access(p, os.R_OK):
+            raise AudioError("unreadable", f"permission denied: {p}")
+        yield p
+        return
+    import fsspec
+
+    try:
+        f = fsspec.open(path, "rb").open()
+    except FileNotFoundError as e:
+        raise AudioError("unreadable", f"not found: {path} ({e})") from None
+    except OSError as e:
+        raise AudioError("unreadable", f"{type(e).__name__}: {e}") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _av_open(src: IO[bytes] | str) -> Any:
+    import av
+
+    try:
+        return av.open(src, mode="r", metadata_errors="ignore")
+    except av.error.FileNotFoundError as e:
+        raise AudioError("unreadable", str(e)) from None
+    except av.error.PermissionError as e:
+        raise AudioError("unreadable", str(e)) from None
+    except (av.error.InvalidDataError, av.error.EOFError) as e:
+        raise AudioError("not_audio", f"not a decodable media file ({e})") from None
+    except av.error.FFmpegError as e:
+        raise AudioError("not_audio", f"{type(e).__name__}: {e}") from None
+
+
+def _stream_info(container: Any) -> AudioInfo:
+    audio = container.streams.audio
+    if not audio:
+        raise AudioError("no_audio_stream", f"container {container.format.name!r} has no audio")
+    st = audio[0]
+    cc = st.codec_context
+    if cc is None or getattr(cc, "codec", None) is None:
+        raise AudioError("unsupported_codec", "no decoder for the audio codec")
+    codec = getattr(cc, "name", None) or "unknown"
+    dur = None
+    if st.duration is not None and st.time_base is not None:
+        dur = float(st.duration * st.time_base)
+    elif container.duration is not None:
+        dur = container.duration / 1_000_000
+    rate = int(cc.sample_rate or 0)
+    layout = getattr(cc, "layout", None)
+    channels = int(getattr(layout, "nb_channels", 0) or getattr(cc, "channels", 0) or 0)
+    if rate <= 0 or channels <= 0:
+        raise AudioError("not_audio", f"audio stream without rate/channels ({codec})")
+    return AudioInfo(
+        container=container.format.name,
+        codec=codec,
+        duration=dur,
+        sample_rate=rate,
+        channels=channels,
+        bit_rate=int(container.bit_rate) if container.bit_rate else None,
+        has_video=bool(container.streams.video),
+    )
+
+
+def check_wav_header(path: str) -> None:
+    """Raise ``truncated`` when a local RIFF/WAVE file holds fewer data bytes than declared.
+
+    FFmpeg silently caps a WAV's declared size at the file size, so this is the only
+    place a cut-off WAV is visible.
+    """
+    import struct
+
+    p = local_path(path)
+    try:
+        size = os.path.getsize(p)
+        with open(p, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                hdr = f.read(8)
+                if len(hdr) < 8:
+                    return
+                cid, clen = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+                if cid == b"data":
+                    if clen in (0, 0xFFFFFFFF) or head[:4] == b"RF64":
+                        return  # streaming/unknown sizes are not a promise
+                    have = size - (pos + 8)
+                    if have < clen:
+                        raise AudioError(
+                            "truncated",
+                            f"WAV data chunk declares {clen} bytes, file holds {have}",
+                        )
+                    return
+                pos += 8 + clen + (clen & 1)
+    except OSError:
+        return
+
+
+def probe(path: str) -> AudioInfo:
+    """Container, codec, declared duration, rate and channels; raises AudioError."""
+    with open_binary(path) as src:
+        try:
+            container = _av_open(src)
+        except AudioError as e:
+            if e.reason != "not_audio":
+                raise
+            info = _sf_probe(src)
+            if info is None:
+                raise
+            return info
+        with container:
+            info = _stream_info(container)
+    if not is_url(path) and info.container == "wav":
+        check_wav_header(path)
+    return info
+
+
+_TEXT_MAGIC = (b"<!doctype", b"<html", b"<?xml", b"{", b"[", b"<head", b"<body")
+
+
+def looks_like_text(src: IO[bytes] | str) -> bool:
+    """True for HTML/XML/JSON/plain-text content (an error page saved as .mp3)."""
+    try:
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                head = f.read(512)
+        else:
+            src.seek(0)
+            head = src.read(512)
+            src.seek(0)
+    except OSError:
+        return False
+    h = head.lstrip().lower()
+    if h.startswith(_TEXT_MAGIC):
+        return True
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return bool(head) and printable / len(head) > 0.97 and not head.startswith((b"ID3", b"RIFF"))
+
+
+def _sf_probe(src: IO[bytes] | str) -> AudioInfo | None:
+    import soundfile as sf
+
+    if looks_like_text(src):
+        return None
+
+    try:
+        if not isinstance(src, str):
+            src.seek(0)
+        with sf.SoundFile(src) as f:
+            return AudioInfo(
+                container=f.format.lower(), codec=f.subtype.lower(),
+                duration=f.frames / f.samplerate if f.samplerate else None,
+                sample_rate=f.samplerate, channels=f.channels, backend="soundfile",
+            )
+    except Exception:
+        return None
+
+
+@dataclass
+class DecodeStats:
+    samples: int = 0
+    decode_errors: int = 0
+    last_error: str = ""
+
+
+def decode(path: str, chunk_seconds: float = 30.0,
+           stats: DecodeStats | None = None) -> tuple[AudioInfo, Iterator[np.ndarray]]:
+    """Probe ``path`` and return (info, iterator of mono float32 chunks at the native rate).
+
+    Chunks are about ``chunk_seconds`` long. Multichannel audio is averaged to mono.
+    Corrupt packets are skipped and counted in ``stats`` (a truncated or damaged file
+    then decodes to fewer samples than its header declares: callers compare).
+    """
+    stats = stats if stats is not None else DecodeStats()
+    cm = open_binary(path)
+    src = cm.__enter__()
+    try:
+        container = _av_open(src)
+    except AudioError as e:
+        if e.reason == "not_audio":
+            info = _sf_probe(src)
+            if info is not None:
+                return info, _sf_chunks(src, cm, info, chunk_seconds, stats)
+        cm.__exit__(None, None, None)
+        raise
+    try:
+        info = _stream_info(container)
+    except AudioError:
+        container.close()
+        cm.__exit__(None, None, None)
+        raise
+    return info, _av_chunks(container, cm, info, chunk_seconds, stats)
+
+
+def _av_chunks(container: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
+               stats: DecodeStats) -> Iterator[np.ndarray]:
+    import av
+
+    target = max(1, int(chunk_seconds * (info.sample_rate or 16000)))
+    buf: list[np.ndarray] = []
+    have = 0
+    resampler = av.AudioResampler(format="fltp")
+    try:
+        stream = container.streams.audio[0]
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                stats.decode_errors += 1
+                stats.last_error = f"{type(e).__name__}: {e}"
+                if stats.decode_errors > 100:
+                    raise AudioError("corrupt", f"too many decode errors ({e})") from None
+                continue
+            for frame in frames:
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray()
+                    mono = arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
+                    buf.append(np.ascontiguousarray(mono, dtype=np.float32))
+                    have += mono.shape[0]
+                    if have >= target:
+                        chunk = np.concatenate(buf)
+                        stats.samples += chunk.shape[0]
+                        yield chunk
+                        buf, have = [], 0
+        for out in resampler.resample(None):
+            arr = out.to_ndarray()
+            mono = arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
+            buf.append(np.ascontiguousarray(mono, dtype=np.float32))
+        if buf:
+            chunk = np.concatenate(buf)
+            stats.samples += chunk.shape[0]
+            yield chunk
+    except av.error.FFmpegError as e:
+        stats.decode_errors += 1
+        stats.last_error = f"{type(e).__name__}: {e}"
+    finally:
+        container.close()
+        cm.__exit__(None, None, None)
+
+
+def _sf_chunks(src: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
+               stats: DecodeStats) -> Iterator[np.ndarray]:
+    import soundfile as sf
+
+    try:
+        if not isinstance(src, str):
+            src.seek(0)
+        block = max(1, int(chunk_seconds * info.sample_rate))
+        with sf.SoundFile(src) as f:
+            while True:
+                try:
+                    data = f.read(block, dtype="float32", always_2d=True)
+                except Exception as e:  # libsndfile reports damage as generic errors
+                    stats.decode_errors += 1
+                    stats.last_error = f"{type(e).__name__}: {e}"
+                    break
+                if data.shape[0] == 0:
+                    break
+                mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+                stats.samples += mono.shape[0]
+                yield np.ascontiguousarray(mono)
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def decoded_duration(path: str) -> float:
+    """Decode the whole file (streamed) and return its true duration in seconds."""
+    info, chunks = decode(path)
+    n = sum(c.shape[0] for c in chunks)
+    return n / info.sample_rate if info.sample_rate else 0.0
+
+
+class StreamResampler:
+    """Chunked soxr resampling of a mono stream; ``flush()`` returns the tail."""
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._rs = None
+        if in_rate != out_rate:
+            import soxr
+
+            self._rs = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32",
+                                           quality=quality)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._rs is None:
+            return x
+        return self._rs.resample_chunk(x, last=False)
+
+    def flush(self) -> np.ndarray:
+        if self._rs is None:
+            return np.zeros(0, np.float32)
+        return self._rs.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def db_to_gain(db: float) -> float:
+    return 10.0 ** (db / 20.0)
+
+
+def dbfs(x: float) -> float:
+    return 20.0 * math.log10(x) if x > 0 else -math.inf

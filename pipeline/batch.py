@@ -1,0 +1,124 @@
+"""Run one batch of one stage and commit it to the run store.
+
+This is what executors call on workers. It enforces the stage contract: an exception
+from a whole-batch ``process`` is retried row by row so only the guilty row becomes a
+reject; an input row with neither an output nor a reject becomes a ``no_output`` reject;
+rejects are written before outputs, each part atomically, so a crash between the two
+writes leaves a state that resume completes without duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from speechmill.pipeline.records import (
+    REJECT_SCHEMA,
+    concat,
+    conform,
+    reject,
+    rejects_table,
+    total_seconds,
+)
+from speechmill.pipeline.stage import Stage, StageResult
+from speechmill.pipeline.store import RunStore
+
+
+def part_name(batch: pa.Table) -> str:
+    ids = sorted(str(x) for x in batch.column("id").to_pylist())
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
+    """Process ``batch`` with ``stage`` and write its parts; returns batch stats."""
+    t0 = time.perf_counter()
+    sid = stage.ctx.stage_id
+    try:
+        result = stage.process(batch)
+    except Exception:
+        result = _row_by_row(stage, batch, traceback.format_exc(limit=2))
+    outputs = conform(result.outputs) if result.outputs.num_columns else result.outputs
+    rejects = _conform_rejects(result.rejects)
+
+    # contract: every input row -> >=1 output or exactly one reject
+    batch.column("id").to_pylist()
+    got: set[str] = set()
+    if outputs.num_rows and "parent_id" in outputs.column_names:
+        got.update(x for x in outputs.column("parent_id").to_pylist() if x is not None)
+    rej_ids = rejects.column("id").to_pylist()
+    seen_rej: set[str] = set()
+    keep = []
+    for _i, rid in enumerate(rej_ids):
+        keep.append(rid not in seen_rej and rid not in got)
+        seen_rej.add(rid)
+    if not all(keep):
+        rejects = rejects.filter(pa.array(keep))
+    got.update(seen_rej)
+    missing = [r for r in batch.to_pylist() if r["id"] not in got]
+    if missing:
+        extra = rejects_table(
+            reject(r, sid, "no_output", "stage returned neither an output nor a reject")
+            for r in missing
+        )
+        rejects = pa.concat_tables([rejects, extra])
+
+    name = part_name(batch)
+    if rejects.num_rows:
+        store.write_rejects(sid, name, rejects)
+    if outputs.num_rows:
+        store.write_outputs(sid, name, outputs)
+    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    return {
+        "rows_in": batch.num_rows,
+        "rows_out": outputs.num_rows,
+        "rows_rejected": rejects.num_rows,
+        "seconds_in": total_seconds(batch),
+        "seconds_out": total_seconds(outputs),
+        "seconds_rejected": _rejected_seconds(rejects),
+        "reasons": dict(reasons),
+        "busy_s": time.perf_counter() - t0,
+    }
+
+
+def _row_by_row(stage: Stage, batch: pa.Table, batch_error: str) -> StageResult:
+    outs: list[pa.Table] = []
+    rejs: list[dict[str, Any]] = []
+    for i in range(batch.num_rows):
+        one = batch.slice(i, 1)
+        try:
+            r = stage.process(one)
+        except Exception as e:
+            row = one.to_pylist()[0]
+            detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+            rejs.append(reject(row, stage.ctx.stage_id, "error", detail))
+            continue
+        if r.outputs.num_rows:
+            outs.append(conform(r.outputs))
+        rejs.extend(r.rejects.to_pylist())
+    out = concat(outs) if outs else pa.table({"id": pa.array([], pa.string())})
+    return StageResult(out, rejects_table(rejs))
+
+
+def _conform_rejects(t: pa.Table) -> pa.Table:
+    if t.schema.equals(REJECT_SCHEMA):
+        return t
+    cols = {}
+    for f in REJECT_SCHEMA:
+        cols[f.name] = (
+            t.column(f.name).cast(f.type)
+            if f.name in t.column_names
+            else pa.nulls(t.num_rows, f.type)
+        )
+    return pa.table(cols, schema=REJECT_SCHEMA)
+
+
+def _rejected_seconds(rejects: pa.Table) -> float:
+    if not rejects.num_rows:
+        return 0.0
+    return float(pc.sum(rejects.column("duration")).as_py() or 0.0)

@@ -1,0 +1,206 @@
+"""``speechmill`` command line. Heavy libraries are imported only by the subcommand
+that needs them, so ``speechmill --help`` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _add_dag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dag", help="DAG YAML file (see dags/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="STAGE.KEY=VALUE",
+                   help="override a stage key (also executor.KEY=V, run_dir=V); repeatable")
+    p.add_argument("--run-dir", help="run directory (overrides the DAG's run_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechmill",
+        description="Turn web audio into speech-LM training data: run DAGs of stages, "
+        "resumable, on one machine or a Ray cluster.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a DAG (resumes an interrupted run in its run_dir)")
+    _add_dag_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument("--executor", choices=["ray", "local"], help="override executor.type")
+    p.add_argument("--ray-address", default=None,
+                   help="existing Ray cluster (default: $RAY_ADDRESS or embedded Ray)")
+    p.add_argument("--offline", action="store_true", help="never download models")
+    p.add_argument("--restart-from", metavar="STAGE",
+                   help="discard STAGE and everything downstream of it, then run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("validate", help="check a DAG and print its plan")
+    _add_dag_args(p)
+
+    p = sub.add_parser("status", help="state and counts of each stage of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("stages", help="list registered stages, their parameters and defaults")
+    p.add_argument("name", nargs="?", help="show one stage in detail")
+
+    p = sub.add_parser("demo-data", help="write the demo's input audio (speech in many "
+                       "formats, plus bad files) into a folder")
+    p.add_argument("out_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from importlib.metadata import version
+
+        print(version("speechmill"))
+        return 0
+    if not args.cmd:
+        parser.print_help()
+        return 0
+    from speechmill.pipeline.errors import ConfigError, SpeechmillError
+
+    try:
+        return int(_dispatch(args) or 0)
+    except ConfigError as e:
+        print(f"speechmill: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SpeechmillError as e:
+        print(f"speechmill: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("speechmill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd in ("run", "validate"):
+        return _run(args)
+    if args.cmd == "status":
+        return _status(args)
+    if args.cmd == "stages":
+        return _stages(args)
+    if args.cmd == "demo-data":
+        from speechmill.pipeline.demo_data import write_demo_data
+
+        files = write_demo_data(args.out_dir)
+        print(f"wrote {len(files)} files to {args.out_dir}")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    c = Console()
+    if not c.is_terminal:  # logs and CI: wide enough that tables don't wrap
+        c = Console(width=160)
+    return c
+
+
+def _run(args: argparse.Namespace) -> int:
+    from speechmill.pipeline import dag as dagmod
+
+    console = _console()
+    d = dagmod.load(args.dag, overrides=args.overrides, run_dir=args.run_dir)
+    if args.cmd == "validate" or args.dry_run:
+        _print_plan(d, console)
+        if args.cmd == "run":
+            console.print("dry run: nothing executed")
+        return 0
+    from speechmill.pipeline.runner import run
+
+    run(d, executor=args.executor, ray_address=args.ray_address, offline=args.offline,
+        progress=False if args.no_progress else None, restart=args.restart_from,
+        console=console)
+    return 0
+
+
+def _print_plan(d: Any, console: Any) -> None:
+    from rich.table import Table
+
+    from speechmill.pipeline.store import RunStore
+
+    store = RunStore(d.run_dir)
+    console.print(f"DAG [bold]{d.name}[/]  run_dir: {d.run_dir}  executor: "
+                  f"{d.spec.executor.type}")
+    t = Table(title="plan", title_justify="left")
+    for c in ("#", "stage", "uses", "needs", "kind", "batch", "state", "config"):
+        t.add_column(c)
+    for i, st in enumerate(d.stages, 1):
+        kind = "actor pool (model)" if st.cls.uses_model else (
+            "source" if st.cls.is_source else "tasks")
+        state = "done" if store.is_done(st.id) else (
+            "partial" if store.stage_dir(st.id).exists() else "pending")
+        cfg = st.config.model_dump(mode="json", exclude_defaults=True)
+        cfg = dagmod_redact(cfg)
+        t.add_row(str(i), st.id, st.spec.uses, ",".join(st.spec.needs) or "-", kind,
+                  str(st.batch_size), state,
+                  ", ".join(f"{k}={v}" for k, v in cfg.items()) or "(defaults)")
+    console.print(t)
+
+
+def dagmod_redact(cfg: dict[str, Any]) -> dict[str, Any]:
+    from speechmill.pipeline.dag import _redact
+
+    return _redact(cfg)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from speechmill.pipeline.report import status_rows, summary_table
+
+    if not os.path.isdir(args.run_dir):
+        print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
+        return EXIT_FAILED
+    info, rows = status_rows(args.run_dir)
+    if args.json:
+        print(json.dumps({"run": info, "stages": rows}, indent=2))
+        return 0
+    console = _console()
+    console.print(f"run {info.get('name', '?')}: {info.get('status', 'unknown')} "
+                  f"(attempt {info.get('attempt', '?')}, started {info.get('started_at', '?')}"
+                  f", ended {info.get('ended_at', '-')})")
+    if info.get("error"):
+        console.print(f"error: {info['error']}")
+    console.print(summary_table(rows, title=f"stages of {args.run_dir}"))
+    return 0
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from speechmill.pipeline import registry
+    from speechmill.pipeline.stage import config_fields
+
+    console = _console()
+    names = [args.name] if args.name else list(registry.available())
+    for name in names:
+        cls = registry.get(name)
+        kind = "model (actor pool)" if cls.uses_model else "tasks"
+        if cls.is_source:
+            kind += ", source"
+        res = cls.resources
+        t = Table(title=f"{name}: {cls.description}  [{kind}; cpus={res.cpus:g} "
+                  f"gpus={res.gpus:g} memory={res.memory_gb:g} GB; batch "
+                  f"{cls.default_batch_size}]", title_justify="left")
+        for c in ("key", "type", "default", "description"):
+            t.add_column(c)
+        for key, typ, default, desc in config_fields(cls.Config):
+            t.add_row(key, typ, repr(default), desc)
+        console.print(t)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

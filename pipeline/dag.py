@@ -1,0 +1,391 @@
+"""DAG files: load, interpolate, override, validate, plan.
+
+A DAG is YAML::
+
+    name: demo
+    run_dir: runs/demo
+    executor: {type: ray, num_cpus: null, stall_timeout_s: 900}
+    stages:
+      - id: ingest
+        uses: ingest
+        with: {inputs: ["${DATA:-data}/**/*.wav"]}
+      - id: standardize
+        uses: standardize
+        needs: [ingest]
+        with: {sample_rate: 24000}
+
+Everything is checked before any work starts; each problem is reported with the
+stage id and key it concerns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from speechmill.pipeline import registry
+from speechmill.pipeline.errors import ConfigError
+from speechmill.pipeline.stage import Stage, StageConfig
+
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_RE = re.compile(r"(api_?key|token|secret|password|passwd|credential|auth)", re.I)
+REDACTED = "<redacted>"
+
+
+class ExecutorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["ray", "local"] = "ray"
+    ray_address: str | None = Field(None, description="existing cluster; default: embedded")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray")
+    stall_timeout_s: float = Field(900.0, gt=0, description="fail when nothing advances")
+    progress: bool = True
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str
+    uses: str
+    needs: list[str] = Field(default_factory=list)
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    batch_size: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    resources: dict[str, float] | None = None
+
+    @field_validator("needs", mode="before")
+    @classmethod
+    def _one_need(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("with_", mode="before")
+    @classmethod
+    def _null_with(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class DagSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    run_dir: str
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    stages: list[StageSpec]
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    cls: type[Stage]
+    config: StageConfig
+    fingerprint: str = ""
+    downstream: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size or self.cls.default_batch_size
+
+
+@dataclass
+class Dag:
+    spec: DagSpec
+    stages: list[PlannedStage]  # topological order
+    source_path: str | None = None
+    secret_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def run_dir(self) -> str:
+        return self.spec.run_dir
+
+    def stage(self, stage_id: str) -> PlannedStage:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        raise KeyError(stage_id)
+
+    def resolved_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The DAG after defaults, env and overrides; secrets redacted for writing."""
+        d = self.spec.model_dump(by_alias=True, exclude_none=False)
+        for raw, st in zip(d["stages"], self.stages, strict=True):
+            raw["with"] = st.config.model_dump(mode="json")
+        return _redact(d) if redact else d
+
+    def resolved_yaml(self) -> str:
+        text = yaml.safe_dump(self.resolved_dict(), sort_keys=False)
+        for var, value in self.secret_env.items():
+            if value and len(value) >= 4:
+                text = text.replace(value, "${" + var + "}")
+        return text
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    run_dir: str | None = None,
+) -> Dag:
+    """Load, interpolate, override and validate a DAG file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read DAG file {str(p)!r}: {e.strerror}") from None
+    return loads(text, overrides=overrides, env=env, run_dir=run_dir, source=str(p))
+
+
+def loads(
+    text: str,
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    run_dir: str | None = None,
+    source: str | None = None,
+) -> Dag:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"DAG is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("DAG must be a mapping with name, run_dir and stages")
+    secret_env: dict[str, str] = {}
+    raw = _interpolate(raw, os.environ if env is None else env, [], secret_env)
+    for ov in overrides or []:
+        _apply_override(raw, ov)
+    if run_dir is not None:
+        raw["run_dir"] = run_dir
+    dag = build(raw)
+    dag.source_path = source
+    dag.secret_env = secret_env
+    return dag
+
+
+def build(raw: dict[str, Any]) -> Dag:
+    try:
+        spec = DagSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, raw)) from None
+
+    errors: list[str] = []
+    ids: dict[str, StageSpec] = {}
+    for st in spec.stages:
+        if not _ID_RE.match(st.id):
+            errors.append(f"stage {st.id!r}: key 'id': must match {_ID_RE.pattern}")
+        if st.id in ids:
+            errors.append(f"stage {st.id!r}: key 'id': duplicate stage id")
+        ids[st.id] = st
+    planned: dict[str, PlannedStage] = {}
+    for st in spec.stages:
+        for need in st.needs:
+            if need not in ids:
+                errors.append(f"stage {st.id!r}: key 'needs': unknown stage {need!r}")
+        try:
+            cls = registry.get(st.uses)
+        except ConfigError as e:
+            errors.append(f"stage {st.id!r}: key 'uses': {e}")
+            continue
+        try:
+            config = cls.Config.model_validate(st.with_)
+            cls.validate_config(config)
+        except ValidationError as e:
+            for err in e.errors():
+                key = ".".join(str(x) for x in err["loc"]) or "with"
+                msg = err["msg"]
+                if err["type"] == "extra_forbidden":
+                    known = ", ".join(cls.Config.model_fields)
+                    msg = f"unknown key (known: {known})"
+                errors.append(f"stage {st.id!r}: key 'with.{key}': {msg}")
+            continue
+        except (ValueError, ConfigError) as e:
+            errors.append(f"stage {st.id!r}: {e}")
+            continue
+        if cls.is_source and st.needs:
+            errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} is a source stage")
+        if not cls.is_source and not st.needs:
+            errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} needs an upstream stage")
+        planned[st.id] = PlannedStage(spec=st, cls=cls, config=config)
+    if errors:
+        raise ConfigError("invalid DAG:\n  " + "\n  ".join(errors))
+
+    order = _toposort(spec.stages)
+    stages = [planned[i] for i in order]
+    for s in stages:
+        h = hashlib.sha256()
+        h.update(s.spec.uses.encode())
+        h.update(json.dumps(s.config.model_dump(mode="json"), sort_keys=True).encode())
+        for need in sorted(s.spec.needs):
+            h.update(planned[need].fingerprint.encode())
+            planned[need].downstream.append(s.id)
+        s.fingerprint = h.hexdigest()[:16]
+    return Dag(spec=spec, stages=stages)
+
+
+def _toposort(specs: list[StageSpec]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+    by_id = {s.id: s for s in specs}
+
+    def visit(sid: str, path: list[str]) -> None:
+        if state.get(sid) == 2:
+            return
+        if state.get(sid) == 1:
+            cycle = " -> ".join([*path[path.index(sid) :], sid])
+            raise ConfigError(f"cycle in 'needs': {cycle}", stage=sid, key="needs")
+        state[sid] = 1
+        for n in by_id[sid].needs:
+            visit(n, [*path, sid])
+        state[sid] = 2
+        order.append(sid)
+
+    for s in specs:
+        visit(s.id, [])
+    return order
+
+
+# -- interpolation and overrides ------------------------------------------------------
+
+
+def _interpolate(obj: Any, env: Any, loc: list[str], secret_env: dict[str, str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _interpolate(v, env, [*loc, str(k)], secret_env) for k, v in obj.items()}
+    if isinstance(obj, list):
+        sid = None
+        out = []
+        for i, v in enumerate(obj):
+            if loc == ["stages"] and isinstance(v, dict):
+                sid = v.get("id", f"#{i}")
+                out.append(_interpolate(v, env, ["stages", str(sid)], secret_env))
+            else:
+                out.append(_interpolate(v, env, [*loc, str(i)], secret_env))
+        return out
+    if isinstance(obj, str) and "${" in obj:
+
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                if _SECRET_RE.search(var):
+                    secret_env[var] = env[var]
+                return env[var]
+            if default is not None:
+                return default
+            stage, key = _loc_stage_key(loc)
+            raise ConfigError(
+                f"environment variable {var!r} is not set (use ${{{var}:-default}} "
+                "for a default)",
+                stage=stage,
+                key=key,
+            )
+
+        value = _ENV_RE.sub(sub, obj)
+        # a value that is exactly one ${VAR} gets YAML typing (numbers, booleans)
+        if _ENV_RE.fullmatch(obj):
+            try:
+                typed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+            if isinstance(typed, int | float | bool):
+                return typed
+        return value
+    return obj
+
+
+def _loc_stage_key(loc: list[str]) -> tuple[str | None, str | None]:
+    if len(loc) >= 2 and loc[0] == "stages":
+        return loc[1], ".".join(loc[2:]) or None
+    return None, ".".join(loc) or None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """``stage_id.key[.sub]=value``, ``executor.key=value`` or ``run_dir=value``."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
+    path, _, text = override.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    parts = path.strip().split(".")
+    if parts[0] in ("name", "run_dir") and len(parts) == 1:
+        raw[parts[0]] = value
+        return
+    if parts[0] == "executor":
+        _set_path(raw.setdefault("executor", {}), parts[1:], value, override)
+        return
+    stages = raw.get("stages") or []
+    for st in stages:
+        if isinstance(st, dict) and st.get("id") == parts[0]:
+            if len(parts) < 2:
+                raise ConfigError(f"--set {override!r}: expected {parts[0]}.KEY=VALUE")
+            if parts[1] in ("batch_size", "concurrency", "needs", "uses", "resources"):
+                _set_path(st, parts[1:], value, override)
+            else:
+                _set_path(st.setdefault("with", {}) or {}, parts[1:], value, override)
+                if st.get("with") is None:
+                    st["with"] = {}
+            return
+    known = ", ".join(str(s.get("id")) for s in stages if isinstance(s, dict))
+    raise ConfigError(f"--set {override!r}: no stage with id {parts[0]!r} (stages: {known})")
+
+
+def _set_path(d: dict[str, Any], parts: list[str], value: Any, override: str) -> None:
+    if not parts:
+        raise ConfigError(f"--set {override!r}: missing key")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {override!r}: {p!r} is not a mapping")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _format_validation(e: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    for err in e.errors():
+        loc = list(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+            st = stages[loc[1]] if loc[1] < len(stages) else {}
+            sid = st.get("id", f"#{loc[1]}") if isinstance(st, dict) else f"#{loc[1]}"
+            key = ".".join(str(x) for x in loc[2:]) or "(stage)"
+            lines.append(f"stage {sid!r}: key {key!r}: {msg}")
+        else:
+            lines.append(f"key {'.'.join(str(x) for x in loc)!r}: {msg}")
+    return "invalid DAG:\n  " + "\n  ".join(lines)
+
+
+def _redact(obj: Any, key: str = "") -> Any:
+    if isinstance(obj, dict):
+        return {k: _redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v, key) for v in obj]
+    if key and _SECRET_RE.search(key) and obj not in (None, "", False):
+        return REDACTED
+    return obj
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, REDACTED)
+    return text

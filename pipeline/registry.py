@@ -1,0 +1,49 @@
+"""Stage registry: stages register through the ``speechmill.stages`` entry-point group.
+
+The engine never imports a concrete stage by name; it asks the registry, which loads
+entry points lazily. Tests and notebooks may also :func:`register` a class directly.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+from speechmill.pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from speechmill.pipeline.stage import Stage
+
+GROUP = "speechmill.stages"
+_extra: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Register a stage class in this process (entry points are the normal way)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no `name`")
+    _extra[cls.name] = cls
+    return cls
+
+
+def available() -> dict[str, str]:
+    """Stage name -> entry point value, without importing the stages."""
+    names = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    names.update({n: f"{c.__module__}:{c.__qualname__}" for n, c in _extra.items()})
+    return dict(sorted(names.items()))
+
+
+def get(name: str) -> type[Stage]:
+    if name in _extra:
+        return _extra[name]
+    for ep in entry_points(group=GROUP):
+        if ep.name == name:
+            cls = ep.load()
+            if getattr(cls, "name", None) != name:
+                raise ConfigError(
+                    f"entry point {name!r} ({ep.value}) loads a class whose name is "
+                    f"{getattr(cls, 'name', None)!r}"
+                )
+            return cls
+    known = ", ".join(available()) or "none"
+    raise ConfigError(f"unknown stage {name!r} (known: {known})")

@@ -1,0 +1,183 @@
+"""Terminal output: per-stage progress, the end-of-run summary and ``status``."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "-"
+    if h < 1:
+        return f"{h * 60:.1f} min"
+    return f"{h:.2f} h"
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min"
+
+
+class StageProgress:
+    """A progress bar per stage: rows, rejects, audio hours and speed (x realtime)."""
+
+    def __init__(self, stage_id: str, total: int, already: int, console: Any,
+                 enabled: bool = True) -> None:
+        self.stage_id = stage_id
+        self.total = total
+        self.done = already
+        self.already = already
+        self.rejected = 0
+        self.seconds = 0.0
+        self.reasons: Counter[str] = Counter()
+        self.console = console
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._t0 = time.monotonic()
+        self._last_line = 0.0
+
+    def __enter__(self) -> StageProgress:
+        if not self.enabled:
+            return self
+        note = f" (resuming: {self.already} already done)" if self.already else ""
+        self.console.print(f"[bold cyan]>[/] {self.stage_id}: {self.total} rows{note}")
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("  {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[extra]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                self.stage_id, total=self.total, completed=self.done, extra=""
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _extra(self) -> str:
+        el = max(time.monotonic() - self._t0, 1e-9)
+        speed = self.seconds / el
+        return (f"rej {self.rejected}  {_hours(self.seconds / 3600)} audio  "
+                f"{speed:.1f}x RT  {(self.done - self.already) / el:.2f} rows/s")
+
+    def update(self, stats: dict[str, Any]) -> None:
+        self.done += int(stats.get("rows_in", 0))
+        self.rejected += int(stats.get("rows_rejected", 0))
+        self.seconds += float(stats.get("seconds_in", 0.0) or 0.0) or float(
+            stats.get("seconds_out", 0.0) or 0.0
+        ) + float(stats.get("seconds_rejected", 0.0) or 0.0)
+        self.reasons.update(stats.get("reasons") or {})
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done, extra=self._extra())
+        elif time.monotonic() - self._last_line > 10:  # logs: a line every 10 s
+            self._last_line = time.monotonic()
+            self.console.print(f"  {self.stage_id}: {self.done}/{self.total}  {self._extra()}")
+
+    def finish(self, m: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in (m.get("reasons") or {}).items())
+        speed = m.get("speed_x_realtime")
+        self.console.print(
+            f"  [green]done[/] {self.stage_id}: {m['rows_in']} in -> {m['rows_out']} out, "
+            f"{m['rows_rejected']} rejected{f' ({reasons})' if reasons else ''}; "
+            f"{_hours(m['audio_hours_out'])} audio out in {_secs(m['wall_seconds'])}"
+            + (f" ({speed:.1f}x realtime)" if speed else "")
+        )
+
+
+def summary_table(stages: list[dict[str, Any]], title: str = "speechmill run summary") -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col, just in [("stage", "left"), ("state", "left"), ("in", "right"), ("out", "right"),
+                      ("rejected", "right"), ("hours in", "right"), ("hours out", "right"),
+                      ("wall", "right"), ("RTF", "right"), ("top reject reasons", "left")]:
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for m in stages:
+        reasons = sorted((m.get("reasons") or {}).items(), key=lambda kv: -kv[1])[:3]
+        rtf = m.get("realtime_factor")
+        t.add_row(
+            str(m.get("stage", "?")),
+            str(m.get("state", "")),
+            str(m.get("rows_in", "-")),
+            str(m.get("rows_out", "-")),
+            str(m.get("rows_rejected", "-")),
+            _hours(m.get("audio_hours_in")),
+            _hours(m.get("audio_hours_out")),
+            _secs(m.get("wall_seconds")),
+            f"{rtf:.3g}" if isinstance(rtf, float) else "-",
+            ", ".join(f"{k}={v}" for k, v in reasons),
+        )
+    return t
+
+
+def render_summary(stages: list[dict[str, Any]], console: Any, run_dir: str) -> None:
+    console.print()
+    console.print(summary_table(stages))
+    rejected = sum(int(s.get("rows_rejected", 0) or 0) for s in stages)
+    console.print(
+        f"outputs: {run_dir}/stages/<stage>/part-*.parquet   "
+        f"rejects: {rejected} rows in {run_dir}/stages/<stage>/rejects/"
+    )
+    console.print("RTF = wall seconds per second of input audio (lower is faster)")
+
+
+def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """State and counts of each stage of the DAG recorded in ``run_dir``."""
+    from pathlib import Path
+
+    import yaml
+
+    from speechmill.pipeline.store import RunStore
+
+    store = RunStore(run_dir)
+    info = store.read_run() or {}
+    dag_file = Path(run_dir) / "dag.yaml"
+    stage_ids: list[str] = []
+    if dag_file.exists():
+        raw = yaml.safe_load(dag_file.read_text()) or {}
+        stage_ids = [s["id"] for s in raw.get("stages", [])]
+    elif (Path(run_dir) / "stages").is_dir():
+        stage_ids = sorted(p.name for p in (Path(run_dir) / "stages").iterdir())
+    rows = []
+    for sid in stage_ids:
+        outs, rej = store.count_rows(sid)
+        m = store.read_metrics(sid)
+        if store.is_done(sid):
+            state = "done"
+        elif outs or rej:
+            state = "partial" if info.get("status") != "running" else "running"
+        else:
+            state = "pending"
+        row: dict[str, Any] = {"stage": sid, "state": state, "rows_out": outs,
+                               "rows_rejected": rej}
+        if m:
+            row.update({k: m[k] for k in ("rows_in", "audio_hours_in", "audio_hours_out",
+                                           "wall_seconds", "realtime_factor", "reasons")
+                        if k in m})
+        rows.append(row)
+    return info, rows

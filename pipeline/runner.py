@@ -1,0 +1,325 @@
+"""Run a DAG: stage by stage in dependency order, each stage resumable.
+
+For each stage the runner reads its inputs (a source stage's plan, or the upstream
+stages' outputs), drops the inputs the stage already consumed (outputs' ``parent_id`` and
+rejects' ``id`` in its own directory), hands the rest to the executor in batches, then
+finalises: optional dedup of output ids, ``metrics.json`` and ``_SUCCESS``. A stage with
+``_SUCCESS`` is skipped, so rerunning a finished run does no work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from speechmill.pipeline.dag import Dag, PlannedStage
+from speechmill.pipeline.errors import ConfigError, SpeechmillError, StallError
+from speechmill.pipeline.executors import LocalExecutor, RayExecutor, Watchdog, batches_of
+from speechmill.pipeline.records import REJECT_SCHEMA, concat, reject, total_seconds
+from speechmill.pipeline.report import StageProgress, render_summary
+from speechmill.pipeline.stage import StageContext
+from speechmill.pipeline.store import RunStore, atomic_write_bytes, atomic_write_parquet
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    status: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def rejected(self) -> int:
+        return sum(int(s.get("rows_rejected", 0)) for s in self.stages)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("speechmill", "ray", "pyarrow", "av", "soxr", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def make_executor(dag: Dag, executor: str | None = None, ray_address: str | None = None):
+    kind = executor or dag.spec.executor.type
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(
+            address=ray_address or dag.spec.executor.ray_address,
+            num_cpus=dag.spec.executor.num_cpus,
+        )
+    raise ConfigError(f"unknown executor {kind!r} (ray | local)", key="executor.type")
+
+
+def check_resumable(dag: Dag, store: RunStore) -> None:
+    """Fail fast when a stage's config changed since its outputs were written."""
+    for st in dag.stages:
+        fp = store.read_fingerprint(st.id)
+        if fp is not None and fp != st.fingerprint:
+            raise ConfigError(
+                f"its config changed since {str(store.stage_dir(st.id))!r} was written; "
+                f"use a new run directory, or --restart-from {st.id} to redo it and "
+                "everything after it",
+                stage=st.id,
+                key="with",
+            )
+
+
+def restart_from(dag: Dag, store: RunStore, stage_id: str) -> list[str]:
+    """Delete ``stage_id`` and every stage downstream of it from the run directory."""
+    import shutil
+
+    if stage_id not in {s.id for s in dag.stages}:
+        raise ConfigError(f"--restart-from: no stage {stage_id!r}")
+    doomed = {stage_id}
+    for s in dag.stages:  # topological order: downstream stages come later
+        if set(s.spec.needs) & doomed:
+            doomed.add(s.id)
+    for sid in doomed:
+        shutil.rmtree(store.stage_dir(sid), ignore_errors=True)
+        shutil.rmtree(store.media_dir(sid), ignore_errors=True)
+    return sorted(doomed)
+
+
+def run(
+    dag: Dag,
+    *,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    offline: bool = False,
+    progress: bool | None = None,
+    restart: str | None = None,
+    console: Any = None,
+) -> RunResult:
+    from rich.console import Console
+
+    console = console or Console(stderr=False)
+    store = RunStore(dag.run_dir)
+    show = dag.spec.executor.progress if progress is None else progress
+    result = RunResult(run_dir=str(store.root), status="running")
+    with store.lock():
+        if restart:
+            gone = restart_from(dag, store, restart)
+            console.print(f"restarting from {restart}: cleared {', '.join(gone)}")
+        check_resumable(dag, store)
+        atomic_write_bytes(store.root / "dag.yaml", dag.resolved_yaml().encode())
+        prev = store.read_run() or {}
+        info: dict[str, Any] = {
+            "name": dag.name,
+            "status": "running",
+            "started_at": _now(),
+            "first_started_at": prev.get("first_started_at") or _now(),
+            "attempt": int(prev.get("attempt", 0)) + 1,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": _safe_argv(dag),
+            "dag_file": dag.source_path,
+            "versions": _versions(),
+        }
+        store.write_run(info)
+        exe = None
+        try:
+            pending_stages = [s for s in dag.stages if not store.is_done(s.id)]
+            if pending_stages:
+                exe = make_executor(dag, executor, ray_address)
+                info["executor"] = exe.describe()
+                store.write_run(info)
+                console.print(f"[bold]{dag.name}[/] -> {store.root}  ({exe.describe()})")
+            for st in dag.stages:
+                if store.is_done(st.id):
+                    m = store.read_metrics(st.id) or {"stage": st.id}
+                    result.stages.append({**m, "state": "done earlier"})
+                    continue
+                assert exe is not None
+                m = _run_stage(dag, st, store, exe, offline=offline, show=show,
+                               console=console)
+                result.stages.append({**m, "state": "done"})
+            result.status = "succeeded"
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            result.error = "interrupted"
+            raise
+        except BaseException as e:
+            result.status = "failed"
+            result.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            info.update(status=result.status, ended_at=_now())
+            if result.error:
+                info["error"] = result.error[:2000]
+            store.write_run(info)
+            if exe is not None:
+                exe.close()
+    render_summary(result.stages, console=console, run_dir=str(store.root))
+    return result
+
+
+def _safe_argv(dag: Dag) -> list[str]:
+    from speechmill.pipeline.dag import REDACTED
+
+    out = []
+    for a in sys.argv:
+        for v in dag.secret_env.values():
+            if v and len(v) >= 4:
+                a = a.replace(v, REDACTED)
+        out.append(a)
+    return out
+
+
+def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext) -> pa.Table:
+    if st.cls.is_source:
+        stage = st.cls(st.config, ctx)
+        return stage.plan()
+    return concat([store.read_outputs(n) for n in st.spec.needs])
+
+
+def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,
+               show: bool, console: Any) -> dict[str, Any]:
+    ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
+    store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
+    store.write_fingerprint(st.id, st.fingerprint)
+    t0 = time.monotonic()
+    inputs = stage_inputs(dag, st, store, ctx)
+    if inputs.num_rows and "id" not in inputs.column_names:
+        raise SpeechmillError(f"stage {st.id!r}: its input has no 'id' column")
+    consumed = store.consumed_ids(st.id)
+    pending = inputs
+    if consumed and inputs.num_rows:
+        mask = pc.invert(pc.is_in(inputs.column("id"), value_set=pa.array(sorted(consumed))))
+        pending = inputs.filter(mask)
+    # an input id seen twice upstream would be processed twice: keep the first
+    pending = _unique_by_id(pending)
+    batches = list(batches_of(pending, st.batch_size))
+    prog = StageProgress(
+        st.id, total=inputs.num_rows, already=inputs.num_rows - pending.num_rows,
+        console=console, enabled=show,
+    )
+    timeout = dag.spec.executor.stall_timeout_s
+    try:
+        with prog, Watchdog(timeout, st.id) as dog:
+
+            def on_stats(stats: dict[str, Any]) -> None:
+                dog.tick()
+                prog.update(stats)
+
+            try:
+                exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
+                              concurrency=st.spec.concurrency)
+            except KeyboardInterrupt:
+                if dog.fired:
+                    raise StallError(
+                        f"stage {st.id!r}: no batch finished for {timeout:g} s "
+                        "(executor.stall_timeout_s); the run directory keeps every "
+                        "finished batch, rerun to resume"
+                    ) from None
+                raise
+    finally:
+        wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
+    if st.cls.unique_output_ids:
+        _dedup_outputs(st, store)
+    metrics = _metrics(st, inputs, store, wall)
+    store.write_metrics(st.id, metrics)
+    store.mark_done(st.id)
+    prog.finish(metrics)
+    return metrics
+
+
+def _unique_by_id(t: pa.Table) -> pa.Table:
+    if t.num_rows == 0:
+        return t
+    ids = t.column("id").to_pylist()
+    seen: set[str] = set()
+    keep = []
+    for i in ids:
+        keep.append(i not in seen)
+        seen.add(i)
+    return t if all(keep) else t.filter(pa.array(keep))
+
+
+def _dedup_outputs(st: PlannedStage, store: RunStore) -> None:
+    """Keep one output row per id; the others become ``duplicate`` rejects.
+
+    The survivor is chosen by content, not by timing (smallest ``source_url``, then
+    ``parent_id``), so a resumed run keeps the same rows as an uninterrupted one. Each
+    touched part is rewritten atomically after its rejects are written, so a crash
+    in between is repaired by the next run's identical pass.
+    """
+    parts = store.output_parts(st.id)
+    cols = ["id", "parent_id", "source_url"]
+    best: dict[str, tuple[str, str]] = {}
+    per_part: list[tuple[Any, pa.Table]] = []
+    for p in parts:
+        t = store.read_outputs_part(p, cols)
+        per_part.append((p, t))
+        for rid, par, src in zip(*(t.column(c).to_pylist() for c in cols), strict=True):
+            key = (src or "", par or "")
+            if rid not in best or key < best[rid]:
+                best[rid] = key
+    for p, t in per_part:
+        keep = [
+            best[rid] == (src or "", par or "")
+            for rid, par, src in zip(*(t.column(c).to_pylist() for c in cols), strict=True)
+        ]
+        if all(keep):
+            continue
+        full = store.read_outputs_part(p, None)
+        losers = full.filter(pc.invert(pa.array(keep)))
+        rows = []
+        for r in losers.to_pylist():
+            winner_src = best[r["id"]][0]
+            rej = reject({**r, "id": r["parent_id"]}, st.id, "duplicate",
+                         f"same content as {winner_src} (id {r['id']})")
+            rows.append(rej)
+        store.write_rejects(st.id, f"dup-{p.stem.removeprefix('part-')}",
+                            pa.Table.from_pylist(rows, schema=REJECT_SCHEMA))
+        kept = full.filter(pa.array(keep))
+        if kept.num_rows:
+            atomic_write_parquet(p, kept)
+        else:
+            p.unlink()
+
+
+def _metrics(st: PlannedStage, inputs: pa.Table, store: RunStore, wall: float) -> dict[str, Any]:
+    outs = store.read_outputs(st.id, ["id", "duration"])
+    rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
+    sec_out = total_seconds(outs)
+    sec_rej = float(pc.sum(rejects.column("duration")).as_py() or 0.0) if rejects.num_rows else 0.0
+    sec_in = total_seconds(inputs)
+    if st.cls.is_source or "duration" not in inputs.column_names:
+        sec_in = sec_out + sec_rej
+    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    return {
+        "stage": st.id,
+        "uses": st.spec.uses,
+        "rows_in": inputs.num_rows,
+        "rows_out": outs.num_rows,
+        "rows_rejected": rejects.num_rows,
+        "audio_hours_in": sec_in / 3600.0,
+        "audio_hours_out": sec_out / 3600.0,
+        "wall_seconds": round(wall, 3),
+        # realtime factor: wall seconds per second of input audio (lower is faster)
+        "realtime_factor": (wall / sec_in) if sec_in > 0 else None,
+        "speed_x_realtime": (sec_in / wall) if wall > 0 and sec_in > 0 else None,
+        "reasons": dict(sorted(reasons.items())),
+        "fingerprint": st.fingerprint,
+        "finished_at": _now(),
+    }

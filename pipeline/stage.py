@@ -1,0 +1,168 @@
+"""The stage contract.
+
+A stage declares its DAG name, a pydantic config (unknown keys are errors), the
+resources it needs and whether it holds a model. The engine builds one instance per
+worker, calls :meth:`Stage.setup` once, then :meth:`Stage.process` on batches. A batch
+maps an input table to outputs plus rejects: every input row ends in at least one output
+row (whose ``parent_id`` is the input's ``id``) or exactly one reject row. Per-row
+problems are rejects, never exceptions; the engine isolates a row whose processing
+raises and turns it into a reject with reason ``error``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from speechmill.pipeline.records import conform, reject, rejects_table
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"cpus": self.cpus, "gpus": self.gpus, "memory_gb": self.memory_gb}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage instance runs. Picklable: it travels to Ray workers."""
+
+    stage_id: str
+    run_dir: str
+    offline: bool = False
+
+    @property
+    def media_dir(self) -> Path:
+        return Path(self.run_dir) / "media" / self.stage_id
+
+    @property
+    def tmp_dir(self) -> Path:
+        return Path(self.run_dir) / "tmp" / self.stage_id
+
+
+@dataclass
+class StageResult:
+    outputs: pa.Table
+    rejects: pa.Table
+
+
+class Reject(Exception):  # noqa: N818 - it is a verdict, not a failure of the engine
+    """Raise from :meth:`Stage.process_row` to reject the row with a reason code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class RowOutcome:
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    reject: dict[str, Any] | None = None
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the class attributes below."""
+
+    #: name used in DAG files (``uses:``)
+    name: ClassVar[str] = ""
+    #: one-line description shown by ``speechmill stages``
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    resources: ClassVar[Resources] = Resources()
+    #: holds a model: runs as an actor pool and loads it once in ``setup()``
+    uses_model: ClassVar[bool] = False
+    #: a source stage has no upstream: its inputs come from :meth:`plan`
+    is_source: ClassVar[bool] = False
+    #: the engine keeps one output row per ``id`` (the others become ``duplicate`` rejects)
+    unique_output_ids: ClassVar[bool] = False
+    #: rows per batch unless the DAG sets ``batch_size``
+    default_batch_size: ClassVar[int] = 4
+
+    def __init__(self, config: StageConfig, ctx: StageContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    # -- lifecycle ---------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: StageConfig) -> None:  # noqa: B027 - optional hook
+        """Cross-field checks that need more than pydantic; raise ValueError naming the key."""
+
+    def plan(self) -> pa.Table:
+        """Source stages: the rows to process (each with a deterministic ``id``)."""
+        raise NotImplementedError(f"stage {self.name!r} is not a source stage")
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load models / open clients. Called once per worker before any batch."""
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release what setup() took."""
+
+    # -- work ----------------------------------------------------------------------
+    def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        """Map one input row to one or more output rows; raise :class:`Reject` to reject."""
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> StageResult:
+        """Map a batch. The default calls :meth:`process_row` per row."""
+        outputs: list[dict[str, Any]] = []
+        rejects: list[dict[str, Any]] = []
+        for row in batch.to_pylist():
+            outcome = self.run_row(row)
+            outputs.extend(outcome.outputs)
+            if outcome.reject is not None:
+                rejects.append(outcome.reject)
+        return StageResult(self.outputs_table(outputs), rejects_table(rejects))
+
+    def run_row(self, row: dict[str, Any]) -> RowOutcome:
+        try:
+            out = self.process_row(row)
+        except Reject as r:
+            return RowOutcome(reject=reject(row, self.ctx.stage_id, r.reason, r.detail))
+        except Exception as e:  # one row's failure never kills the run
+            detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+            return RowOutcome(reject=reject(row, self.ctx.stage_id, "error", detail))
+        rows = [out] if isinstance(out, dict) else list(out)
+        for r in rows:
+            r.setdefault("parent_id", row.get("id"))
+        return RowOutcome(outputs=rows)
+
+    def outputs_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        if not rows:
+            return pa.table({"id": pa.array([], pa.string()), "parent_id": pa.array([], pa.string())})
+        return conform(pa.Table.from_pylist(rows))
+
+    def reject_row(self, row: dict[str, Any], reason: str, detail: str = "") -> dict[str, Any]:
+        return reject(row, self.ctx.stage_id, reason, detail)
+
+
+def config_fields(cls: type[StageConfig]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, description) for each config key, for ``speechmill stages``."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in cls.model_fields.items():
+        ann = f.annotation
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default: Any = "<required>" if f.default is PydanticUndefined else f.default
+        if f.default_factory is not None:
+            default = f.default_factory()  # type: ignore[call-arg]
+        out.append((name, tname, default, f.description or ""))
+    return out

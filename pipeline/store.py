@@ -1,0 +1,218 @@
+"""The run directory: atomic part files, rejects, metrics, completion markers.
+
+::
+
+    RUN_DIR/
+      dag.yaml  run.json
+      stages/<id>/part-*.parquet          outputs (tmp + rename)
+      stages/<id>/rejects/part-*.parquet
+      stages/<id>/metrics.json  _SUCCESS  _fingerprint
+      media/<id>/...                      audio written by the stage
+
+Resume reads which inputs a stage already consumed from its own files: the outputs'
+``parent_id`` and the rejects' ``id``. A part file either exists whole or not at all, so
+a run killed at any moment resumes without duplicates or losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from speechmill.pipeline.errors import RunLockedError
+from speechmill.pipeline.records import REJECT_SCHEMA, concat
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _parts(d: Path) -> list[Path]:
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("part-*.parquet") if p.is_file())
+
+
+class RunStore:
+    """One run directory (a local or shared POSIX path)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- layout ----------------------------------------------------------------------
+    def stage_dir(self, stage_id: str) -> Path:
+        return self.root / "stages" / stage_id
+
+    def rejects_dir(self, stage_id: str) -> Path:
+        return self.stage_dir(stage_id) / "rejects"
+
+    def media_dir(self, stage_id: str) -> Path:
+        return self.root / "media" / stage_id
+
+    def output_parts(self, stage_id: str) -> list[Path]:
+        return _parts(self.stage_dir(stage_id))
+
+    def reject_parts(self, stage_id: str) -> list[Path]:
+        return _parts(self.rejects_dir(stage_id))
+
+    # -- writing -----------------------------------------------------------------------
+    def write_outputs(self, stage_id: str, name: str, table: pa.Table) -> Path:
+        path = self.stage_dir(stage_id) / f"part-{name}.parquet"
+        atomic_write_parquet(path, table)
+        return path
+
+    def write_rejects(self, stage_id: str, name: str, table: pa.Table) -> Path:
+        path = self.rejects_dir(stage_id) / f"part-{name}.parquet"
+        atomic_write_parquet(path, table)
+        return path
+
+    # -- reading -----------------------------------------------------------------------
+    def read_outputs(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
+        return _read_parts(self.output_parts(stage_id), columns)
+
+    def read_rejects(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
+        t = _read_parts(self.reject_parts(stage_id), columns)
+        if t.num_columns == 0:
+            return REJECT_SCHEMA.empty_table() if columns is None else REJECT_SCHEMA.empty_table().select(columns)
+        return t
+
+    def read_outputs_part(self, path: Path, columns: list[str] | None) -> pa.Table:
+        return _read_parts([path], columns)
+
+    def consumed_ids(self, stage_id: str) -> set[str]:
+        done: set[str] = set()
+        for p in self.output_parts(stage_id):
+            col = pq.read_table(p, columns=["parent_id"]).column("parent_id")
+            done.update(x for x in col.to_pylist() if x is not None)
+        for p in self.reject_parts(stage_id):
+            col = pq.read_table(p, columns=["id"]).column("id")
+            done.update(x for x in col.to_pylist() if x is not None)
+        return done
+
+    def count_rows(self, stage_id: str) -> tuple[int, int]:
+        outs = sum(pq.ParquetFile(p).metadata.num_rows for p in self.output_parts(stage_id))
+        rej = sum(pq.ParquetFile(p).metadata.num_rows for p in self.reject_parts(stage_id))
+        return outs, rej
+
+    # -- markers and metrics -----------------------------------------------------------
+    def is_done(self, stage_id: str) -> bool:
+        return (self.stage_dir(stage_id) / "_SUCCESS").exists()
+
+    def mark_done(self, stage_id: str) -> None:
+        atomic_write_bytes(self.stage_dir(stage_id) / "_SUCCESS", b"")
+
+    def read_fingerprint(self, stage_id: str) -> str | None:
+        p = self.stage_dir(stage_id) / "_fingerprint"
+        return p.read_text().strip() if p.exists() else None
+
+    def write_fingerprint(self, stage_id: str, fp: str) -> None:
+        atomic_write_bytes(self.stage_dir(stage_id) / "_fingerprint", fp.encode())
+
+    def read_metrics(self, stage_id: str) -> dict[str, Any] | None:
+        p = self.stage_dir(stage_id) / "metrics.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def write_metrics(self, stage_id: str, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.stage_dir(stage_id) / "metrics.json", metrics)
+
+    def add_wall_seconds(self, stage_id: str, seconds: float) -> float:
+        """Accumulate wall time across attempts (a resumed stage adds to it)."""
+        p = self.stage_dir(stage_id) / "_wall_seconds"
+        prev = float(p.read_text()) if p.exists() else 0.0
+        total = prev + seconds
+        atomic_write_bytes(p, f"{total:.3f}".encode())
+        return total
+
+    def read_run(self) -> dict[str, Any] | None:
+        p = self.root / "run.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def write_run(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.root / "run.json", info)
+
+    # -- lock ----------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        return RunLock(self.root / "run.lock")
+
+
+class RunLock:
+    """Refuses a second live run on the same directory; a stale lock (dead pid) is taken."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                if other.get("host") == me["host"] and _alive(int(other.get("pid", -1))):
+                    raise RunLockedError(
+                        f"run directory {str(self.path.parent)!r} is in use by pid "
+                        f"{other.get('pid')} on {other.get('host')}"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: the process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise RunLockedError(f"could not lock {str(self.path)!r}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_parts(parts: list[Path], columns: list[str] | None) -> pa.Table:
+    tables = []
+    for p in parts:
+        if columns is None:
+            tables.append(pq.read_table(p))
+        else:
+            have = set(pq.read_schema(p).names)
+            tables.append(pq.read_table(p, columns=[c for c in columns if c in have]))
+    return concat(tables)
