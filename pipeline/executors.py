@@ -155,12 +155,14 @@ class RayExecutor:
         return f"ray ({where}; {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
 
     def pool_size(self, cls: type[Stage], requested: int | None, n_batches: int) -> int:
-        """Actors/tasks to run at once: never every CPU, so the tasks around them run."""
+        """Workers to run at once. An actor pool never takes every CPU (the read/write
+        tasks around it would starve and the run hang); task stages may use them all."""
         cpus = max(cls.resources.cpus, 0.01)
-        fit = int(max(self.cluster_cpus - 1.0, 1.0) // cpus) if self.cluster_cpus > 1 else 1
+        spare = 1.0 if cls.uses_model and self.cluster_cpus > 1 else 0.0
+        fit = max(int((self.cluster_cpus - spare) // cpus), 1)
         if cls.resources.gpus > 0 and self.cluster_gpus > 0:
             fit = min(fit, int(self.cluster_gpus // cls.resources.gpus) or 1)
-        size = min(requested or fit, fit) if requested else fit
+        size = min(requested, fit) if requested else fit
         return max(1, min(size, n_batches))
 
     def run_stage(

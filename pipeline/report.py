@@ -43,11 +43,9 @@ class StageProgress:
         self._last_line = 0.0
 
     def __enter__(self) -> StageProgress:
-        if not self.enabled:
-            return self
         note = f" (resuming: {self.already} already done)" if self.already else ""
         self.console.print(f"[bold cyan]>[/] {self.stage_id}: {self.total} rows{note}")
-        if self.console.is_terminal:
+        if self.enabled and self.console.is_terminal:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -97,8 +95,6 @@ class StageProgress:
             self.console.print(f"  {self.stage_id}: {self.done}/{self.total}  {self._extra()}")
 
     def finish(self, m: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         reasons = ", ".join(f"{k} {v}" for k, v in (m.get("reasons") or {}).items())
         speed = m.get("speed_x_realtime")
         self.console.print(

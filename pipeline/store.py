@@ -179,10 +179,14 @@ class RunLock:
                     other = json.loads(self.path.read_text() or "{}")
                 except (OSError, json.JSONDecodeError):
                     other = {}
-                if other.get("host") == me["host"] and _alive(int(other.get("pid", -1))):
+                same_host = other.get("host") == me["host"]
+                if not same_host or _alive(int(other.get("pid", -1))):
                     raise RunLockedError(
                         f"run directory {str(self.path.parent)!r} is in use by pid "
                         f"{other.get('pid')} on {other.get('host')}"
+                        + ("" if same_host else
+                           f" (cannot check another host; delete {str(self.path)!r} if "
+                           "that run is gone)")
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: the process is gone
                 continue
