@@ -14,7 +14,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -160,7 +160,11 @@ def config_fields(cls: type[StageConfig]) -> list[tuple[str, str, Any, str]]:
     out = []
     for name, f in cls.model_fields.items():
         ann = f.annotation
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        tname = str(ann).replace("typing.", "")
+        if isinstance(ann, type):
+            tname = ann.__name__
+        elif getattr(ann, "__origin__", None) is Literal:
+            tname = " | ".join(repr(a) for a in ann.__args__)  # type: ignore[union-attr]
         default: Any = "<required>" if f.default is PydanticUndefined else f.default
         if f.default_factory is not None:
             default = f.default_factory()  # type: ignore[call-arg]

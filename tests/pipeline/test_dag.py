@@ -179,3 +179,18 @@ def test_help_imports_no_heavy_library() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_stages_register_through_entry_points_and_list_params() -> None:
+    from importlib.metadata import entry_points
+
+    from speechmill.pipeline import registry
+
+    eps = {ep.name for ep in entry_points(group="speechmill.stages")}
+    assert {"ingest", "standardize"} <= eps
+    assert registry.get("standardize").name == "standardize"
+    r = _cli("stages")
+    assert r.returncode == 0, r.stderr
+    for needle in ("ingest", "standardize", "sample_rate", "24000", "'dbfs' | 'lufs' | 'none'",
+                   "max_bytes"):
+        assert needle in r.stdout, needle
