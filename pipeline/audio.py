@@ -37,6 +37,9 @@ class AudioInfo:
     bit_rate: int | None = None
     has_video: bool = False
     backend: str = "pyav"
+    #: the header states the length exactly (PCM, FLAC, ...); for mp3/aac without an
+    #: index FFmpeg only estimates it from the bit rate
+    exact_duration: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,12 +54,15 @@ def local_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def open_binary(path: str) -> Iterator[IO[bytes] | str]:
+def open_binary(path: str, storage_options: dict[str, Any] | None = None
+                ) -> Iterator[IO[bytes] | str]:
     """Yield a local path (str) or, for remote URLs, a seekable binary file from fsspec."""
     if not is_url(path):
         p = local_path(path)
         if not os.path.exists(p):
             raise AudioError("unreadable", f"no such file: {p}")
+        if not os.path.isfile(p):
+            raise AudioError("unreadable", f"not a regular file: {p}")
         if not os.access(p, os.R_OK):
             raise AudioError("unreadable", f"permission denied: {p}")
         yield p
@@ -64,7 +70,7 @@ def open_binary(path: str) -> Iterator[IO[bytes] | str]:
     import fsspec
 
     try:
-        f = fsspec.open(path, "rb").open()
+        f = fsspec.open(path, "rb", **(storage_options or {})).open()
     except FileNotFoundError as e:
         raise AudioError("unreadable", f"not found: {path} ({e})") from None
     except OSError as e:
@@ -117,6 +123,7 @@ def _stream_info(container: Any) -> AudioInfo:
         channels=channels,
         bit_rate=int(container.bit_rate) if container.bit_rate else None,
         has_video=bool(container.streams.video),
+        exact_duration=codec.startswith("pcm_") or codec in ("flac", "alac", "wavpack"),
     )
 
 
@@ -157,9 +164,9 @@ def check_wav_header(path: str) -> None:
         return
 
 
-def probe(path: str) -> AudioInfo:
+def probe(path: str, storage_options: dict[str, Any] | None = None) -> AudioInfo:
     """Container, codec, declared duration, rate and channels; raises AudioError."""
-    with open_binary(path) as src:
+    with open_binary(path, storage_options) as src:
         try:
             container = _av_open(src)
         except AudioError as e:
@@ -212,6 +219,7 @@ def _sf_probe(src: IO[bytes] | str) -> AudioInfo | None:
                 container=f.format.lower(), codec=f.subtype.lower(),
                 duration=f.frames / f.samplerate if f.samplerate else None,
                 sample_rate=f.samplerate, channels=f.channels, backend="soundfile",
+                exact_duration=True,
             )
     except Exception:
         return None
@@ -224,36 +232,67 @@ class DecodeStats:
     last_error: str = ""
 
 
-def decode(path: str, chunk_seconds: float = 30.0,
-           stats: DecodeStats | None = None) -> tuple[AudioInfo, Iterator[np.ndarray]]:
+class Chunks:
+    """Iterator of decoded chunks that always releases its file, even if never started."""
+
+    def __init__(self, gen: Iterator[np.ndarray], closers: list[Any]) -> None:
+        self._gen = gen
+        self._closers = closers
+
+    def __iter__(self) -> Chunks:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+        closers, self._closers = self._closers, []
+        for c in closers:
+            with contextlib.suppress(Exception):
+                c()
+
+
+def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = None,
+           storage_options: dict[str, Any] | None = None) -> tuple[AudioInfo, Chunks]:
     """Probe ``path`` and return (info, iterator of mono float32 chunks at the native rate).
 
     Chunks are about ``chunk_seconds`` long. Multichannel audio is averaged to mono.
     Corrupt packets are skipped and counted in ``stats`` (a truncated or damaged file
-    then decodes to fewer samples than its header declares: callers compare).
+    then decodes to fewer samples than its header declares: callers compare). Call
+    ``close()`` on the iterator when stopping early.
     """
     stats = stats if stats is not None else DecodeStats()
-    cm = open_binary(path)
+    cm = open_binary(path, storage_options)
     src = cm.__enter__()
+    done = [False]
+
+    def release() -> None:
+        if not done[0]:
+            done[0] = True
+            cm.__exit__(None, None, None)
+
     try:
         container = _av_open(src)
     except AudioError as e:
         if e.reason == "not_audio":
             info = _sf_probe(src)
             if info is not None:
-                return info, _sf_chunks(src, cm, info, chunk_seconds, stats)
-        cm.__exit__(None, None, None)
+                return info, Chunks(_sf_chunks(src, release, info, chunk_seconds, stats),
+                                    [release])
+        release()
         raise
     try:
         info = _stream_info(container)
     except AudioError:
         container.close()
-        cm.__exit__(None, None, None)
+        release()
         raise
-    return info, _av_chunks(container, cm, info, chunk_seconds, stats)
+    return info, Chunks(_av_chunks(container, release, info, chunk_seconds, stats),
+                        [container.close, release])
 
 
-def _av_chunks(container: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
+def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: float,
                stats: DecodeStats) -> Iterator[np.ndarray]:
     import av
 
@@ -296,10 +335,10 @@ def _av_chunks(container: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
         stats.last_error = f"{type(e).__name__}: {e}"
     finally:
         container.close()
-        cm.__exit__(None, None, None)
+        release()
 
 
-def _sf_chunks(src: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
+def _sf_chunks(src: Any, release: Any, info: AudioInfo, chunk_seconds: float,
                stats: DecodeStats) -> Iterator[np.ndarray]:
     import soundfile as sf
 
@@ -321,13 +360,16 @@ def _sf_chunks(src: Any, cm: Any, info: AudioInfo, chunk_seconds: float,
                 stats.samples += mono.shape[0]
                 yield np.ascontiguousarray(mono)
     finally:
-        cm.__exit__(None, None, None)
+        release()
 
 
-def decoded_duration(path: str) -> float:
+def decoded_duration(path: str, storage_options: dict[str, Any] | None = None) -> float:
     """Decode the whole file (streamed) and return its true duration in seconds."""
-    info, chunks = decode(path)
-    n = sum(c.shape[0] for c in chunks)
+    info, chunks = decode(path, storage_options=storage_options)
+    try:
+        n = sum(c.shape[0] for c in chunks)
+    finally:
+        chunks.close()
     return n / info.sample_rate if info.sample_rate else 0.0
 
 

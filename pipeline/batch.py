@@ -47,14 +47,20 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
     rejects = _conform_rejects(result.rejects)
 
     # contract: every input row -> >=1 output or exactly one reject
-    batch.column("id").to_pylist()
+    in_ids = batch.column("id").to_pylist()
+    if outputs.num_rows:  # outputs must name one of this batch's inputs as parent
+        if "parent_id" not in outputs.column_names:
+            outputs = outputs.slice(0, 0)
+        else:
+            ok = pc.is_in(outputs.column("parent_id"), value_set=pa.array(in_ids, pa.string()))
+            outputs = outputs.filter(pc.fill_null(ok, False))
     got: set[str] = set()
     if outputs.num_rows and "parent_id" in outputs.column_names:
         got.update(x for x in outputs.column("parent_id").to_pylist() if x is not None)
     rej_ids = rejects.column("id").to_pylist()
     seen_rej: set[str] = set()
     keep = []
-    for _i, rid in enumerate(rej_ids):
+    for rid in rej_ids:
         keep.append(rid not in seen_rej and rid not in got)
         seen_rej.add(rid)
     if not all(keep):

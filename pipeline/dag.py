@@ -33,11 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from speechmill.pipeline import registry
 from speechmill.pipeline.errors import ConfigError
-from speechmill.pipeline.stage import Stage, StageConfig
+from speechmill.pipeline.stage import Resources, Stage, StageConfig
 
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_RE = re.compile(r"(api_?key|token|secret|password|passwd|credential|auth)", re.I)
+_SECRET_RE = re.compile(
+    r"(api_?key|token|secret|password|passwd|credential|auth|private|access_?key|"
+    r"account_?key|conn(ection)?_?str|^key$|_key$)",
+    re.I,
+)
 REDACTED = "<redacted>"
 
 
@@ -97,6 +101,11 @@ class PlannedStage:
     @property
     def batch_size(self) -> int:
         return self.spec.batch_size or self.cls.default_batch_size
+
+    @property
+    def resources(self) -> Resources:
+        """The stage class's declared resources, with the DAG's ``resources:`` over them."""
+        return Resources(**{**self.cls.resources.to_dict(), **(self.spec.resources or {})})
 
 
 @dataclass
@@ -217,6 +226,10 @@ def build(raw: dict[str, Any]) -> Dag:
         except (ValueError, ConfigError) as e:
             errors.append(f"stage {st.id!r}: {e}")
             continue
+        bad_res = set(st.resources or {}) - {"cpus", "gpus", "memory_gb"}
+        if bad_res:
+            errors.append(f"stage {st.id!r}: key 'resources.{sorted(bad_res)[0]}': unknown "
+                          "resource (cpus, gpus, memory_gb)")
         if cls.is_source and st.needs:
             errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} is a source stage")
         if not cls.is_source and not st.needs:
@@ -230,7 +243,8 @@ def build(raw: dict[str, Any]) -> Dag:
     for s in stages:
         h = hashlib.sha256()
         h.update(s.spec.uses.encode())
-        h.update(json.dumps(s.config.model_dump(mode="json"), sort_keys=True).encode())
+        view = _fingerprint_view(s.config.model_dump(mode="json"))
+        h.update(json.dumps(view, sort_keys=True).encode())
         for need in sorted(s.spec.needs):
             h.update(planned[need].fingerprint.encode())
             planned[need].downstream.append(s.id)
@@ -295,14 +309,8 @@ def _interpolate(obj: Any, env: Any, loc: list[str], secret_env: dict[str, str])
             )
 
         value = _ENV_RE.sub(sub, obj)
-        # a value that is exactly one ${VAR} gets YAML typing (numbers, booleans)
-        if _ENV_RE.fullmatch(obj):
-            try:
-                typed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                return value
-            if isinstance(typed, int | float | bool):
-                return typed
+        # values stay strings ("no", "0777" are not booleans or octal): pydantic converts
+        # them where a field wants a number or boolean
         return value
     return obj
 
@@ -337,9 +345,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             if parts[1] in ("batch_size", "concurrency", "needs", "uses", "resources"):
                 _set_path(st, parts[1:], value, override)
             else:
-                _set_path(st.setdefault("with", {}) or {}, parts[1:], value, override)
-                if st.get("with") is None:
+                if not isinstance(st.get("with"), dict):
                     st["with"] = {}
+                _set_path(st["with"], parts[1:], value, override)
             return
     known = ", ".join(str(s.get("id")) for s in stages if isinstance(s, dict))
     raise ConfigError(f"--set {override!r}: no stage with id {parts[0]!r} (stages: {known})")
@@ -374,13 +382,28 @@ def _format_validation(e: ValidationError, raw: dict[str, Any]) -> str:
     return "invalid DAG:\n  " + "\n  ".join(lines)
 
 
+def is_secret_key(key: str) -> bool:
+    return bool(key) and bool(_SECRET_RE.search(key))
+
+
 def _redact(obj: Any, key: str = "") -> Any:
+    if is_secret_key(key) and obj not in (None, "", False, {}, []):
+        return REDACTED  # the whole subtree: a secret may be a mapping (service account)
     if isinstance(obj, dict):
         return {k: _redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_redact(v, key) for v in obj]
-    if key and _SECRET_RE.search(key) and obj not in (None, "", False):
-        return REDACTED
+    return obj
+
+
+def _fingerprint_view(obj: Any, key: str = "") -> Any:
+    """Config as hashed for resume checks: credentials may rotate between attempts."""
+    if is_secret_key(key) or key == "storage_options":
+        return None
+    if isinstance(obj, dict):
+        return {k: _fingerprint_view(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fingerprint_view(v, key) for v in obj]
     return obj
 
 

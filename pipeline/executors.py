@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from speechmill.pipeline.batch import run_batch
-from speechmill.pipeline.stage import Stage, StageConfig, StageContext
+from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext
 from speechmill.pipeline.store import RunStore
 
 log = logging.getLogger("speechmill")
@@ -65,6 +65,7 @@ class LocalExecutor:
         batches: list[pa.Table],
         on_stats: StatsFn,
         concurrency: int | None = None,
+        resources: Resources | None = None,
     ) -> None:
         store = RunStore(ctx.run_dir)
         stage = cls(config, ctx)
@@ -154,14 +155,16 @@ class RayExecutor:
         where = self.address or "embedded local Ray"
         return f"ray ({where}; {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
 
-    def pool_size(self, cls: type[Stage], requested: int | None, n_batches: int) -> int:
+    def pool_size(self, cls: type[Stage], requested: int | None, n_batches: int,
+                  res: Resources | None = None) -> int:
         """Workers to run at once. An actor pool never takes every CPU (the read/write
         tasks around it would starve and the run hang); task stages may use them all."""
-        cpus = max(cls.resources.cpus, 0.01)
+        res = res or cls.resources
+        cpus = max(res.cpus, 0.01)
         spare = 1.0 if cls.uses_model and self.cluster_cpus > 1 else 0.0
         fit = max(int((self.cluster_cpus - spare) // cpus), 1)
-        if cls.resources.gpus > 0 and self.cluster_gpus > 0:
-            fit = min(fit, int(self.cluster_gpus // cls.resources.gpus) or 1)
+        if res.gpus > 0 and self.cluster_gpus > 0:
+            fit = min(fit, int(self.cluster_gpus // res.gpus) or 1)
         size = min(requested, fit) if requested else fit
         return max(1, min(size, n_batches))
 
@@ -173,33 +176,38 @@ class RayExecutor:
         batches: list[pa.Table],
         on_stats: StatsFn,
         concurrency: int | None = None,
+        resources: Resources | None = None,
     ) -> None:
         import ray.data
 
         if not batches:
             return
+        res = resources or cls.resources
         items = [{"ipc": _ipc(b)} for b in batches]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        size = self.pool_size(cls, concurrency, len(items))
-        gpus = cls.resources.gpus if self.cluster_gpus > 0 else 0.0
+        size = self.pool_size(cls, concurrency, len(items), res)
+        gpus = res.gpus if self.cluster_gpus > 0 else 0.0
+        common: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=res.cpus)
+        if res.memory_gb > 0:
+            common["memory"] = int(res.memory_gb * 2**30)
+        # bounded retries: a file that crashes its worker must not be retried forever
         if cls.uses_model:
             ds = ds.map_batches(
                 _ActorWorker,
                 fn_constructor_kwargs={"cls": cls, "config": config, "ctx": ctx},
-                batch_size=1,
-                batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=size),
-                num_cpus=cls.resources.cpus,
                 num_gpus=gpus or None,
+                max_restarts=2,
+                max_task_retries=2,
+                **common,
             )
         else:
             ds = ds.map_batches(
                 _task_fn,
                 fn_kwargs={"cls": cls, "config": config, "ctx": ctx},
-                batch_size=1,
-                batch_format="pyarrow",
                 compute=ray.data.TaskPoolStrategy(size=size),
-                num_cpus=cls.resources.cpus,
+                max_retries=2,
+                **common,
             )
         for row in ds.iter_rows():
             on_stats(json.loads(row["stats"]))
@@ -231,11 +239,24 @@ class Watchdog:
         self._t = threading.Thread(target=self._loop, daemon=True, name="speechmill-watchdog")
 
     def __enter__(self) -> Watchdog:
+        import signal
+
+        self._old_handler = None
+        # background jobs (`cmd &`) start with SIGINT ignored: interrupt_main would then
+        # do nothing, so install Python's handler for the watchdog's duration
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            self._old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import signal
+
         self._stop.set()
+        self._t.join(timeout=5)
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
 
     def tick(self) -> None:
         self.last = time.monotonic()
@@ -244,7 +265,7 @@ class Watchdog:
         import _thread
 
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            if time.monotonic() - self.last > self.timeout_s:
+            if time.monotonic() - self.last > self.timeout_s and not self._stop.is_set():
                 self.fired = True
                 _thread.interrupt_main()
                 return

@@ -173,22 +173,33 @@ def run(
     return result
 
 
-def _safe_argv(dag: Dag) -> list[str]:
-    from speechmill.pipeline.dag import REDACTED
+def _safe_argv(dag: Dag, argv: list[str] | None = None) -> list[str]:
+    """The command line for run.json, with secrets (env values, --set of secret keys) out."""
+    from speechmill.pipeline.dag import REDACTED, is_secret_key
 
     out = []
-    for a in sys.argv:
+    prev = ""
+    for a in sys.argv if argv is None else argv:
         for v in dag.secret_env.values():
             if v and len(v) >= 4:
                 a = a.replace(v, REDACTED)
+        body = a[len("--set="):] if a.startswith("--set=") else (a if prev == "--set" else None)
+        if body is not None and "=" in body:
+            path = body.split("=", 1)[0]
+            if any(is_secret_key(p) for p in path.split(".")):
+                a = a[: len(a) - len(body)] + f"{path}={REDACTED}"
         out.append(a)
+        prev = a
     return out
 
 
 def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext) -> pa.Table:
     if st.cls.is_source:
         stage = st.cls(st.config, ctx)
-        return stage.plan()
+        try:
+            return stage.plan()
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot plan inputs: {e}", stage=st.id) from None
     return concat([store.read_outputs(n) for n in st.spec.needs])
 
 
@@ -197,6 +208,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
     store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
     store.write_fingerprint(st.id, st.fingerprint)
+    store.clear_scratch(st.id)  # spools/temp files a killed attempt left behind
     t0 = time.monotonic()
     inputs = stage_inputs(dag, st, store, ctx)
     if inputs.num_rows and "id" not in inputs.column_names:
@@ -223,7 +235,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
 
             try:
                 exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
-                              concurrency=st.spec.concurrency)
+                              concurrency=st.spec.concurrency, resources=st.resources)
             except KeyboardInterrupt:
                 if dog.fired:
                     raise StallError(

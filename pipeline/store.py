@@ -93,6 +93,16 @@ class RunStore:
         atomic_write_parquet(path, table)
         return path
 
+    def clear_scratch(self, stage_id: str) -> None:
+        """Remove a stage's temp files (``tmp/<id>`` and ``.*.tmp`` leftovers of a kill)."""
+        import shutil
+
+        shutil.rmtree(self.root / "tmp" / stage_id, ignore_errors=True)
+        for d in (self.stage_dir(stage_id), self.media_dir(stage_id)):
+            if d.is_dir():
+                for p in d.rglob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+
     # -- reading -----------------------------------------------------------------------
     def read_outputs(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
         return _read_parts(self.output_parts(stage_id), columns)

@@ -117,14 +117,21 @@ class Ingest(Stage):
     def _expand(self, spec: str) -> list[str]:
         has_glob = any(c in spec for c in "*?[")
         if is_url(spec):
-            if not has_glob:
-                return [spec]
             import fsspec
 
             fs, _, paths = fsspec.get_fs_token_paths(
                 spec, storage_options=self.config.storage_options
             )
             proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+            if not has_glob:
+                try:
+                    is_dir = fs.isdir(paths[0])
+                except Exception:  # unreachable: planned as is, rejected when read
+                    is_dir = False
+                if not is_dir:
+                    return [spec]
+                paths = fs.find(paths[0]) if self.config.recursive else fs.ls(
+                    paths[0], detail=False)
             return sorted(
                 p if "://" in p else f"{proto}://{p}" for p in paths if self._wanted(p)
             )
@@ -149,7 +156,7 @@ class Ingest(Stage):
         import fsspec
 
         base = os.path.dirname(os.path.abspath(path)) if not is_url(path) else None
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
+        with fsspec.open(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
         ext = Path(path.split("?")[0]).suffix.lower()
         records: list[dict[str, Any]]
@@ -191,12 +198,12 @@ class Ingest(Stage):
         if size == 0:
             raise Reject("empty_file", "0 bytes")
         try:
-            info = probe(url)
+            info = probe(url, self.config.storage_options)
         except AudioError as e:
             raise Reject(e.reason, e.detail) from None
         if info.duration is None and size <= self.config.count_samples_below_bytes:
             try:  # header without a duration (e.g. streamed WAV): count the samples
-                info.duration = decoded_duration(url)
+                info.duration = decoded_duration(url, self.config.storage_options)
             except AudioError as e:
                 raise Reject(e.reason, e.detail) from None
         if info.duration is not None and info.duration <= 0:
@@ -231,7 +238,10 @@ class Ingest(Stage):
 
                 f = fsspec.open(url, "rb", **self.config.storage_options).open()
             else:
-                f = open(local_path(url), "rb")  # noqa: SIM115 - closed below
+                p = local_path(url)
+                if os.path.exists(p) and not os.path.isfile(p):  # FIFO, socket, device, dir
+                    raise Reject("unreadable", f"not a regular file: {p}")
+                f = open(p, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             raise Reject("unreadable", f"no such file: {url}") from None
         except OSError as e:

@@ -43,6 +43,9 @@ class StandardizeConfig(StageConfig):
     silence_dbfs: float | None = Field(
         -70.0, description="reject audio whose RMS is below this (None: keep silence)"
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for remote audio_path URLs"
+    )
     truncation_tolerance: float = Field(
         0.02, ge=0, le=1, description="reject when decoding yields this fraction less "
         "than the header declares (plus 0.25 s)"
@@ -90,11 +93,13 @@ def standardize_file(src: str, out_path: Path, cfg: StandardizeConfig,
     stats = DecodeStats()
     try:
         try:
-            info, chunks = decode(src, chunk_seconds=cfg.chunk_seconds, stats=stats)
+            info, chunks = decode(src, chunk_seconds=cfg.chunk_seconds, stats=stats,
+                                  storage_options=cfg.storage_options)
         except AudioError as e:
             raise Reject(e.reason, e.detail) from None
-        if cfg.max_duration_s and info.duration and info.duration > cfg.max_duration_s:
-            chunks.close()  # type: ignore[attr-defined]
+        if (cfg.max_duration_s and info.exact_duration and info.duration
+                and info.duration > cfg.max_duration_s):
+            chunks.close()
             raise Reject("too_long", f"{info.duration:.1f} s > max_duration_s")
         rs = StreamResampler(info.sample_rate, cfg.sample_rate, cfg.resample_quality)
         meter = LoudnessMeter(cfg.sample_rate)
@@ -119,14 +124,17 @@ def standardize_file(src: str, out_path: Path, cfg: StandardizeConfig,
             except AudioError as e:
                 raise Reject(e.reason, e.detail) from None
             finally:
-                chunks.close()  # type: ignore[attr-defined]
+                chunks.close()
 
         decoded_s = n_in / info.sample_rate if info.sample_rate else 0.0
         if n_in == 0:
             if stats.decode_errors:
                 raise Reject("corrupt", f"nothing decodable ({stats.last_error})")
             raise Reject("zero_length", "decoded 0 samples")
-        if info.duration and decoded_s < info.duration * (1 - cfg.truncation_tolerance) - 0.25:
+        # an estimated header length (mp3/aac by bit rate) only counts with decode errors
+        trust = info.exact_duration or stats.decode_errors > 0
+        short = info.duration and decoded_s < info.duration * (1 - cfg.truncation_tolerance) - 0.25
+        if trust and short:
             raise Reject(
                 "truncated",
                 f"decoded {decoded_s:.2f} s of {info.duration:.2f} s declared"
