@@ -108,6 +108,17 @@ def _task_fn(batch: pa.Table, cls: type[Stage], config: StageConfig,
     return pa.table({"stats": stats})
 
 
+def _one_row(cls: type[Stage], config: StageConfig, ctx: StageContext, data: bytes) -> str:
+    _quiet_worker()
+    stage = _stage_instance(cls, config, ctx)
+    return json.dumps(run_batch(stage, _from_ipc(data), RunStore(ctx.run_dir)))
+
+
+def _is_ray_failure(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return mod.startswith("ray.") or "ray" in mod.split(".")[:1]
+
+
 def _quiet_worker() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -209,8 +220,61 @@ class RayExecutor:
                 max_retries=2,
                 **common,
             )
-        for row in ds.iter_rows():
-            on_stats(json.loads(row["stats"]))
+        try:
+            for row in ds.iter_rows():
+                on_stats(json.loads(row["stats"]))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a worker died (segfault, OOM kill) more often than retried
+            if not _is_ray_failure(e):
+                raise
+            log.warning("stage %s: a worker failed (%s); isolating rows", ctx.stage_id,
+                        type(e).__name__)
+            self._isolate(cls, config, ctx, batches, on_stats, res, e)
+
+    def _isolate(self, cls: type[Stage], config: StageConfig, ctx: StageContext,
+                 batches: list[pa.Table], on_stats: StatsFn, res: Resources,
+                 error: Exception) -> None:
+        """Rerun each row not yet committed as its own task; a row whose task still dies
+        becomes a ``worker_crash`` reject instead of failing the run."""
+        import ray
+
+        from speechmill.pipeline.batch import part_name
+        from speechmill.pipeline.errors import SpeechmillError
+        from speechmill.pipeline.records import reject, rejects_table
+
+        store = RunStore(ctx.run_dir)
+        done = store.consumed_ids(ctx.stage_id)
+        rows = [b.slice(i, 1) for b in batches for i in range(b.num_rows)
+                if b.column("id")[i].as_py() not in done]
+        one = ray.remote(_one_row).options(num_cpus=res.cpus, max_retries=0)
+        limit = self.pool_size(cls, None, max(len(rows), 1), res)
+        pending: dict[Any, pa.Table] = {}
+        failed = 0
+        todo = list(rows)
+        while todo or pending:
+            while todo and len(pending) < limit:
+                r = todo.pop()
+                pending[one.remote(cls, config, ctx, _ipc(r))] = r
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            r = pending.pop(ref)
+            try:
+                on_stats(json.loads(ray.get(ref)))
+            except Exception as e:  # this row kills its worker
+                failed += 1
+                row = r.to_pylist()[0]
+                rej = rejects_table([reject(row, ctx.stage_id, "worker_crash",
+                                            f"{type(e).__name__}: {str(e)[:500]}")])
+                store.write_rejects(ctx.stage_id, part_name(r), rej)
+                on_stats({"rows_in": 1, "rows_out": 0, "rows_rejected": 1,
+                          "seconds_in": float(row.get("duration") or 0.0),
+                          "reasons": {"worker_crash": 1}})
+        if rows and failed == len(rows) and failed >= 3:
+            raise SpeechmillError(
+                f"stage {ctx.stage_id!r}: every one of {failed} rows failed even alone; "
+                f"this is not bad input but the stage or environment: {error}"
+            ) from error
 
     def close(self) -> None:
         import ray
