@@ -249,9 +249,15 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     if st.cls.unique_output_ids:
         _dedup_outputs(st, store)
     metrics = _metrics(st, inputs, store, wall)
+    summary = st.cls.summarize(store.read_outputs(st.id), store.read_rejects(st.id))
+    if summary:
+        metrics["stage_summary"] = summary
     store.write_metrics(st.id, metrics)
     store.mark_done(st.id)
     prog.finish(metrics)
+    if summary:
+        for line in st.cls.summary_lines(summary):
+            console.print(f"    {line}")
     return metrics
 
 

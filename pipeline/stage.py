@@ -115,6 +115,17 @@ class Stage:
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what setup() took."""
 
+    @classmethod
+    def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
+        """Stage-specific figures for ``metrics.json`` (``stage_summary``), computed from
+        everything the stage committed (so they survive resumes). Optional."""
+        return None
+
+    @classmethod
+    def summary_lines(cls, summary: dict[str, Any]) -> list[str]:
+        """Human-readable lines for the terminal from :meth:`summarize`'s result."""
+        return []
+
     # -- work ----------------------------------------------------------------------
     def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         """Map one input row to one or more output rows; raise :class:`Reject` to reject."""

@@ -12,15 +12,20 @@ import soundfile as sf
 
 from tests.audio_factory import write_long_flac
 
+# Peak RSS is the kernel's high-water mark of this process (VmHWM, KiB). ru_maxrss is not
+# used: after fork+exec it still counts the forked copy of the (large) pytest parent.
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 from speechmill.stages.standardize import StandardizeConfig, standardize_file
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 r = standardize_file(sys.argv[1], Path(sys.argv[2]),
                      StandardizeConfig(sample_rate=24000, loudness="lufs"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-print(json.dumps({"peak_kib": peak, "after_import_kib": base, **r}))
+print(json.dumps({"peak_kib": hwm(), "after_import_kib": base, **r}))
 """
 
 

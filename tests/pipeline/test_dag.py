@@ -166,7 +166,7 @@ def test_shipped_dags_validate(tmp_path: Path) -> None:
     files = sorted(root.glob("*.yaml"))
     assert files
     for f in files:
-        d = dagmod.load(f, env={"INPUT": str(tmp_path)})
+        d = dagmod.load(f, env={"INPUT": str(tmp_path), "FEED": "https://example.org/feed.xml"})
         assert d.stages, f
         yaml.safe_load(d.resolved_yaml())
 

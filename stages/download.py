@@ -1,0 +1,582 @@
+"""Stage ``download``: a polite, resumable crawler for URL lists, podcast feeds, video/audio
+sites (yt-dlp) and object stores (fsspec).
+
+Planning (in the driver) expands the sources into one row per thing to fetch: every
+URL of the lists, every audio enclosure of every feed (with its episode metadata), one
+row per yt-dlp page or playlist, one row per object matched by an fsspec URL or glob.
+URLs are deduplicated by their normalised form. Workers then fetch rows concurrently on a
+thread pool with per-host concurrency and rate limits, retries with backoff, HTTP Range
+resume of interrupted files, an SSRF guard and content sniffing (see ``fetch.py``), probe
+what arrived and emit one record per file, keyed by content hash (so the same episode
+under two URLs is one record; the other is a ``duplicate`` reject).
+
+Files land in ``media/<stage>/<host>/<url-hash><ext>``: names never come from untrusted
+text except a sanitised host and extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from speechmill.pipeline.audio import AudioError, is_url, probe
+from speechmill.pipeline.records import content_id, key_id, rejects_table
+from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
+
+PLAN_COLUMNS = [
+    "id", "source_url", "kind", "plan_error", "title", "published", "feed_title",
+    "feed_url", "author", "rights", "declared_duration", "guid", "episode_link", "meta",
+]
+_MEDIA_EXT = {
+    ".mp3", ".m4a", ".aac", ".mp4", ".m4v", ".ogg", ".oga", ".opus", ".wav", ".flac",
+    ".webm", ".mkv", ".mov", ".wma", ".aiff", ".aif", ".amr", ".3gp",
+}
+
+
+class YtdlpOptions(BaseModel):
+    """The yt-dlp options speechmill passes on; anything else is a config error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = Field("bestaudio/best", description="yt-dlp format selector")
+    playlist_items: str | None = Field(None, description="e.g. '1-50'")
+    max_downloads: int | None = Field(None, ge=1)
+    ratelimit: int | None = Field(None, ge=1, description="bytes/s per download")
+    sleep_interval: float | None = Field(None, ge=0, description="seconds between downloads")
+    retries: int = Field(3, ge=0)
+    socket_timeout: float = Field(30.0, gt=0)
+    match_filter: str | None = Field(None, description="yt-dlp --match-filter expression")
+    archive: str | None = Field(
+        None, description="download archive shared across runs (default: in the run dir)"
+    )
+
+
+class DownloadConfig(StageConfig):
+    urls: list[str] = Field(default_factory=list, description="direct media URLs")
+    url_lists: list[str] = Field(
+        default_factory=list, description="txt/csv/tsv/jsonl files (paths or URLs) of URLs"
+    )
+    feeds: list[str] = Field(default_factory=list, description="RSS/Atom podcast feed URLs")
+    max_items_per_feed: int | None = Field(None, ge=1, description="newest first")
+    ytdlp: list[str] = Field(
+        default_factory=list, description="pages/playlists fetched through yt-dlp"
+    )
+    ytdlp_options: YtdlpOptions = Field(default_factory=YtdlpOptions)
+    fsspec: list[str] = Field(
+        default_factory=list, description="object-store URLs or globs (s3://, gs://, ...)"
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, str] = Field(default_factory=dict, description="added to every record")
+
+    threads: int = Field(8, ge=1, le=256, description="concurrent fetches per worker")
+    per_host_concurrency: int = Field(2, ge=1)
+    per_host_rps: float = Field(2.0, ge=0, description="request starts/s per host; 0: no cap")
+    user_agent: str = "speechmill/0.1 (+https://pypi.org/project/speechmill/)"
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    max_retry_after_s: float = Field(120.0, ge=0)
+    max_redirects: int = Field(5, ge=0)
+    max_bytes: int = Field(4 * 1024**3, gt=0, description="larger files are rejected")
+    max_duration_s: float | None = Field(6 * 3600.0, gt=0, description="longer: rejected")
+    allow_hosts: list[str] = Field(default_factory=list, description="fnmatch; empty: all")
+    deny_hosts: list[str] = Field(default_factory=list)
+    allow_private: list[str] = Field(
+        default_factory=list,
+        description="hosts/IPs/CIDRs exempt from the SSRF guard (e.g. 127.0.0.1 in tests)",
+    )
+
+    @field_validator("urls", "url_lists", "feeds", "ytdlp", "fsspec", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class Download(Stage):
+    name = "download"
+    description = "crawl URL lists, RSS/Atom feeds, yt-dlp pages and object stores"
+    Config = DownloadConfig
+    resources = Resources(cpus=1)
+    is_source = True
+    unique_output_ids = True
+    default_batch_size = 32
+
+    config: DownloadConfig
+
+    @classmethod
+    def validate_config(cls, config: StageConfig) -> None:
+        assert isinstance(config, DownloadConfig)
+        if not (config.urls or config.url_lists or config.feeds or config.ytdlp
+                or config.fsspec):
+            raise ValueError("key 'with.urls': give urls, url_lists, feeds, ytdlp or fsspec")
+
+    # -- shared ------------------------------------------------------------------------
+    def _policy(self) -> Any:
+        from speechmill.stages.fetch import FetchPolicy
+
+        c = self.config
+        return FetchPolicy(
+            user_agent=c.user_agent, connect_timeout_s=c.connect_timeout_s,
+            read_timeout_s=c.read_timeout_s, max_retries=c.max_retries,
+            backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
+            max_retry_after_s=c.max_retry_after_s, max_redirects=c.max_redirects,
+            max_bytes=c.max_bytes, per_host_concurrency=c.per_host_concurrency,
+            per_host_rps=c.per_host_rps, allow_hosts=tuple(c.allow_hosts),
+            deny_hosts=tuple(c.deny_hosts), allow_private=tuple(c.allow_private),
+        )
+
+    def setup(self) -> None:
+        from speechmill.stages.fetch import Fetcher
+
+        self.fetcher = Fetcher(self._policy())
+        self._ytdlp_lock = threading.Lock()
+
+    # -- plan ----------------------------------------------------------------------------
+    def plan(self) -> pa.Table:
+        from speechmill.stages.feeds import normalize_url
+
+        rows: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+
+        def add(url: str, kind: str, **meta: Any) -> None:
+            try:
+                norm = normalize_url(url) if kind in ("http", "ytdlp") else url
+            except Exception:
+                norm = url
+            if norm in seen:
+                rows.append({"id": key_id("download-dup", kind, url, str(len(rows))),
+                             "source_url": url, "kind": kind,
+                             "plan_error": f"duplicate_url\t{seen[norm]}"})
+                return
+            seen[norm] = url
+            m = {**self.config.meta, **{k: v for k, v in meta.pop("meta", {}).items()}}
+            rows.append({"id": key_id("download", kind, norm), "source_url": url,
+                         "kind": kind, "meta": json.dumps(m, sort_keys=True) if m else None,
+                         **meta})
+
+        for u in self.config.urls:
+            add(u, "http")
+        for lst in self.config.url_lists:
+            for rec in self._read_list(lst):
+                url = rec.pop("url")
+                kind = "http" if urlsplit(url).scheme in ("http", "https") else "fsspec"
+                add(url, kind, meta=rec)
+        for feed in self.config.feeds:
+            self._plan_feed(feed, add, rows)
+        for page in self.config.ytdlp:
+            add(page, "ytdlp")
+        for spec in self.config.fsspec:
+            for url in self._expand_fsspec(spec):
+                add(url, "fsspec")
+        return pa.Table.from_pylist(
+            [{c: r.get(c) for c in PLAN_COLUMNS} for r in rows],
+            schema=pa.schema([(c, pa.float64() if c == "declared_duration" else pa.string())
+                              for c in PLAN_COLUMNS]),
+        )
+
+    def _read_list(self, path: str) -> list[dict[str, Any]]:
+        from speechmill.stages.feeds import read_url_list
+
+        kind = Path(urlsplit(path).path).suffix.lower().lstrip(".") or "txt"
+        kind = kind if kind in ("txt", "csv", "tsv", "jsonl") else "txt"
+        if is_url(path):
+            from speechmill.stages.fetch import Fetcher
+
+            data, _ = Fetcher(self._policy()).get_bytes(path)
+            text = data.decode("utf-8-sig", errors="replace")
+        else:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        base = None if is_url(path) else os.path.dirname(os.path.abspath(path))
+        out = []
+        for rec in read_url_list(text, kind):
+            url = str(rec["url"])
+            if base and "://" not in url:
+                url = os.path.abspath(os.path.join(base, url))
+                url = f"file://{url}"
+            out.append({**rec, "url": url})
+        return out
+
+    def _plan_feed(self, feed: str, add: Any, rows: list[dict[str, Any]]) -> None:
+        from speechmill.stages.feeds import parse_feed
+        from speechmill.stages.fetch import Fetcher, FetchError
+
+        try:
+            if is_url(feed):
+                data, final = Fetcher(self._policy()).get_bytes(feed)
+            else:
+                data, final = Path(feed).read_bytes(), Path(feed).resolve().as_uri()
+            meta, items = parse_feed(data, final)
+        except FetchError as e:
+            rows.append({"id": key_id("feed", feed), "source_url": feed, "kind": "feed",
+                         "plan_error": f"feed_{e.reason}\t{e.detail}"})
+            return
+        except (ValueError, OSError) as e:
+            rows.append({"id": key_id("feed", feed), "source_url": feed, "kind": "feed",
+                         "plan_error": f"bad_feed\t{e}"})
+            return
+        if self.config.max_items_per_feed:
+            items = sorted(items, key=lambda it: it.published or "", reverse=True)
+            items = items[: self.config.max_items_per_feed]
+        for it in items:
+            extra = {k: v for k, v in it.to_dict().items()
+                     if k in ("mime_type", "length_bytes", "episode", "season", "description")
+                     and v is not None}
+            add(it.url, "http", title=it.title, published=it.published,
+                feed_title=meta.get("feed_title"), feed_url=feed,
+                author=it.author, rights=it.rights, declared_duration=it.duration_s,
+                guid=it.guid, episode_link=it.link, meta=extra)
+
+    def _expand_fsspec(self, spec: str) -> list[str]:
+        import fsspec
+
+        try:
+            fs, _, paths = fsspec.get_fs_token_paths(spec,
+                                                     storage_options=self.config.storage_options)
+        except Exception:
+            return [spec]  # rejected when fetched
+        proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+        if not any(c in spec for c in "*?[") and paths:
+            try:
+                if fs.isdir(paths[0]):
+                    paths = fs.find(paths[0])
+            except Exception:
+                return [spec]
+        return sorted(p if "://" in p else f"{proto}://{p}" for p in paths
+                      if Path(p).suffix.lower() in _MEDIA_EXT or not any(c in spec for c in "*?["))
+
+    # -- process -----------------------------------------------------------------------
+    def process(self, batch: pa.Table) -> StageResult:
+        rows = batch.to_pylist()
+        with ThreadPoolExecutor(max_workers=min(self.config.threads, max(len(rows), 1))) as ex:
+            outcomes = list(ex.map(self.run_row, rows))
+        outputs = [o for oc in outcomes for o in oc.outputs]
+        rejects = [oc.reject for oc in outcomes if oc.reject is not None]
+        return StageResult(self.outputs_table(outputs), rejects_table(rejects))
+
+    def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        if row.get("plan_error"):
+            reason, _, detail = row["plan_error"].partition("\t")
+            if reason == "duplicate_url":
+                raise Reject("duplicate_url", f"same URL as {detail}")
+            raise Reject(reason, detail)
+        kind = row["kind"]
+        if kind == "http":
+            return self._http(row)
+        if kind == "fsspec":
+            return self._fsspec(row)
+        if kind == "ytdlp":
+            return self._ytdlp(row)
+        raise Reject("bad_url", f"unknown kind {kind!r}")
+
+    def _dest(self, url: str, ext_hint: str = "") -> Path:
+        from speechmill.stages.feeds import safe_filename
+
+        parts = urlsplit(url)
+        host = safe_filename(parts.hostname or parts.scheme or "local", max_bytes=64,
+                             default="host")
+        ext = Path(parts.path).suffix.lower()
+        if ext not in _MEDIA_EXT:
+            ext = ext_hint if ext_hint in _MEDIA_EXT else ".bin"
+        h = hashlib.sha256(url.encode()).hexdigest()[:24]
+        return self.ctx.media_dir / host / f"{h}{ext}"
+
+    def _http(self, row: dict[str, Any]) -> dict[str, Any]:
+        from speechmill.stages.fetch import FetchError
+
+        url = row["source_url"]
+        dest = self._dest(url)
+        sidecar = dest.with_name(dest.name + ".json")
+        t0 = time.monotonic()
+        if dest.exists() and sidecar.exists():  # fetched by an attempt that did not commit
+            prov = json.loads(sidecar.read_text())
+            prov["reused"] = True
+        else:
+            try:
+                res = self.fetcher.fetch(url, dest)
+            except FetchError as e:
+                raise Reject(e.reason, f"{e.detail} (attempts: {e.attempts})") from None
+            prov = {
+                "final_url": res.final_url, "http_status": res.status, "etag": res.etag,
+                "last_modified": res.last_modified, "content_type": res.content_type,
+                "fetched_at": res.fetched_at, "size_bytes": res.size, "sha256": res.sha256,
+                "attempts": res.attempts, "resumed": res.resumed,
+                "redirects": len(res.redirects), "reused": False,
+            }
+            _write_json(sidecar, prov)
+        prov["fetch_seconds"] = time.monotonic() - t0
+        return self._record(row, dest, prov)
+
+    def _record(self, row: dict[str, Any], dest: Path, prov: dict[str, Any]) -> dict[str, Any]:
+        try:
+            info = probe(str(dest))
+        except AudioError as e:
+            _discard(dest)
+            raise Reject(e.reason, e.detail) from None
+        if info.duration is not None and info.duration <= 0:
+            _discard(dest)
+            raise Reject("zero_length", "no audio")
+        if (self.config.max_duration_s and info.duration
+                and info.duration > self.config.max_duration_s):
+            _discard(dest)
+            raise Reject("too_long", f"{info.duration:.0f} s > max_duration_s")
+        return {
+            "id": content_id(prov["sha256"]),
+            "parent_id": row["id"],
+            "source_url": row["source_url"],
+            "audio_path": str(dest),
+            "offset": 0.0,
+            "duration": info.duration,
+            "sample_rate": info.sample_rate,
+            "channels": info.channels,
+            "container": info.container,
+            "codec": info.codec,
+            "host": urlsplit(prov.get("final_url") or row["source_url"]).hostname,
+            **{k: prov.get(k) for k in ("final_url", "http_status", "etag", "last_modified",
+                                         "content_type", "fetched_at", "size_bytes",
+                                         "sha256", "attempts", "resumed", "fetch_seconds")},
+            **{k: row.get(k) for k in ("title", "published", "feed_title", "feed_url",
+                                        "author", "rights", "declared_duration", "guid",
+                                        "episode_link", "meta")},
+        }
+
+    def _fsspec(self, row: dict[str, Any]) -> dict[str, Any]:
+        import fsspec
+
+        url = row["source_url"]
+        dest = self._dest(url)
+        t0 = time.monotonic()
+        h = hashlib.sha256()
+        size = 0
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        try:
+            with fsspec.open(url, "rb", **self.config.storage_options) as f, open(tmp, "wb") as out:
+                while block := f.read(1 << 20):
+                    size += len(block)
+                    if size > self.config.max_bytes:
+                        raise Reject("too_large", f"> max_bytes={self.config.max_bytes}")
+                    h.update(block)
+                    out.write(block)
+        except Reject:
+            _discard(tmp)
+            raise
+        except FileNotFoundError as e:
+            _discard(tmp)
+            raise Reject("not_found", str(e)) from None
+        except Exception as e:
+            _discard(tmp)
+            raise Reject("unreadable", f"{type(e).__name__}: {e}") from None
+        if size == 0:
+            _discard(tmp)
+            raise Reject("empty_file", "0 bytes")
+        os.replace(tmp, dest)
+        prov = {"final_url": url, "size_bytes": size, "sha256": h.hexdigest(),
+                "fetched_at": _now(), "attempts": 1, "resumed": False,
+                "fetch_seconds": time.monotonic() - t0}
+        return self._record(row, dest, prov)
+
+    def _ytdlp(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """All media of one page/playlist through yt-dlp, audio only."""
+        import yt_dlp
+
+        from speechmill.stages.fetch import FetchError, check_url
+
+        page = row["source_url"]
+        try:
+            check_url(page, self._policy())
+        except FetchError as e:
+            raise Reject(e.reason, e.detail) from None
+        o = self.config.ytdlp_options
+        outdir = self.ctx.media_dir / "ytdlp"
+        archive = Path(o.archive) if o.archive else Path(self.ctx.run_dir) / "ytdlp-archive.txt"
+        opts: dict[str, Any] = {
+            "format": o.format, "outtmpl": str(outdir / "%(extractor_key)s-%(id)s.%(ext)s"),
+            "restrictfilenames": True, "windowsfilenames": True, "quiet": True,
+            "no_warnings": True, "noprogress": True, "retries": o.retries,
+            "socket_timeout": o.socket_timeout, "http_headers": {"User-Agent":
+                                                                self.config.user_agent},
+            "max_filesize": self.config.max_bytes, "noplaylist": False,
+            "logger": _QuietLogger(),
+        }
+        for k in ("playlist_items", "max_downloads", "ratelimit", "sleep_interval"):
+            if getattr(o, k) is not None:
+                opts[k] = getattr(o, k)
+        if o.match_filter:
+            opts["match_filter"] = yt_dlp.utils.match_filter_func(o.match_filter)
+        done = _read_archive(archive)
+        outs: list[dict[str, Any]] = []
+        errors: list[str] = []
+        archived = 0
+        with yt_dlp.YoutubeDL(opts) as ydl:
+            try:
+                info = ydl.extract_info(page, download=False)
+            except Exception as e:
+                raise Reject("ytdlp_error", _short(e)) from None
+            entries = list(info.get("entries") or []) if info.get("_type") == "playlist" else [info]
+            for entry in entries:
+                if not entry:
+                    continue
+                key = f"{str(entry.get('extractor_key', 'generic')).lower()} {entry.get('id')}"
+                path = Path(ydl.prepare_filename(entry))
+                if key in done and not path.exists():
+                    archived += 1  # fetched by an earlier crawl with the same archive
+                    continue
+                t0 = time.monotonic()
+                if not path.exists():
+                    media_url = entry.get("url")
+                    if media_url:
+                        try:
+                            check_url(media_url, self._policy())
+                        except FetchError as e:
+                            errors.append(f"{key}: {e.reason}")
+                            continue
+                    try:
+                        with self._ytdlp_lock:
+                            res = ydl.process_ie_result(entry, download=True)
+                    except Exception as e:
+                        errors.append(f"{key}: {_short(e)}")
+                        continue
+                    reqs = (res or {}).get("requested_downloads") or []
+                    if reqs and reqs[0].get("filepath"):
+                        path = Path(reqs[0]["filepath"])
+                if not path.exists():
+                    errors.append(f"{key}: nothing downloaded")
+                    continue
+                sha = _sha256(path)
+                prov = {"final_url": entry.get("webpage_url") or page, "sha256": sha,
+                        "size_bytes": path.stat().st_size, "fetched_at": _now(),
+                        "attempts": 1, "resumed": False,
+                        "fetch_seconds": time.monotonic() - t0}
+                meta = {"ytdlp_id": entry.get("id"), "extractor": entry.get("extractor_key"),
+                        "uploader": entry.get("uploader"), "license": entry.get("license")}
+                r = {**row, "title": entry.get("title"), "author": entry.get("uploader"),
+                     "rights": entry.get("license"),
+                     "declared_duration": entry.get("duration"),
+                     "meta": json.dumps({k: v for k, v in meta.items() if v is not None})}
+                try:
+                    outs.append(self._record(r, path, prov))
+                except Reject as rj:
+                    errors.append(f"{key}: {rj.reason}")
+                    continue
+                _append_archive(archive, key, done)
+        if not outs:
+            if archived and not errors:
+                raise Reject("archived", f"all {archived} items are in the download archive "
+                             f"{archive}")
+            raise Reject("ytdlp_error", "; ".join(errors)[:1000] or "no media found")
+        return outs
+
+    # -- summary -----------------------------------------------------------------------
+    @classmethod
+    def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
+        hosts: dict[str, dict[str, Any]] = {}
+        for r in outputs.select([c for c in ("host", "size_bytes", "fetch_seconds",
+                                             "attempts") if c in outputs.column_names]
+                                ).to_pylist():
+            h = hosts.setdefault(r.get("host") or "?", _host_entry())
+            h["files"] += 1
+            h["bytes"] += int(r.get("size_bytes") or 0)
+            h["busy_seconds"] += float(r.get("fetch_seconds") or 0.0)
+            h["retries"] += max(int(r.get("attempts") or 1) - 1, 0)
+        for r in rejects.select(["source_url", "reason"]).to_pylist():
+            host = urlsplit(r.get("source_url") or "").hostname or "?"
+            h = hosts.setdefault(host, _host_entry())
+            h["failures"][r["reason"]] = h["failures"].get(r["reason"], 0) + 1
+        for h in hosts.values():
+            busy = h["busy_seconds"]
+            h["files_per_s"] = h["files"] / busy if busy > 0 else None
+            h["mb_per_s"] = h["bytes"] / 1e6 / busy if busy > 0 else None
+        return {"hosts": dict(sorted(hosts.items()))}
+
+    @classmethod
+    def summary_lines(cls, summary: dict[str, Any]) -> list[str]:
+        lines = []
+        for host, h in summary.get("hosts", {}).items():
+            fails = ", ".join(f"{k} {v}" for k, v in sorted(h["failures"].items()))
+            rate = (f"{h['files_per_s']:.2f} files/s, {h['mb_per_s']:.2f} MB/s per fetch slot"
+                    if h.get("mb_per_s") else "-")
+            lines.append(f"{host}: {h['files']} files, {h['bytes'] / 1e6:.1f} MB, {rate}, "
+                         f"{h['retries']} retries" + (f"; failed: {fails}" if fails else ""))
+        return lines
+
+
+def _host_entry() -> dict[str, Any]:
+    return {"files": 0, "bytes": 0, "busy_seconds": 0.0, "retries": 0, "failures": {}}
+
+
+class _QuietLogger:
+    def debug(self, msg: str) -> None:
+        pass
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        pass
+
+    def error(self, msg: str) -> None:
+        pass
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.with_name(path.name + ".json").unlink()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+_ARCHIVE_LOCK = threading.Lock()
+
+
+def _read_archive(path: Path) -> set[str]:
+    try:
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except OSError:
+        return set()
+
+
+def _append_archive(path: Path, key: str, done: set[str]) -> None:
+    if key in done:
+        return
+    with _ARCHIVE_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(key + "\n")
+        done.add(key)
