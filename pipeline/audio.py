@@ -254,13 +254,15 @@ class Chunks:
 
 
 def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = None,
-           storage_options: dict[str, Any] | None = None) -> tuple[AudioInfo, Chunks]:
+           storage_options: dict[str, Any] | None = None,
+           start: float = 0.0) -> tuple[AudioInfo, Chunks]:
     """Probe ``path`` and return (info, iterator of mono float32 chunks at the native rate).
 
     Chunks are about ``chunk_seconds`` long. Multichannel audio is averaged to mono.
     Corrupt packets are skipped and counted in ``stats`` (a truncated or damaged file
     then decodes to fewer samples than its header declares: callers compare). Call
-    ``close()`` on the iterator when stopping early.
+    ``close()`` on the iterator when stopping early. ``start`` (seconds) seeks first:
+    the first chunk begins exactly there.
     """
     stats = stats if stats is not None else DecodeStats()
     cm = open_binary(path, storage_options)
@@ -278,8 +280,8 @@ def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = N
         if e.reason == "not_audio":
             info = _sf_probe(src)
             if info is not None:
-                return info, Chunks(_sf_chunks(src, release, info, chunk_seconds, stats),
-                                    [release])
+                return info, Chunks(_sf_chunks(src, release, info, chunk_seconds, stats,
+                                               start), [release])
         release()
         raise
     try:
@@ -288,20 +290,35 @@ def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = N
         container.close()
         release()
         raise
-    return info, Chunks(_av_chunks(container, release, info, chunk_seconds, stats),
+    return info, Chunks(_av_chunks(container, release, info, chunk_seconds, stats, start),
                         [container.close, release])
 
 
+# codecs whose seeks land on exact timestamps; others (mp3, aac: bit-rate estimates,
+# encoder delay) are decoded from the start and the samples before `start` dropped
+_EXACT_SEEK = {"flac", "vorbis", "opus", "alac", "wavpack"}
+
+
 def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: float,
-               stats: DecodeStats) -> Iterator[np.ndarray]:
+               stats: DecodeStats, start: float = 0.0) -> Iterator[np.ndarray]:
     import av
 
     target = max(1, int(chunk_seconds * (info.sample_rate or 16000)))
     buf: list[np.ndarray] = []
     have = 0
     resampler = av.AudioResampler(format="fltp")
+    skip: int | None = 0  # samples still to drop before `start`; None: not known yet
     try:
         stream = container.streams.audio[0]
+        if start > 0:
+            skip = int(round(start * info.sample_rate))
+            if info.codec in _EXACT_SEEK or info.codec.startswith("pcm_"):
+                try:
+                    container.seek(int(start / stream.time_base), stream=stream,
+                                   backward=True)
+                    skip = None  # known from the first frame's timestamp
+                except av.error.FFmpegError:  # unseekable: decode from the top and drop
+                    pass
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
@@ -312,9 +329,17 @@ def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: flo
                     raise AudioError("corrupt", f"too many decode errors ({e})") from None
                 continue
             for frame in frames:
+                if skip is None:  # first frame after a seek: where did we land?
+                    t = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                    skip = max(int(round((start - t) * info.sample_rate)), 0)
                 for out in resampler.resample(frame):
                     arr = out.to_ndarray()
                     mono = arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
+                    if skip:
+                        drop = min(skip, mono.shape[0])
+                        mono, skip = mono[drop:], skip - drop
+                        if not mono.shape[0]:
+                            continue
                     buf.append(np.ascontiguousarray(mono, dtype=np.float32))
                     have += mono.shape[0]
                     if have >= target:
@@ -339,7 +364,7 @@ def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: flo
 
 
 def _sf_chunks(src: Any, release: Any, info: AudioInfo, chunk_seconds: float,
-               stats: DecodeStats) -> Iterator[np.ndarray]:
+               stats: DecodeStats, start: float = 0.0) -> Iterator[np.ndarray]:
     import soundfile as sf
 
     try:
@@ -347,6 +372,8 @@ def _sf_chunks(src: Any, release: Any, info: AudioInfo, chunk_seconds: float,
             src.seek(0)
         block = max(1, int(chunk_seconds * info.sample_rate))
         with sf.SoundFile(src) as f:
+            if start > 0:
+                f.seek(min(int(round(start * info.sample_rate)), f.frames))
             while True:
                 try:
                     data = f.read(block, dtype="float32", always_2d=True)
@@ -371,6 +398,39 @@ def decoded_duration(path: str, storage_options: dict[str, Any] | None = None) -
     finally:
         chunks.close()
     return n / info.sample_rate if info.sample_rate else 0.0
+
+
+def load_audio(path: str, offset: float = 0.0, duration: float | None = None,
+               sample_rate: int | None = None,
+               storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples of ``path`` from ``offset`` for ``duration`` seconds (all when
+    None), resampled to ``sample_rate`` when given. Seeks; never decodes the whole file
+    for a segment. Raises :class:`AudioError`."""
+    info, chunks = decode(path, chunk_seconds=10.0, storage_options=storage_options,
+                          start=offset)
+    sr = info.sample_rate
+    want = None if duration is None else int(round(duration * sr))
+    parts: list[np.ndarray] = []
+    have = 0
+    try:
+        for c in chunks:
+            if want is not None and have + c.shape[0] >= want:
+                parts.append(c[: want - have])
+                have = want
+                break
+            parts.append(c)
+            have += c.shape[0]
+    finally:
+        chunks.close()
+    x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if sample_rate and sample_rate != sr and x.shape[0]:
+        import soxr
+
+        x = soxr.resample(x, sr, sample_rate).astype(np.float32)
+        sr = sample_rate
+    elif sample_rate:
+        sr = sample_rate
+    return x, sr
 
 
 class StreamResampler:

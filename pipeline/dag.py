@@ -39,7 +39,8 @@ _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_RE = re.compile(
     r"(api_?key|token|secret|password|passwd|credential|auth|private|access_?key|"
-    r"account_?key|conn(ection)?_?str|^key$|_key$)",
+    r"account_?key|conn(ection)?_?str|^key$|_key$|-key$|cookie|^storage_options$|"
+    r"^headers$|^client_kwargs$)",
     re.I,
 )
 REDACTED = "<redacted>"

@@ -195,11 +195,20 @@ def _safe_argv(dag: Dag, argv: list[str] | None = None) -> list[str]:
 
 def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext) -> pa.Table:
     if st.cls.is_source:
+        # the first attempt's plan is kept: a resume finishes exactly that work even if
+        # the sources changed meanwhile (new files, a feed that is down or has moved on)
+        plan_path = store.stage_dir(st.id) / "_plan.parquet"
+        if plan_path.exists():
+            import pyarrow.parquet as pq
+
+            return pq.read_table(plan_path)
         stage = st.cls(st.config, ctx)
         try:
-            return stage.plan()
+            planned = stage.plan()
         except (ValueError, OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot plan inputs: {e}", stage=st.id) from None
+        atomic_write_parquet(plan_path, planned)
+        return planned
     return concat([store.read_outputs(n) for n in st.spec.needs])
 
 

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,8 @@ class DownloadConfig(StageConfig):
     backoff_max_s: float = Field(30.0, ge=0)
     max_retry_after_s: float = Field(120.0, ge=0)
     max_redirects: int = Field(5, ge=0)
+    min_speed_bps: float = Field(512.0, ge=0, description="slower over slow_window_s: timeout")
+    slow_window_s: float = Field(30.0, gt=0)
     max_bytes: int = Field(4 * 1024**3, gt=0, description="larger files are rejected")
     max_duration_s: float | None = Field(6 * 3600.0, gt=0, description="longer: rejected")
     allow_hosts: list[str] = Field(default_factory=list, description="fnmatch; empty: all")
@@ -133,6 +136,7 @@ class Download(Stage):
             read_timeout_s=c.read_timeout_s, max_retries=c.max_retries,
             backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
             max_retry_after_s=c.max_retry_after_s, max_redirects=c.max_redirects,
+            min_speed_bps=c.min_speed_bps, slow_window_s=c.slow_window_s,
             max_bytes=c.max_bytes, per_host_concurrency=c.per_host_concurrency,
             per_host_rps=c.per_host_rps, allow_hosts=tuple(c.allow_hosts),
             deny_hosts=tuple(c.deny_hosts), allow_private=tuple(c.allow_private),
@@ -157,7 +161,7 @@ class Download(Stage):
             except Exception:
                 norm = url
             if norm in seen:
-                rows.append({"id": key_id("download-dup", kind, url, str(len(rows))),
+                rows.append({"id": key_id("download-dup", kind, url, seen[norm]),
                              "source_url": url, "kind": kind,
                              "plan_error": f"duplicate_url\t{seen[norm]}"})
                 return
@@ -170,17 +174,26 @@ class Download(Stage):
         for u in self.config.urls:
             add(u, "http")
         for lst in self.config.url_lists:
+            remote = is_url(lst)
             for rec in self._read_list(lst):
                 url = rec.pop("url")
-                kind = "http" if urlsplit(url).scheme in ("http", "https") else "fsspec"
-                add(url, kind, meta=rec)
+                scheme = urlsplit(url).scheme.lower()
+                if scheme in ("http", "https"):
+                    add(url, "http", meta=rec)
+                elif remote or "::" in url:  # a list from elsewhere names only web URLs
+                    rows.append({"id": key_id("download-bad", url), "source_url": url,
+                                 "kind": "fsspec", "plan_error": "bad_url\tonly http(s) "
+                                 "URLs are taken from remote URL lists"})
+                else:
+                    add(url, "fsspec", meta=rec)
         for feed in self.config.feeds:
             self._plan_feed(feed, add, rows)
         for page in self.config.ytdlp:
             add(page, "ytdlp")
         for spec in self.config.fsspec:
             for url in self._expand_fsspec(spec):
-                add(url, "fsspec")
+                scheme = urlsplit(url).scheme.lower()
+                add(url, "http" if scheme in ("http", "https") else "fsspec")
         return pa.Table.from_pylist(
             [{c: r.get(c) for c in PLAN_COLUMNS} for r in rows],
             schema=pa.schema([(c, pa.float64() if c == "declared_duration" else pa.string())
@@ -192,11 +205,20 @@ class Download(Stage):
 
         kind = Path(urlsplit(path).path).suffix.lower().lstrip(".") or "txt"
         kind = kind if kind in ("txt", "csv", "tsv", "jsonl") else "txt"
-        if is_url(path):
-            from speechmill.stages.fetch import Fetcher
+        if urlsplit(path).scheme.lower() in ("http", "https"):
+            from speechmill.stages.fetch import Fetcher, FetchError
 
-            data, _ = Fetcher(self._policy()).get_bytes(path)
+            try:
+                data, _ = Fetcher(self._policy()).get_bytes(path)
+            except FetchError as e:
+                raise ValueError(f"key 'with.url_lists': {path}: {e.reason} ({e.detail})"
+                                 ) from None
             text = data.decode("utf-8-sig", errors="replace")
+        elif is_url(path):
+            import fsspec
+
+            with fsspec.open(path, "rb", **self.config.storage_options) as f:
+                text = f.read().decode("utf-8-sig", errors="replace")
         else:
             text = Path(path).read_text(encoding="utf-8-sig")
         base = None if is_url(path) else os.path.dirname(os.path.abspath(path))
@@ -254,14 +276,21 @@ class Download(Stage):
                     paths = fs.find(paths[0])
             except Exception:
                 return [spec]
+        if len(paths) == 1 and not any(c in spec for c in "*?["):
+            return [spec]  # one named object: taken whatever its extension
         return sorted(p if "://" in p else f"{proto}://{p}" for p in paths
-                      if Path(p).suffix.lower() in _MEDIA_EXT or not any(c in spec for c in "*?["))
+                      if Path(p).suffix.lower() in _MEDIA_EXT)
 
     # -- process -----------------------------------------------------------------------
     def process(self, batch: pa.Table) -> StageResult:
         rows = batch.to_pylist()
-        with ThreadPoolExecutor(max_workers=min(self.config.threads, max(len(rows), 1))) as ex:
+        ex = ThreadPoolExecutor(max_workers=min(self.config.threads, max(len(rows), 1)))
+        try:
             outcomes = list(ex.map(self.run_row, rows))
+        except BaseException:  # watchdog/interrupt: don't wait for stuck fetches
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
         outputs = [o for oc in outcomes for o in oc.outputs]
         rejects = [oc.reject for oc in outcomes if oc.reject is not None]
         return StageResult(self.outputs_table(outputs), rejects_table(rejects))
@@ -282,9 +311,11 @@ class Download(Stage):
         raise Reject("bad_url", f"unknown kind {kind!r}")
 
     def _dest(self, url: str, ext_hint: str = "") -> Path:
-        from speechmill.stages.feeds import safe_filename
+        from speechmill.stages.feeds import normalize_url, safe_filename
 
         parts = urlsplit(url)
+        with contextlib.suppress(Exception):
+            url = normalize_url(url) if parts.scheme in ("http", "https") else url
         host = safe_filename(parts.hostname or parts.scheme or "local", max_bytes=64,
                              default="host")
         ext = Path(parts.path).suffix.lower()
@@ -300,13 +331,14 @@ class Download(Stage):
         dest = self._dest(url)
         sidecar = dest.with_name(dest.name + ".json")
         t0 = time.monotonic()
-        if dest.exists() and sidecar.exists():  # fetched by an attempt that did not commit
-            prov = json.loads(sidecar.read_text())
-            prov["reused"] = True
-        else:
+        prov = _reusable(dest, sidecar)  # fetched by an attempt that did not commit
+        if prov is None:
             try:
                 res = self.fetcher.fetch(url, dest)
             except FetchError as e:
+                # a final verdict for this row: no later call will resume the part file
+                _discard(dest.with_name(dest.name + ".part"))
+                _discard(dest.with_name(dest.name + ".part.json"))
                 raise Reject(e.reason, f"{e.detail} (attempts: {e.attempts})") from None
             prov = {
                 "final_url": res.final_url, "http_status": res.status, "etag": res.etag,
@@ -315,7 +347,9 @@ class Download(Stage):
                 "attempts": res.attempts, "resumed": res.resumed,
                 "redirects": len(res.redirects), "reused": False,
             }
-            _write_json(sidecar, prov)
+            st = dest.stat()
+            _write_json(sidecar, {**prov, "file_size": st.st_size,
+                                  "file_mtime_ns": st.st_mtime_ns})
         prov["fetch_seconds"] = time.monotonic() - t0
         return self._record(row, dest, prov)
 
@@ -335,7 +369,7 @@ class Download(Stage):
         return {
             "id": content_id(prov["sha256"]),
             "parent_id": row["id"],
-            "source_url": row["source_url"],
+            "source_url": redact_url(row["source_url"]),
             "audio_path": str(dest),
             "offset": 0.0,
             "duration": info.duration,
@@ -343,10 +377,12 @@ class Download(Stage):
             "channels": info.channels,
             "container": info.container,
             "codec": info.codec,
-            "host": urlsplit(prov.get("final_url") or row["source_url"]).hostname,
-            **{k: prov.get(k) for k in ("final_url", "http_status", "etag", "last_modified",
+            "host": urlsplit(row["source_url"]).hostname,
+            **{k: prov.get(k) for k in ("http_status", "etag", "last_modified",
                                          "content_type", "fetched_at", "size_bytes",
-                                         "sha256", "attempts", "resumed", "fetch_seconds")},
+                                         "sha256", "attempts", "resumed", "reused",
+                                         "fetch_seconds")},
+            "final_url": redact_url(prov.get("final_url") or ""),
             **{k: row.get(k) for k in ("title", "published", "feed_title", "feed_url",
                                         "author", "rights", "declared_duration", "guid",
                                         "episode_link", "meta")},
@@ -356,6 +392,10 @@ class Download(Stage):
         import fsspec
 
         url = row["source_url"]
+        if url.startswith("file://") or "://" not in url:
+            local = url[len("file://"):] if url.startswith("file://") else url
+            if not os.path.isfile(local):  # FIFOs, devices, directories
+                raise Reject("unreadable", f"not a regular file: {local}")
         dest = self._dest(url)
         t0 = time.monotonic()
         h = hashlib.sha256()
@@ -409,7 +449,7 @@ class Download(Stage):
             "socket_timeout": o.socket_timeout, "http_headers": {"User-Agent":
                                                                 self.config.user_agent},
             "max_filesize": self.config.max_bytes, "noplaylist": False,
-            "logger": _QuietLogger(),
+            "ignoreerrors": "only_download", "logger": _QuietLogger(),
         }
         for k in ("playlist_items", "max_downloads", "ratelimit", "sleep_interval"):
             if getattr(o, k) is not None:
@@ -435,8 +475,18 @@ class Download(Stage):
                     archived += 1  # fetched by an earlier crawl with the same archive
                     continue
                 t0 = time.monotonic()
-                if not path.exists():
-                    media_url = entry.get("url")
+                media_url = entry.get("url")
+                if not path.exists() and media_url and entry.get("protocol") in ("http", "https"):
+                    # a plain file: our fetcher (SSRF guard on every hop, Range resume,
+                    # per-host limits, sniffing) instead of yt-dlp's downloader
+                    from speechmill.stages.fetch import FetchError as _FE
+
+                    try:
+                        self.fetcher.fetch(media_url, path)
+                    except _FE as e:
+                        errors.append(f"{key}: {e.reason}")
+                        continue
+                elif not path.exists():
                     if media_url:
                         try:
                             check_url(media_url, self._policy())
@@ -456,16 +506,23 @@ class Download(Stage):
                     errors.append(f"{key}: nothing downloaded")
                     continue
                 sha = _sha256(path)
-                prov = {"final_url": entry.get("webpage_url") or page, "sha256": sha,
+                prov = {"final_url": media_url or entry.get("webpage_url") or page,
+                        "sha256": sha,
                         "size_bytes": path.stat().st_size, "fetched_at": _now(),
                         "attempts": 1, "resumed": False,
                         "fetch_seconds": time.monotonic() - t0}
-                meta = {"ytdlp_id": entry.get("id"), "extractor": entry.get("extractor_key"),
+                meta = {**json.loads(row.get("meta") or "{}"),
+                        "ytdlp_id": entry.get("id"), "extractor": entry.get("extractor_key"),
                         "uploader": entry.get("uploader"), "license": entry.get("license")}
+                up = entry.get("upload_date")  # YYYYMMDD
                 r = {**row, "title": entry.get("title"), "author": entry.get("uploader"),
                      "rights": entry.get("license"),
                      "declared_duration": entry.get("duration"),
-                     "meta": json.dumps({k: v for k, v in meta.items() if v is not None})}
+                     "published": f"{up[:4]}-{up[4:6]}-{up[6:8]}" if up and len(up) == 8
+                     else None,
+                     "episode_link": entry.get("webpage_url"),
+                     "meta": json.dumps({k: v for k, v in meta.items() if v is not None},
+                                        sort_keys=True)}
                 try:
                     outs.append(self._record(r, path, prov))
                 except Reject as rj:
@@ -550,10 +607,41 @@ def _sha256(path: Path) -> str:
 
 
 def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):  # the sidecar first: a file without one is refetched
+        path.with_name(path.name + ".json").unlink()
     with contextlib.suppress(OSError):
         path.unlink()
-    with contextlib.suppress(OSError):
-        path.with_name(path.name + ".json").unlink()
+
+
+def _reusable(dest: Path, sidecar: Path) -> dict[str, Any] | None:
+    """Provenance of a file fetched earlier, if the file is exactly what it describes."""
+    try:
+        prov = json.loads(sidecar.read_text())
+        st = dest.stat()
+    except (OSError, ValueError):
+        return None
+    if prov.get("file_size") != st.st_size or prov.get("file_mtime_ns") != st.st_mtime_ns:
+        return None
+    prov["reused"] = True
+    return prov
+
+
+def redact_url(url: str) -> str:
+    """The URL as stored in records: no user:password@, no signature/token parameters."""
+    from urllib.parse import parse_qsl, urlencode, urlunsplit
+
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = p.netloc.rsplit("@", 1)[-1]
+    q = [(k, "REDACTED" if _SECRET_PARAM.search(k) else v)
+         for k, v in parse_qsl(p.query, keep_blank_values=True)]
+    return urlunsplit((p.scheme, netloc, p.path, urlencode(q) if q else p.query, p.fragment))
+
+
+_SECRET_PARAM = re.compile(
+    r"(signature|token|key|sig$|credential|auth|password|secret|session)", re.I)
 
 
 def _write_json(path: Path, obj: Any) -> None:

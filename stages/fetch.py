@@ -118,6 +118,8 @@ class FetchPolicy:
     deny_hosts: tuple[str, ...] = ()      # fnmatch patterns, checked first
     allow_private: tuple[str, ...] = ()   # hosts / IPs / CIDRs exempt from the SSRF guard
     sniff: bool = True                    # reject bodies that are HTML/XML/JSON/plain text
+    min_speed_bps: float = 512.0          # slower than this over a window: timeout (0 = off)
+    slow_window_s: float = 30.0           # ... measured over this many seconds
 
     def __post_init__(self) -> None:
         if self.per_host_concurrency < 1:
@@ -853,7 +855,16 @@ class Fetcher:
         else:  # pragma: no cover - urllib3 < 2.3
             it = raw.stream(16 * 1024, decode_content=decode)
         n = done
+        min_bps, window = self.policy.min_speed_bps, self.policy.slow_window_s
+        w_start, w_bytes = time.monotonic(), n
         while True:
+            now = time.monotonic()
+            if min_bps > 0 and now - w_start >= window:  # a drip-feeding server
+                if (n - w_bytes) / (now - w_start) < min_bps:
+                    raise FetchError(
+                        "timeout", f"slower than {min_bps:g} B/s for {window:g}s after {n} "
+                        "bytes", status=resp.status_code, url=url)
+                w_start, w_bytes = now, n
             try:
                 chunk = next(it)
             except StopIteration:

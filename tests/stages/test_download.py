@@ -302,3 +302,64 @@ def test_sigkill_mid_download_resumes_with_range(tmp_path: Path) -> None:
     assert outs[0]["resumed"] is True
     assert hashlib.sha256(Path(outs[0]["audio_path"]).read_bytes()).hexdigest() == \
         outs[0]["sha256"]
+
+
+def test_drip_feeding_server_times_out(server: FaultServer, tmp_path: Path) -> None:
+    def drip(req) -> None:
+        req.send_head(200, {"Content-Length": 100000, "Content-Type": "audio/mpeg"})
+        req.write(b"ID3\x04\x00\x00\x00\x00\x00\x00")
+        for _ in range(200):
+            if not req.write(b"\x00") or not req.sleep(0.05):
+                return
+
+    server.routes["/drip.mp3"] = drip
+    w = (f'      urls: ["{server.url("/drip.mp3")}"]\n'
+         "      min_speed_bps: 1000\n      slow_window_s: 1.0")
+    t0 = time.monotonic()
+    run(dagmod.loads(dag_text(tmp_path / "run", w).replace("max_retries: 2",
+                                                           "max_retries: 0")), progress=False)
+    assert time.monotonic() - t0 < 8
+    rej = RunStore(tmp_path / "run").read_rejects("download").to_pylist()
+    assert [r["reason"] for r in rej] == ["timeout"] and "slower than" in rej[0]["detail"]
+
+
+def test_remote_url_list_cannot_name_local_files(server: FaultServer, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.mp3"
+    secret.write_bytes(EP[0])
+    server.routes["/list.txt"] = file_route(
+        f"{server.url('/ep1.mp3')}\nfile://{secret}\nsimplecache::{server.url('/x')}\n"
+        .encode(), "text/plain")
+    run(dagmod.loads(dag_text(tmp_path / "run",
+                              f'      url_lists: ["{server.url("/list.txt")}"]')),
+        progress=False)
+    store = RunStore(tmp_path / "run")
+    assert [o["source_url"] for o in store.read_outputs("download").to_pylist()] == [
+        server.url("/ep1.mp3")]
+    assert sorted(r["reason"] for r in store.read_rejects("download").to_pylist()) == [
+        "bad_url", "bad_url"]
+
+
+def test_resume_uses_the_first_plan_even_if_the_feed_is_gone(server: FaultServer,
+                                                             tmp_path: Path) -> None:
+    items = [("a", "/ep0.mp3"), ("b", "/ep1.mp3")]
+    server.routes["/mini.rss"] = file_route(rss(server.base, items), "application/rss+xml")
+    dag = dagmod.loads(dag_text(tmp_path / "run", f'      feeds: ["{server.url("/mini.rss")}"]'))
+    store = RunStore(tmp_path / "run")
+    run(dag, progress=False)
+    want = sorted(o["id"] for o in store.read_outputs("download").to_pylist())
+    # crash simulation: lose one committed part and the markers, and the feed goes away
+    for p in store.output_parts("download"):
+        p.unlink()
+    for sid in ("download", "standardize"):
+        (tmp_path / "run" / "stages" / sid / "_SUCCESS").unlink()
+    server.routes["/mini.rss"] = lambda req: req.send(500, b"down")
+    run(dag, progress=False)
+    assert sorted(o["id"] for o in store.read_outputs("download").to_pylist()) == want
+    assert store.read_rejects("download").num_rows == 0
+
+
+def test_stored_urls_carry_no_credentials() -> None:
+    from speechmill.stages.download import redact_url
+
+    u = redact_url("https://user:pw@cdn.example.org/a.mp3?X-Amz-Signature=abc&ep=3&token=t")
+    assert "pw" not in u and "abc" not in u and "=t" not in u and "ep=3" in u
