@@ -64,6 +64,7 @@ class StageSpec(BaseModel):
     needs: list[str] = Field(default_factory=list)
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
     batch_size: int | None = Field(None, ge=1)
+    batch_seconds: float | None = Field(None, gt=0, description="audio seconds per batch")
     concurrency: int | None = Field(None, ge=1)
     resources: dict[str, float] | None = None
 
@@ -102,6 +103,10 @@ class PlannedStage:
     @property
     def batch_size(self) -> int:
         return self.spec.batch_size or self.cls.default_batch_size
+
+    @property
+    def batch_seconds(self) -> float | None:
+        return self.spec.batch_seconds or self.cls.default_batch_seconds
 
     @property
     def resources(self) -> Resources:
@@ -343,7 +348,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if isinstance(st, dict) and st.get("id") == parts[0]:
             if len(parts) < 2:
                 raise ConfigError(f"--set {override!r}: expected {parts[0]}.KEY=VALUE")
-            if parts[1] in ("batch_size", "concurrency", "needs", "uses", "resources"):
+            if parts[1] in ("batch_size", "batch_seconds", "concurrency", "needs", "uses",
+                            "resources"):
                 _set_path(st, parts[1:], value, override)
             else:
                 if not isinstance(st.get("with"), dict):

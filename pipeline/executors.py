@@ -208,8 +208,9 @@ class RayExecutor:
                 fn_constructor_kwargs={"cls": cls, "config": config, "ctx": ctx},
                 compute=ray.data.ActorPoolStrategy(size=size),
                 num_gpus=gpus or None,
-                max_restarts=2,
-                max_task_retries=2,
+                # a dead actor is not restarted (its constructor args may be gone); the
+                # rows of the failed batch are isolated below instead
+                max_restarts=0,
                 **common,
             )
         else:
@@ -335,6 +336,20 @@ class Watchdog:
                 return
 
 
-def batches_of(table: pa.Table, size: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, size):
-        yield table.slice(start, size)
+def batches_of(table: pa.Table, size: int, seconds: float | None = None
+               ) -> Iterator[pa.Table]:
+    """Batches of at most ``size`` rows and, when ``seconds`` is given, about that much
+    audio (a longer row is a batch of its own), so model batches take similar time."""
+    if not seconds or "duration" not in table.column_names:
+        for start in range(0, table.num_rows, size):
+            yield table.slice(start, size)
+        return
+    durs = [float(d or 0.0) for d in table.column("duration").to_pylist()]
+    start, acc = 0, 0.0
+    for i, d in enumerate(durs):
+        if i > start and (i - start >= size or acc + d > seconds):
+            yield table.slice(start, i - start)
+            start, acc = i, 0.0
+        acc += d
+    if start < table.num_rows:
+        yield table.slice(start, table.num_rows - start)

@@ -95,6 +95,8 @@ class Stage:
     unique_output_ids: ClassVar[bool] = False
     #: rows per batch unless the DAG sets ``batch_size``
     default_batch_size: ClassVar[int] = 4
+    #: audio seconds per batch (model stages), unless the DAG sets ``batch_seconds``
+    default_batch_seconds: ClassVar[float | None] = None
 
     def __init__(self, config: StageConfig, ctx: StageContext) -> None:
         self.config = config

@@ -78,3 +78,33 @@ def test_dag_over_every_format_and_bad_input(media_copy, tmp_path: Path) -> None
     st = json.loads(r.stdout)
     assert [s["state"] for s in st["stages"]] == ["done", "done"]
     assert st["stages"][1]["rows_out"] == len(good)
+
+
+@pytest.mark.ray
+def test_transcribe_runs_as_a_ray_actor_pool(tmp_path: Path) -> None:
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from tests.audio_factory import speech_samples
+
+    src = tmp_path / "in"
+    src.mkdir()
+    refs = {}
+    for wav in speech_samples(("en",)):
+        shutil.copy(wav, src / wav.name)
+        refs[wav.name] = wav.with_suffix(".txt").read_text()
+    dag = tmp_path / "dag.yaml"
+    dag.write_text(dag_yaml(src, tmp_path / "run", executor="ray") + """
+  - id: transcribe
+    uses: transcribe
+    needs: [standardize]
+    with: {language: en, cpu_threads: 1}
+""")
+    r = subprocess.run([sys.executable, "-m", "speechmill.pipeline.cli", "run", str(dag),
+                        "--offline"], capture_output=True, text=True, timeout=600,
+                       env=cli_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    outs = RunStore(tmp_path / "run").read_outputs("transcribe").to_pylist()
+    norm = EnglishTextNormalizer()
+    got = {Path(o["source_url"]).name: norm(o["text"]) for o in outs}
+    assert got == {k: norm(v) for k, v in refs.items()}
+    assert all(o["asr_model"] == "faster-whisper:tiny.en" for o in outs)

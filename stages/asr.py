@@ -1,0 +1,168 @@
+"""ASR model adapters: one small interface, two backends (faster-whisper, openai-whisper).
+
+The ``transcribe`` stage handles rows, batching and rejects; an adapter only loads one
+model (through :func:`speechmill.pipeline.models.resolve`) and turns 16 kHz mono float32
+audio into an :class:`AsrResult`. Both backends fill the same fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from speechmill.pipeline.models import ModelSpec, Resolved, resolve
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class DecodeOptions:
+    language: str | None = None  # None: detect
+    beam_size: int = 5
+    temperature: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    condition_on_previous_text: bool = False
+    initial_prompt: str | None = None
+    word_timestamps: bool = True
+    compression_ratio_threshold: float | None = 2.4
+    log_prob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+
+
+@dataclass
+class AsrResult:
+    text: str
+    language: str | None
+    language_prob: float | None
+    words: list[dict[str, float | str]] = field(default_factory=list)
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
+
+
+class AsrBackend(Protocol):
+    resolved: Resolved
+
+    def transcribe(self, audio: np.ndarray, opts: DecodeOptions) -> AsrResult: ...
+
+
+def _weighted(values: list[tuple[float, float]]) -> float | None:
+    """Duration-weighted mean of (value, weight) pairs."""
+    tot = sum(w for _, w in values)
+    if not values:
+        return None
+    if tot <= 0:
+        return float(np.mean([v for v, _ in values]))
+    return float(sum(v * w for v, w in values) / tot)
+
+
+class FasterWhisper:
+    """CTranslate2 Whisper; int8 on CPU, float16 on GPU by default."""
+
+    def __init__(self, spec: ModelSpec, offline: bool = False, cpu_threads: int = 0) -> None:
+        from faster_whisper import WhisperModel
+
+        self.resolved = resolve(spec, offline=offline)
+        device = self.resolved.device
+        ctype = spec.compute_type
+        if ctype == "default":
+            ctype = "float16" if device == "cuda" else "int8"
+        self.model = WhisperModel(self.resolved.location, device=device, compute_type=ctype,
+                                  cpu_threads=cpu_threads, local_files_only=offline)
+
+    def transcribe(self, audio: np.ndarray, opts: DecodeOptions) -> AsrResult:
+        segs, info = self.model.transcribe(
+            audio, language=opts.language, beam_size=opts.beam_size,
+            temperature=list(opts.temperature),
+            condition_on_previous_text=opts.condition_on_previous_text,
+            initial_prompt=opts.initial_prompt, word_timestamps=opts.word_timestamps,
+            compression_ratio_threshold=opts.compression_ratio_threshold,
+            log_prob_threshold=opts.log_prob_threshold,
+            no_speech_threshold=opts.no_speech_threshold, vad_filter=False,
+        )
+        segs = list(segs)
+        words: list[dict[str, float | str]] = []
+        for s in segs:
+            for w in s.words or []:
+                words.append({"word": w.word.strip(), "start": round(float(w.start), 3),
+                              "end": round(float(w.end), 3), "prob": float(w.probability)})
+        dur = [(s, max(s.end - s.start, 1e-3)) for s in segs]
+        return AsrResult(
+            text=" ".join(s.text.strip() for s in segs).strip(),
+            language=info.language,
+            language_prob=float(info.language_probability),
+            words=words,
+            avg_logprob=_weighted([(s.avg_logprob, d) for s, d in dur]),
+            compression_ratio=_weighted([(s.compression_ratio, d) for s, d in dur]),
+            no_speech_prob=_weighted([(s.no_speech_prob, d) for s, d in dur]),
+        )
+
+
+class OpenAIWhisper:
+    """openai-whisper (PyTorch); loads checkpoints with ``whisper.load_model``."""
+
+    def __init__(self, spec: ModelSpec, offline: bool = False, cpu_threads: int = 0) -> None:
+        import whisper
+
+        self.resolved = resolve(spec, offline=offline)
+        self.device = self.resolved.device
+        if cpu_threads:
+            import torch
+
+            torch.set_num_threads(cpu_threads)
+        self.model = whisper.load_model(self.resolved.location, device=self.device)
+
+    def transcribe(self, audio: np.ndarray, opts: DecodeOptions) -> AsrResult:
+        import whisper
+
+        lang, lang_prob = opts.language, None
+        if lang is None and self.model.is_multilingual:
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio),
+                                              self.model.dims.n_mels).to(self.model.device)
+            _, probs = self.model.detect_language(mel)
+            lang = max(probs, key=probs.get)
+            lang_prob = float(probs[lang])
+        elif lang is None:
+            lang, lang_prob = "en", 1.0
+        else:
+            lang_prob = 1.0
+        out: dict[str, Any] = self.model.transcribe(
+            audio, language=lang, beam_size=opts.beam_size if opts.beam_size > 1 else None,
+            temperature=tuple(opts.temperature),
+            condition_on_previous_text=opts.condition_on_previous_text,
+            initial_prompt=opts.initial_prompt, word_timestamps=opts.word_timestamps,
+            compression_ratio_threshold=opts.compression_ratio_threshold,
+            logprob_threshold=opts.log_prob_threshold,
+            no_speech_threshold=opts.no_speech_threshold,
+            fp16=self.device == "cuda", verbose=None,
+        )
+        segs = out.get("segments") or []
+        words = [{"word": str(w["word"]).strip(), "start": round(float(w["start"]), 3),
+                  "end": round(float(w["end"]), 3), "prob": float(w.get("probability", 0.0))}
+                 for s in segs for w in s.get("words", [])]
+        dur = [(s, max(float(s["end"]) - float(s["start"]), 1e-3)) for s in segs]
+
+        def finite(v: Any) -> float | None:
+            return float(v) if v is not None and math.isfinite(float(v)) else None
+
+        return AsrResult(
+            text=str(out.get("text", "")).strip(), language=out.get("language") or lang,
+            language_prob=lang_prob, words=words,
+            avg_logprob=finite(_weighted([(s["avg_logprob"], d) for s, d in dur])),
+            compression_ratio=finite(_weighted([(s["compression_ratio"], d) for s, d in dur])),
+            no_speech_prob=finite(_weighted([(s["no_speech_prob"], d) for s, d in dur])),
+        )
+
+
+BACKENDS = {"faster-whisper": FasterWhisper, "whisper": OpenAIWhisper}
+
+
+def load_backend(spec: ModelSpec, offline: bool = False, cpu_threads: int = 0) -> AsrBackend:
+    try:
+        cls = BACKENDS[spec.backend]
+    except KeyError:
+        raise ValueError(f"unknown ASR backend {spec.backend!r} (faster-whisper | whisper)"
+                         ) from None
+    return cls(spec, offline=offline, cpu_threads=cpu_threads)  # type: ignore[return-value]

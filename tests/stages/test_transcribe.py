@@ -1,0 +1,178 @@
+"""Stage transcribe: real ASR with the shipped tiny.en model, VAD cutting, the
+openai-whisper backend through its real loading path, model resolution."""
+
+from __future__ import annotations
+
+import pathlib
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+import soundfile as sf
+from whisper.normalizers import EnglishTextNormalizer
+
+from speechmill.pipeline.demo_data import SENTENCES, synthesize
+from speechmill.pipeline.models import ModelNotFoundError, ModelSpec, resolve
+from speechmill.pipeline.records import segment_id
+from speechmill.pipeline.stage import StageContext
+from speechmill.stages.transcribe import Transcribe, TranscribeConfig, vad_segments
+from tests.audio_factory import speech_samples
+
+NORM = EnglishTextNormalizer()
+
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory: pytest.TempPathFactory) -> Transcribe:
+    st = Transcribe(TranscribeConfig(cpu_threads=2),
+                    StageContext("transcribe", str(tmp_path_factory.mktemp("run")),
+                                 offline=True))
+    st.setup()
+    return st
+
+
+def _row(path: Path, rid: str = "rec") -> dict:
+    return {"id": rid, "audio_path": str(path), "offset": 0.0,
+            "duration": sf.info(path).duration, "source_url": str(path)}
+
+
+def test_wer_on_recorded_english(asr: Transcribe) -> None:
+    refs, hyps = [], []
+    for wav in speech_samples(("en",)):
+        out = asr.run_row(_row(wav))
+        assert out.reject is None, out.reject
+        (o,) = out.outputs
+        refs.append(NORM(wav.with_suffix(".txt").read_text()))
+        hyps.append(NORM(o["text"]))
+        assert o["language"] == "en" and o["id"] == "rec" and o["parent_id"] == "rec"
+        assert o["words"] and all(w["end"] >= w["start"] >= 0 for w in o["words"])
+        assert o["words"][-1]["end"] <= o["duration"] + 0.5
+        assert set(o["scores"]) >= {"lid_prob", "asr_avg_logprob", "asr_compression_ratio",
+                                    "asr_no_speech_prob"}
+    wer = jiwer.wer(refs, hyps)
+    print(f"tiny.en WER on pytest-audioeval English samples: {wer:.3f}")
+    assert wer <= 0.10
+
+
+def test_wer_on_piper_speech(asr: Transcribe, tmp_path: Path) -> None:
+    refs, hyps = [], []
+    for i, text in enumerate(SENTENCES):
+        x, sr = synthesize(text)
+        p = tmp_path / f"s{i}.wav"
+        sf.write(p, x, sr)
+        (o,) = asr.run_row(_row(p)).outputs
+        refs.append(NORM(text))
+        hyps.append(NORM(o["text"]))
+    wer = jiwer.wer(refs, hyps)
+    print(f"tiny.en WER on Piper (joe) speech: {wer:.3f}")  # measured 0.054
+    assert wer <= 0.15
+
+
+def _long_recording(tmp_path: Path) -> tuple[Path, list[str]]:
+    """~75 s: the Piper sentences separated by 1.5 s pauses, at 24 kHz FLAC."""
+    parts, texts = [], []
+    for text in SENTENCES * 2:
+        x, sr = synthesize(text)
+        parts += [x, np.zeros(int(1.5 * sr), np.float32)]
+        texts.append(text)
+    import soxr
+
+    y = soxr.resample(np.concatenate(parts), sr, 24000).astype(np.float32)
+    p = tmp_path / "long.flac"
+    sf.write(p, y, 24000)
+    return p, texts
+
+
+def test_long_file_is_cut_by_vad(asr: Transcribe, tmp_path: Path) -> None:
+    p, texts = _long_recording(tmp_path)
+    row = _row(p, "0123456789abcdef0123")
+    assert row["duration"] > 60
+    out = asr.run_row(row)
+    assert out.reject is None
+    segs = out.outputs
+    assert 2 <= len(segs) <= 2 * len(texts)
+    for s in segs:
+        assert 0 < s["duration"] <= 30.0 + 1e-6
+        assert s["id"] == segment_id(row["id"], s["offset"], s["offset"] + s["duration"])
+        assert s["parent_id"] == row["id"]
+    starts = [s["offset"] for s in segs]
+    assert starts == sorted(starts)
+    hyp = NORM(" ".join(s["text"] for s in segs))
+    wer = jiwer.wer(NORM(" ".join(texts)), hyp)
+    print(f"VAD-cut long file: {len(segs)} segments, WER {wer:.3f}")
+    assert wer <= 0.2
+
+
+def test_vad_windows_join_across_edges(tmp_path: Path, monkeypatch) -> None:
+    p, _ = _long_recording(tmp_path)
+    import speechmill.stages.transcribe as tr
+
+    whole = vad_segments(str(p), 0.0, None, 30.0, 0.3, 0.5, 500, 200)
+    monkeypatch.setattr(tr, "VAD_WINDOW_S", 7.0)  # many window edges inside speech
+    windowed = tr.vad_segments(str(p), 0.0, None, 30.0, 0.3, 0.5, 500, 200)
+    speech = sum(e - s for s, e in whole)
+    speech_w = sum(e - s for s, e in windowed)
+    assert speech_w == pytest.approx(speech, rel=0.1)
+    assert all(e - s <= 30.0 for s, e in windowed)
+
+
+def test_silence_is_no_speech_and_language_rules(asr: Transcribe, tmp_path: Path) -> None:
+    sf.write(tmp_path / "quiet.wav", np.zeros(16000 * 40, np.float32), 16000)
+    out = asr.run_row(_row(tmp_path / "quiet.wav"))
+    assert out.reject is not None and out.reject["reason"] == "no_speech"
+    st = Transcribe(TranscribeConfig(allowed_languages=["de"]),
+                    StageContext("t", str(tmp_path)))
+    st.asr, st.opts, st.model_name = asr.asr, asr.opts, "tiny.en"
+    wav = speech_samples(("en",))[0]
+    out = st.run_row(_row(wav))
+    assert out.reject is not None and out.reject["reason"] == "language_not_allowed"
+
+
+def test_openai_whisper_backend_loads_a_checkpoint(tmp_path: Path) -> None:
+    """A randomly initialised tiny Whisper saved as a checkpoint and loaded through
+    ``whisper.load_model(path)``, the path a user's ``model_path`` takes."""
+    import torch
+    import whisper
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
+                           n_audio_layer=1, n_vocab=51864, n_text_ctx=64, n_text_state=32,
+                           n_text_head=2, n_text_layer=1)
+    model = Whisper(dims)
+    ckpt = tmp_path / "tiny-random.pt"
+    from dataclasses import asdict
+
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, ckpt)
+    assert whisper.load_model(str(ckpt)).dims == dims
+    st = Transcribe(TranscribeConfig(backend="whisper", model_path=str(ckpt), beam_size=1,
+                                     temperature=[0.0], language="en",
+                                     word_timestamps=False),
+                    StageContext("t", str(tmp_path), offline=True))
+    st.setup()
+    assert st.asr.resolved.source == "path"
+    wav = speech_samples(("en",))[0]
+    out = st.run_row(_row(wav))
+    # random weights: whatever text comes out, the row is well-formed or an empty_text reject
+    if out.reject is not None:
+        assert out.reject["reason"] in {"empty_text"}
+    else:
+        (o,) = out.outputs
+        assert o["language"] == "en" and isinstance(o["text"], str)
+        assert o["asr_model"].startswith("whisper:")
+
+
+def test_model_resolution_order(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SPEECHMILL_MODELS", raising=False)
+    r = resolve(ModelSpec(backend="faster-whisper", name="tiny.en"), offline=True)
+    assert r.source in {"package", "cache"} and pathlib.Path(r.location, "model.bin").exists()
+    local = tmp_path / "models" / "faster-whisper" / "tiny.en"
+    local.mkdir(parents=True)
+    monkeypatch.setenv("SPEECHMILL_MODELS", str(tmp_path / "models"))
+    assert resolve(ModelSpec(backend="faster-whisper", name="tiny.en")).source == "local_dir"
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve(ModelSpec(backend="faster-whisper", name="large-v3"), offline=True)
+    msg = str(e.value)
+    assert "large-v3" in msg and "SPEECHMILL_MODELS" in msg and "offline" in msg
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve(ModelSpec(backend="whisper", path=str(tmp_path / "nope.pt")))
