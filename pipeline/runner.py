@@ -229,6 +229,10 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
         pending = inputs.filter(mask)
     # an input id seen twice upstream would be processed twice: keep the first
     pending = _unique_by_id(pending)
+    prepared = st.cls.prepare(st.config, inputs)
+    if prepared is not None:
+        ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
+                           prepared=prepared)
     batches = list(batches_of(pending, st.batch_size, st.batch_seconds))
     prog = StageProgress(
         st.id, total=inputs.num_rows, already=inputs.num_rows - pending.num_rows,

@@ -47,6 +47,8 @@ class StageContext:
     stage_id: str
     run_dir: str
     offline: bool = False
+    #: what :meth:`Stage.prepare` computed over the stage's whole input (driver side)
+    prepared: Any = None
 
     @property
     def media_dir(self) -> Path:
@@ -106,6 +108,13 @@ class Stage:
     @classmethod
     def validate_config(cls, config: StageConfig) -> None:  # noqa: B027 - optional hook
         """Cross-field checks that need more than pydantic; raise ValueError naming the key."""
+
+    @classmethod
+    def prepare(cls, config: StageConfig, inputs: pa.Table) -> Any:
+        """Optional driver-side pass over the stage's *whole* input before any batch
+        (e.g. per-file statistics); the result reaches workers as ``ctx.prepared``. It
+        must depend only on the inputs so a resumed run computes the same."""
+        return None
 
     def plan(self) -> pa.Table:
         """Source stages: the rows to process (each with a deterministic ``id``)."""

@@ -34,7 +34,10 @@ class TranscribeConfig(StageConfig):
     model_path: str | None = Field(None, description="local model dir/checkpoint (wins)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compute_type: str = Field("default", description="default: int8 on CPU, float16 on GPU")
-    cpu_threads: int = Field(0, ge=0, description="0: library default")
+    cpu_threads: int = Field(
+        1, ge=0, description="threads per worker (match resources.cpus); 0: library default, "
+        "which follows OMP_NUM_THREADS and so differs between executors"
+    )
     language: str | None = Field(None, description="fixed language; None: detect")
     allowed_languages: list[str] = Field(default_factory=list, description="empty: any")
     min_language_prob: float = Field(0.0, ge=0, le=1)
@@ -147,6 +150,8 @@ class Transcribe(Stage):
             "asr_avg_logprob": res.avg_logprob,
             "asr_compression_ratio": res.compression_ratio,
             "asr_no_speech_prob": res.no_speech_prob,
+            "asr_mean_word_prob": (float(sum(float(w["prob"]) for w in res.words)
+                                         / len(res.words)) if res.words else None),
         })
         return {
             **row,

@@ -363,3 +363,39 @@ def test_stored_urls_carry_no_credentials() -> None:
 
     u = redact_url("https://user:pw@cdn.example.org/a.mp3?X-Amz-Signature=abc&ep=3&token=t")
     assert "pw" not in u and "abc" not in u and "=t" not in u and "ep=3" in u
+
+
+def test_fsspec_objects_and_globs(tmp_path: Path) -> None:
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for i in range(3):
+        mem.pipe(f"/bucket/show/ep{i}.mp3", EP[i])
+    mem.pipe("/bucket/show/notes.txt", b"not audio")
+    text = dag_text(tmp_path / "run", '      fsspec: ["memory://bucket/show/*.mp3", '
+                                      '"memory://bucket/show/missing.mp3"]')
+    run(dagmod.loads(text), progress=False)
+    store = RunStore(tmp_path / "run")
+    outs = store.read_outputs("download").to_pylist()
+    assert sorted(o["sha256"] for o in outs) == sorted(
+        hashlib.sha256(EP[i]).hexdigest() for i in range(3))
+    assert [r["reason"] for r in store.read_rejects("download").to_pylist()] == ["not_found"]
+
+
+def test_shipped_podcast_dag_crawls_a_feed(server: FaultServer, tmp_path: Path) -> None:
+    items = [("a", "/ep0.mp3"), ("b", "/ep1.mp3"), ("c", "/episode.mp3")]
+    server.routes["/pod.rss"] = file_route(rss(server.base, items), "application/rss+xml")
+    root = Path(__file__).resolve().parents[2]
+    env = {**cli_env(), "FEED": server.url("/pod.rss")}
+    r = subprocess.run(
+        [sys.executable, "-m", "speechmill.pipeline.cli", "run", str(root / "dags/podcast.yaml"),
+         "--run-dir", str(tmp_path / "run"), "--executor", "local",
+         "--set", "download.allow_private=[127.0.0.1]"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    store = RunStore(tmp_path / "run")
+    std = store.read_outputs("standardize").to_pylist()
+    assert sorted(o["title"] for o in std) == ["a", "b"]
+    assert all(sf.info(o["audio_path"]).samplerate == 24000 for o in std)
+    assert [x["reason"] for x in store.read_rejects("download").to_pylist()] == ["not_audio"]
+    assert "127.0.0.1:" in r.stdout and "files" in r.stdout  # per-host summary line
