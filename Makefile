@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install sysdeps demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# eSpeak NG voices make the multi-speaker test conversations (Debian package; needs root)
+sysdeps:
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
+	  || echo "warning: espeak-ng missing; multi-speaker tests will be skipped"; }
+
 demo: $(STAMP)
 	test -f runs/demo-input/.done || ($(BIN)/speechmill demo-data runs/demo-input && touch runs/demo-input/.done)
 	$(BIN)/speechmill run dags/demo.yaml
@@ -22,7 +28,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -1,0 +1,106 @@
+"""standardize -> diarize -> segment -> link_speakers on generated conversations
+(Piper + eSpeak NG voices), end to end through the runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechmill.pipeline import dag as dagmod
+from speechmill.pipeline.runner import run
+from speechmill.pipeline.store import RunStore
+from speechmill.stages.segment import _pieces, _subtract
+from tests.conversation_factory import espeak_available, make_conversation
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)")
+
+
+def test_pieces_follow_emilia_rules() -> None:
+    # gaps < 2 s merge; a 40 s group splits at its longest pause; a 70 s region is cut evenly
+    regions = [(0.0, 5.0), (6.0, 12.0), (12.5, 20.0), (24.0, 28.0), (29.0, 45.0)]
+    assert _pieces(regions, 2.0, 30.0) == [(0.0, 20.0), (24.0, 45.0)]
+    long = [(0.0, 10.0), (10.5, 25.0), (27.0, 40.0)]  # one group, 40 s > 30 s
+    assert _pieces(long, 2.5, 30.0) == [(0.0, 25.0), (27.0, 40.0)]
+    assert _pieces([(0.0, 70.0)], 2.0, 30.0) == [
+        (0.0, pytest.approx(70 / 3)), (pytest.approx(70 / 3), pytest.approx(140 / 3)),
+        (pytest.approx(140 / 3), 70.0)]
+    kept, cut = _subtract([(0.0, 10.0)], [(4.0, 5.0)])
+    assert kept == [(0.0, 4.0), (5.0, 10.0)] and cut == [(4.0, 5.0)]
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    d = tmp_path_factory.mktemp("convs")
+    truth = {
+        "a.wav": make_conversation(d / "a.wav", 2, 10, seed=1,
+                                   voices=["piper:joe", "espeak:en-us+f3"]),
+        "b.wav": make_conversation(d / "b.wav", 2, 10, seed=2,
+                                   voices=["piper:joe", "espeak:en-gb+m3"]),
+        "c.wav": make_conversation(d / "c.wav", 1, 6, seed=3, voices=["piper:joe"]),
+    }
+    t = np.arange(16000 * 10) / 16000
+    sf.write(d / "music.wav", (0.2 * np.sin(2 * np.pi * 330 * t)
+                               * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32), 16000)
+    sf.write(d / "silence.wav", np.zeros(16000 * 5, np.float32), 16000)
+    return d, truth
+
+
+def test_chain_segments_and_links_speakers(conversations, tmp_path: Path) -> None:
+    d, truth = conversations
+    dag = dagmod.loads(f"""
+name: clean
+run_dir: {tmp_path / 'run'}
+executor: {{type: local}}
+stages:
+  - {{id: ingest, uses: ingest, with: {{inputs: ["{d}"]}}}}
+  - {{id: standardize, uses: standardize, needs: ingest,
+      with: {{sample_rate: 16000, silence_dbfs: null}}}}
+  - {{id: diarize, uses: diarize, needs: standardize}}
+  - {{id: segment, uses: segment, needs: diarize, with: {{min_s: 1.0, max_s: 12.0}}}}
+  - {{id: link, uses: link_speakers, needs: segment}}
+""")
+    res = run(dag, progress=False)
+    assert res.status == "succeeded"
+    store = RunStore(tmp_path / "run")
+    segs = store.read_outputs("link").to_pylist()
+    by_file: dict[str, list[dict]] = {}
+    for s in segs:
+        by_file.setdefault(Path(s["source_url"]).name, []).append(s)
+    assert set(by_file) == {"a.wav", "b.wav", "c.wav"}
+    # music and silence end as rejects with reasons, never as segments
+    rej = {Path(r["source_url"]).name: r["reason"]
+           for sid in ("standardize", "diarize", "segment")
+           for r in store.read_rejects(sid).to_pylist() if r["source_url"]}
+    assert rej.get("music.wav") in {"no_speech", "no_segments"}
+    assert rej.get("silence.wav") in {"no_speech", "silent", "no_segments"}
+    for name, rows in by_file.items():
+        for s in rows:
+            assert 1.0 <= s["duration"] <= 12.0 + 0.11
+            # a segment lies inside one reference turn of one speaker (+- 0.3 s)
+            inside = [lab for a, b, lab in truth[name]
+                      if s["offset"] >= a - 0.3 and s["offset"] + s["duration"] <= b + 0.3]
+            assert inside, (name, s["offset"], s["duration"])
+        # speech coverage: segments hold most of the reference speech
+        ref = sum(b - a for a, b, _ in truth[name])
+        got = sum(s["duration"] for s in rows)
+        assert got >= 0.7 * ref, (name, got, ref)
+    # global ids: joe is one speaker across all three files; the other voices differ
+    def majority(name: str, label: str) -> str:
+        votes: dict[str, float] = {}
+        for s in by_file[name]:
+            for a, b, lab in truth[name]:
+                if lab == label and s["offset"] >= a - 0.3 and s["offset"] + s["duration"] <= b + 0.3:
+                    votes[s["speaker"]] = votes.get(s["speaker"], 0) + s["duration"]
+        return max(votes, key=votes.get)
+
+    joe = {majority(n, "joe") for n in ("a.wav", "b.wav", "c.wav")}
+    assert len(joe) == 1, joe
+    f3, m3 = majority("a.wav", "en-us+f3"), majority("b.wav", "en-gb+m3")
+    assert len({*joe, f3, m3}) == 3
+    assert all(s["speaker"].startswith("spk-") for s in segs)
+    m = json.loads((tmp_path / "run/stages/segment/metrics.json").read_text())
+    assert m["rows_out"] == len(segs)
