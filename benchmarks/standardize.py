@@ -65,6 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,50 +235,20 @@ def baseline_in_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path) -> str:
-    import yaml
-
-    std: dict[str, Any] = {"id": "standardize", "uses": "standardize",
-                           "needs": ["ingest"], "with": stage_config(args)}
-    if args.batch_size:
-        std["batch_size"] = args.batch_size
-    executor: dict[str, Any] = {"type": args.executor, "progress": False}
-    if args.num_cpus:
-        executor["num_cpus"] = args.num_cpus
-    dag = {
-        "name": "bench-standardize",
-        "run_dir": str(run_dir),
-        "executor": executor,
-        "stages": [
-            {"id": "ingest", "uses": "ingest", "with": {"inputs": [str(input_dir)]}},
-            std,
-        ],
-    }
-    return yaml.safe_dump(dag, sort_keys=False)
+    stage = {"id": "standardize", "uses": "standardize", "with": stage_config(args)}
+    return common.dag_yaml("bench-standardize", run_dir,
+                           common.ingest_then(stage, input_dir, args.batch_size),
+                           args.executor, args.num_cpus)
 
 
 def run_speechmill(args: argparse.Namespace) -> dict[str, Any]:
-    import io
-
-    from rich.console import Console
-
-    from speechmill.pipeline import dag as dagmod
-    from speechmill.pipeline import runner
-
     workdir = Path(args.workdir)
     run_dir = workdir / "speechmill_run"
-    shutil.rmtree(run_dir, ignore_errors=True)
     text = dag_yaml(args, workdir / "input", run_dir)
-    console = Console() if args.verbose else Console(file=io.StringIO())
-    t0 = time.perf_counter()
-    dag = dagmod.loads(text)
-    result = runner.run(dag, executor=args.executor, progress=False, console=console)
-    wall = time.perf_counter() - t0
-    stages_dir = run_dir / "stages"
-    metrics = {sid: json.loads((stages_dir / sid / "metrics.json").read_text())
-               for sid in ("ingest", "standardize")}
-    run_info = json.loads((run_dir / "run.json").read_text())
-    return {"wall_seconds": wall, "status": result.status, "metrics": metrics,
-            "executor": run_info.get("executor", args.executor), "run_dir": str(run_dir)}
+    res = common.run_timed(text, run_dir, args.executor, ["ingest", "standardize"],
+                           args.verbose)
+    res.pop("dag")
+    return res
 
 
 # --------------------------------------------------------------------------------------

@@ -85,7 +85,6 @@ Nothing here asserts timings; it is a script to run by hand.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -96,6 +95,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -284,47 +284,21 @@ def run_baseline(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 
 
 def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path) -> str:
-    import yaml
-
-    tr: dict[str, Any] = {"id": "transcribe", "uses": "transcribe", "needs": ["ingest"],
-                          "with": stage_config(args)}
-    if args.batch_size:
-        tr["batch_size"] = args.batch_size
-    executor: dict[str, Any] = {"type": args.executor, "progress": False}
-    if args.num_cpus:
-        executor["num_cpus"] = args.num_cpus
-    dag = {
-        "name": "bench-transcribe",
-        "run_dir": str(run_dir),
-        "executor": executor,
-        "stages": [
-            {"id": "ingest", "uses": "ingest", "with": {"inputs": [str(input_dir)]}},
-            tr,
-        ],
-    }
-    return yaml.safe_dump(dag, sort_keys=False)
+    stage = {"id": "transcribe", "uses": "transcribe", "with": stage_config(args)}
+    return common.dag_yaml("bench-transcribe", run_dir,
+                           common.ingest_then(stage, input_dir, args.batch_size),
+                           args.executor, args.num_cpus)
 
 
 def run_speechmill(args: argparse.Namespace) -> dict[str, Any]:
-    from rich.console import Console
-
-    from speechmill.pipeline import dag as dagmod
-    from speechmill.pipeline import runner
     from speechmill.pipeline.store import RunStore
 
     workdir = Path(args.workdir)
     run_dir = workdir / "speechmill_run"
-    shutil.rmtree(run_dir, ignore_errors=True)
     text = dag_yaml(args, workdir / "input", run_dir)
-    console = Console() if args.verbose else Console(file=io.StringIO())
-    t0 = time.perf_counter()
-    dag = dagmod.loads(text)
-    result = runner.run(dag, executor=args.executor, progress=False, console=console)
-    wall = time.perf_counter() - t0
-    stages_dir = run_dir / "stages"
-    metrics = {sid: json.loads((stages_dir / sid / "metrics.json").read_text())
-               for sid in ("ingest", "transcribe")}
-    run_info = json.loads((run_dir / "run.json").read_text())
+    res = common.run_timed(text, run_dir, args.executor, ["ingest", "transcribe"],
+                           args.verbose)
+    dag = res.pop("dag")
     store = RunStore(str(run_dir))
     outs = store.read_outputs("transcribe", ["audio_path", "text", "words"])
     texts = {str(Path(a).resolve()): (t or "").strip() for a, t in
@@ -333,9 +307,7 @@ def run_speechmill(args: argparse.Namespace) -> dict[str, Any]:
     n_words = sum(len(w or []) for w in outs.column("words").to_pylist())
     rejects = store.read_rejects("transcribe", ["audio_path", "reason"]).to_pylist()
     stage = next(s for s in dag.stages if s.id == "transcribe")
-    return {"wall_seconds": wall, "status": result.status, "metrics": metrics,
-            "executor": run_info.get("executor", args.executor), "run_dir": str(run_dir),
-            "texts": texts, "words": n_words, "rejects": rejects,
+    return {**res, "texts": texts, "words": n_words, "rejects": rejects,
             "batch_size": stage.batch_size, "batch_seconds": stage.batch_seconds}
 
 
