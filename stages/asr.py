@@ -100,6 +100,60 @@ class FasterWhisper:
         )
 
 
+    def transcribe_batch(self, clips: list[np.ndarray], opts: DecodeOptions,
+                         batch_size: int = 8) -> list[AsrResult | None]:
+        """Decode many short clips (<= 30 s each) in batches: they are laid end to end
+        with 0.5 s of silence and handed to faster-whisper's BatchedInferencePipeline as
+        clip timestamps; results are mapped back to clips by time."""
+        from faster_whisper import BatchedInferencePipeline
+
+        if not hasattr(self, "_batched"):
+            self._batched = BatchedInferencePipeline(self.model)
+        gap = np.zeros(SAMPLE_RATE // 2, np.float32)
+        parts: list[np.ndarray] = []
+        spans: list[tuple[float, float]] = []
+        pos = 0
+        for c in clips:
+            spans.append((pos / SAMPLE_RATE, (pos + len(c)) / SAMPLE_RATE))
+            parts += [np.asarray(c, np.float32), gap]
+            pos += len(c) + len(gap)
+        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        segs, info = self._batched.transcribe(
+            audio, language=opts.language, beam_size=opts.beam_size,
+            temperature=list(opts.temperature), initial_prompt=opts.initial_prompt,
+            word_timestamps=opts.word_timestamps, vad_filter=False,
+            clip_timestamps=[{"start": s, "end": e} for s, e in spans if e > s],
+            batch_size=batch_size, condition_on_previous_text=False,
+            compression_ratio_threshold=opts.compression_ratio_threshold,
+            log_prob_threshold=opts.log_prob_threshold,
+            no_speech_threshold=opts.no_speech_threshold,
+        )
+        buckets: list[list[Any]] = [[] for _ in clips]
+        for sg in segs:
+            mid = (sg.start + sg.end) / 2
+            for i, (s, e) in enumerate(spans):
+                if s - 0.25 <= mid <= e + 0.25:
+                    buckets[i].append(sg)
+                    break
+        out: list[AsrResult | None] = []
+        for (s, _), b in zip(spans, buckets, strict=True):
+            if not b:
+                out.append(None)
+                continue
+            words = [{"word": w.word.strip(), "start": round(max(float(w.start) - s, 0.0), 3),
+                      "end": round(max(float(w.end) - s, 0.0), 3),
+                      "prob": float(w.probability)} for sg in b for w in (sg.words or [])]
+            dur = [(sg, max(sg.end - sg.start, 1e-3)) for sg in b]
+            out.append(AsrResult(
+                text=" ".join(sg.text.strip() for sg in b).strip(), language=info.language,
+                language_prob=float(info.language_probability), words=words,
+                avg_logprob=_weighted([(sg.avg_logprob, d) for sg, d in dur]),
+                compression_ratio=_weighted([(sg.compression_ratio, d) for sg, d in dur]),
+                no_speech_prob=_weighted([(sg.no_speech_prob, d) for sg, d in dur]),
+            ))
+        return out
+
+
 class OpenAIWhisper:
     """openai-whisper (PyTorch); loads checkpoints with ``whisper.load_model``."""
 

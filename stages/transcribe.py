@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
 from speechmill.pipeline.models import ModelSpec
-from speechmill.pipeline.records import segment_id
-from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
+from speechmill.pipeline.records import rejects_table, segment_id
+from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
 from speechmill.stages.asr import SAMPLE_RATE, AsrResult, DecodeOptions, load_backend
 
 VAD_WINDOW_S = 300.0
@@ -46,6 +48,12 @@ class TranscribeConfig(StageConfig):
     condition_on_previous_text: bool = False
     initial_prompt: str | None = None
     word_timestamps: bool = True
+    batched: bool = Field(
+        False, description="faster-whisper only: decode all pieces of a batch together "
+        "(BatchedInferencePipeline); needs a fixed language or an English-only model. Its "
+        "avg_logprob runs higher than sequential decoding: recalibrate filter thresholds"
+    )
+    decode_batch: int = Field(8, ge=1, description="pieces per batched decode")
     compression_ratio_threshold: float | None = 2.4
     log_prob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -60,6 +68,16 @@ class TranscribeConfig(StageConfig):
 
 
 class Transcribe(Stage):
+    @classmethod
+    def validate_config(cls, config: StageConfig) -> None:
+        assert isinstance(config, TranscribeConfig)
+        english_only = (config.model_path is None and config.model.endswith(".en"))
+        if config.batched and config.language is None and not english_only:
+            raise ValueError("key 'with.batched': batched decoding needs `language` (it "
+                             "detects one language for the whole batch)")
+        if config.batched and config.backend != "faster-whisper":
+            raise ValueError("key 'with.batched': only the faster-whisper backend batches")
+
     name = "transcribe"
     description = "Whisper ASR (faster-whisper | whisper): text, language, word times"
     Config = TranscribeConfig
@@ -97,27 +115,35 @@ class Transcribe(Stage):
                             c.vad_min_silence_ms, c.vad_speech_pad_ms)
 
     # -- work ------------------------------------------------------------------------------
-    def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def _clips(self, row: dict[str, Any]) -> list[tuple[float, np.ndarray]]:
+        """(start seconds from the row's offset, 16 kHz audio) of each piece to decode."""
         try:
             segs = self._segments(row)
         except AudioError as e:
             raise Reject(e.reason, e.detail) from None
         if not segs:
             raise Reject("no_speech", "VAD found no speech")
-        whole = len(segs) == 1 and segs[0][0] == 0.0 and self.config.cut != "vad"
         base_off = float(row.get("offset") or 0.0)
-        outs: list[dict[str, Any]] = []
-        why: list[str] = []
+        clips = []
         for start, end in segs:
             try:
                 audio, _ = load_audio(row["audio_path"], base_off + start,
                                       None if end < 0 else end - start, SAMPLE_RATE)
             except AudioError as e:
                 raise Reject(e.reason, e.detail) from None
-            if audio.shape[0] == 0:
-                why.append("empty_audio")
+            clips.append((start, audio))
+        return clips
+
+    def _assemble(self, row: dict[str, Any], clips: list[tuple[float, np.ndarray]],
+                  results: list[AsrResult | None]) -> list[dict[str, Any]]:
+        whole = len(clips) == 1 and clips[0][0] == 0.0 and self.config.cut != "vad"
+        base_off = float(row.get("offset") or 0.0)
+        outs: list[dict[str, Any]] = []
+        why: list[str] = []
+        for (start, audio), res in zip(clips, results, strict=True):
+            if audio.shape[0] == 0 or res is None:
+                why.append("empty_audio" if audio.shape[0] == 0 else "empty_text")
                 continue
-            res = self.asr.transcribe(audio, self.opts)
             verdict = self._check(res)
             if verdict:
                 why.append(verdict)
@@ -130,6 +156,42 @@ class Transcribe(Stage):
             reason = why[0] if len(set(why)) == 1 else "no_transcript"
             raise Reject(reason.split(":")[0], "; ".join(why)[:500])
         return outs
+
+    def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        clips = self._clips(row)
+        results = [self.asr.transcribe(a, self.opts) if a.shape[0] else None for _, a in clips]
+        return self._assemble(row, clips, results)
+
+    def process(self, batch: pa.Table) -> StageResult:
+        """With ``batched``: every piece of every row of the batch in one batched
+        faster-whisper call; otherwise row by row."""
+        if not (self.config.batched and self.config.backend == "faster-whisper"):
+            return super().process(batch)
+        rows = batch.to_pylist()
+        per_row: list[list[tuple[float, np.ndarray]] | dict[str, Any]] = []
+        flat: list[np.ndarray] = []
+        for row in rows:
+            try:
+                clips = self._clips(row)
+            except Reject as r:
+                per_row.append(self.reject_row(row, r.reason, r.detail))
+                continue
+            per_row.append(clips)
+            flat.extend(a for _, a in clips)
+        results = iter(self.asr.transcribe_batch(flat, self.opts, self.config.decode_batch)
+                       if flat else [])
+        outputs: list[dict[str, Any]] = []
+        rejects: list[dict[str, Any]] = []
+        for row, item in zip(rows, per_row, strict=True):
+            if isinstance(item, dict):
+                rejects.append(item)
+                continue
+            res = [next(results) for _ in item]
+            try:
+                outputs.extend(self._assemble(row, item, res))
+            except Reject as r:
+                rejects.append(self.reject_row(row, r.reason, r.detail))
+        return StageResult(self.outputs_table(outputs), rejects_table(rejects))
 
     def _check(self, res: AsrResult) -> str | None:
         c = self.config

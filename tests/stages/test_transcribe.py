@@ -176,3 +176,44 @@ def test_model_resolution_order(tmp_path: Path, monkeypatch) -> None:
     assert "large-v3" in msg and "SPEECHMILL_MODELS" in msg and "offline" in msg
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve(ModelSpec(backend="whisper", path=str(tmp_path / "nope.pt")))
+
+
+def test_batched_decoding_matches_sequential(asr: Transcribe, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    paths = list(speech_samples(("en",)))
+    for i, text in enumerate(SENTENCES[:5]):
+        x, sr = synthesize(text)
+        paths.append(tmp_path / f"b{i}.wav")
+        sf.write(paths[-1], x, sr)
+    long_path, _ = _long_recording(tmp_path)
+    rows = [_row(p, f"r{i:02d}") for i, p in enumerate([*paths, long_path])]
+    st = Transcribe(TranscribeConfig(batched=True, decode_batch=4),
+                    StageContext("t", str(tmp_path), offline=True))
+    st.setup()
+    res = st.process(pa.Table.from_pylist(rows))
+    assert res.rejects.num_rows == 0
+    got = {r["id"]: r for r in res.outputs.to_pylist()}
+    seq = {o["id"]: o for row in rows for o in asr.run_row(row).outputs}
+    assert set(got) == set(seq)  # same pieces, same ids (incl. the VAD-cut long file)
+    wer = jiwer.wer([NORM(seq[k]["text"]) for k in sorted(seq)],
+                    [NORM(got[k]["text"]) for k in sorted(seq)])
+    print(f"batched vs sequential WER: {wer:.3f}")
+    assert wer <= 0.05
+    for k, r in got.items():
+        assert r["words"] and r["words"][-1]["end"] <= r["duration"] + 0.5, k
+
+
+def test_batched_needs_a_language(tmp_path: Path) -> None:
+    from speechmill.pipeline import dag as dagmod
+    from speechmill.pipeline.errors import ConfigError
+
+    text = f"""
+name: b
+run_dir: {tmp_path}
+stages:
+  - {{id: i, uses: ingest, with: {{inputs: ["{tmp_path}"]}}}}
+  - {{id: t, uses: transcribe, needs: i, with: {{batched: true, model: large-v3}}}}
+"""
+    with pytest.raises(ConfigError, match=r"stage 't'.*with.batched"):
+        dagmod.loads(text)
