@@ -76,12 +76,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/common.py, beside this script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 SR = 16000
-INPUTS_MANIFEST = "_inputs.json"
 INPUTS_VERSION = 1  # bump when the way conversations are built changes
 STEPS = ("standardize", "diarize", "segment", "transcribe")
 SM_STAGES = ("ingest", "standardize", "diarize", "segment", "link_speakers", "transcribe")
@@ -104,31 +105,17 @@ def ensure_inputs(input_dir: Path, n: int, turns: int) -> list[Path]:
 
     specs = conversation_specs(n, turns)
     want = {"version": INPUTS_VERSION, "specs": specs}
-    manifest = input_dir / INPUTS_MANIFEST
     paths = [input_dir / s["name"] for s in specs]
-    if manifest.exists() and all(p.exists() for p in paths):
-        try:
-            if json.loads(manifest.read_text()) == want:
-                print(f"inputs: reusing {n} conversations in {input_dir}")
-                return paths
-        except (OSError, ValueError):
-            pass
-    shutil.rmtree(input_dir, ignore_errors=True)  # ingest walks the whole folder
-    input_dir.mkdir(parents=True)
+    if common.reuse_inputs(input_dir, want, paths, "inputs"):
+        return paths
     t0 = time.perf_counter()
     for p, s in zip(paths, specs, strict=True):
         make_conversation(p, n_speakers=s["n_speakers"], n_turns=s["n_turns"],
                           seed=s["seed"], sample_rate=SR)
-    manifest.write_text(json.dumps(want, indent=1))
+    common.mark_inputs(input_dir, want)
     print(f"inputs: wrote {n} conversations to {input_dir} in "
           f"{time.perf_counter() - t0:.1f} s")
     return paths
-
-
-def durations(paths: list[Path]) -> list[float]:
-    import soundfile as sf
-
-    return [float(sf.info(str(p)).duration) for p in paths]
 
 
 # --------------------------------------------------------------------------------------
@@ -459,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = ensure_inputs(workdir / "input", args.files, args.turns)
-    durs = durations(paths)
+    durs = common.durations(paths)
     bases: list[dict[str, Any]] = []
     sms: list[dict[str, Any]] = []
     for rep in range(args.repeat):

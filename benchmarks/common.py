@@ -51,3 +51,34 @@ def run_timed(text: str, run_dir: Path, executor: str, stage_ids: list[str],
     return {"wall_seconds": wall, "status": result.status, "metrics": metrics,
             "executor": run_info.get("executor", executor), "run_dir": str(run_dir),
             "dag": dag}
+
+
+INPUTS_MANIFEST = "_inputs.json"
+
+
+def reuse_inputs(input_dir: Path, want: dict[str, Any], paths: list[Path],
+                 what: str) -> bool:
+    """True when ``input_dir`` already holds exactly the set ``want`` describes;
+    otherwise empty it (ingest walks the whole folder) so the caller writes it anew and
+    then calls :func:`mark_inputs`."""
+    manifest = input_dir / INPUTS_MANIFEST
+    if manifest.exists() and all(p.exists() for p in paths):
+        try:
+            if json.loads(manifest.read_text()) == want:
+                print(f"{what}: reusing {len(paths)} files in {input_dir}")
+                return True
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(input_dir, ignore_errors=True)
+    input_dir.mkdir(parents=True)
+    return False
+
+
+def mark_inputs(input_dir: Path, want: dict[str, Any]) -> None:
+    (input_dir / INPUTS_MANIFEST).write_text(json.dumps(want, indent=1))
+
+
+def durations(paths: list[Path]) -> list[float]:
+    import soundfile as sf
+
+    return [float(sf.info(str(p)).duration) for p in paths]

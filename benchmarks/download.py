@@ -91,13 +91,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import common  # benchmarks/common.py, beside this script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.http_faults import FaultServer, Req  # noqa: E402
 
-MEDIA_MANIFEST = "_media.json"
 SEND_CHUNK = 16 * 1024
 LOOPBACK_NET = "127.0.0.0/8"
 
@@ -137,22 +138,11 @@ def ensure_media(media_dir: Path, args: argparse.Namespace) -> list[MediaFile]:
     specs = media_specs(args.hosts, args.files_per_host)
     want = {"specs": specs, "seconds": args.seconds, "sample_rate": args.sample_rate}
     paths = [media_dir / f"h{s['host']}_{s['name']}" for s in specs]
-    manifest = media_dir / MEDIA_MANIFEST
-    reuse = False
-    if manifest.exists() and all(p.exists() for p in paths):
-        try:
-            reuse = json.loads(manifest.read_text()) == want
-        except (OSError, ValueError):
-            reuse = False
-    if reuse:
-        print(f"media: reusing {len(specs)} files in {media_dir}")
-    else:
-        shutil.rmtree(media_dir, ignore_errors=True)
-        media_dir.mkdir(parents=True)
+    if not common.reuse_inputs(media_dir, want, paths, "media"):
         t0 = time.perf_counter()
         for p, s in zip(paths, specs, strict=True):
             write_mp3(p, args.seconds, args.sample_rate, int(s["seed"]))
-        manifest.write_text(json.dumps(want, indent=1))
+        common.mark_inputs(media_dir, want)
         print(f"media: wrote {len(specs)} MP3s x {args.seconds:g} s to {media_dir} in "
               f"{time.perf_counter() - t0:.1f} s")
     out = []

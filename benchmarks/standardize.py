@@ -82,7 +82,6 @@ FORMATS: tuple[tuple[str, str, str], ...] = (
 RATES: tuple[int, ...] = (44100, 48000, 16000)
 TILE_SECONDS = 60.0
 WRITE_BLOCK = 65536  # frames per SoundFile.write
-INPUTS_MANIFEST = "_inputs.json"
 
 
 # --------------------------------------------------------------------------------------
@@ -147,22 +146,13 @@ def ensure_inputs(input_dir: Path, n_files: int, seconds: float) -> list[Path]:
     """Write the inputs unless ``input_dir`` already holds exactly this set."""
     specs = input_specs(n_files)
     want = {"files": n_files, "seconds": seconds, "specs": specs}
-    manifest = input_dir / INPUTS_MANIFEST
     paths = [input_dir / s["name"] for s in specs]
-    if manifest.exists() and all(p.exists() for p in paths):
-        try:
-            if json.loads(manifest.read_text()) == want:
-                print(f"inputs: reusing {n_files} files in {input_dir}")
-                return paths
-        except (OSError, ValueError):
-            pass
-    # start clean: the ingest stage walks the whole folder
-    shutil.rmtree(input_dir, ignore_errors=True)
-    input_dir.mkdir(parents=True)
+    if common.reuse_inputs(input_dir, want, paths, "inputs"):
+        return paths
     t0 = time.perf_counter()
     for p, s in zip(paths, specs, strict=True):
         write_speech_file(p, s, seconds)
-    manifest.write_text(json.dumps(want, indent=1))
+    common.mark_inputs(input_dir, want)
     size_mb = sum(p.stat().st_size for p in paths) / 1e6
     print(f"inputs: wrote {n_files} x {seconds:g} s ({size_mb:.1f} MB) to {input_dir} "
           f"in {time.perf_counter() - t0:.1f} s")

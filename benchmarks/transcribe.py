@@ -85,10 +85,8 @@ Nothing here asserts timings; it is a script to run by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -104,7 +102,6 @@ if str(REPO_ROOT) not in sys.path:
 
 OUT_RATE = 24000  # what standardize writes
 ASR_RATE = 16000
-INPUTS_MANIFEST = "_inputs.json"
 INPUTS_VERSION = 1  # bump when the way segments are built changes
 GOLDEN = 0.6180339887
 
@@ -174,33 +171,18 @@ def ensure_inputs(input_dir: Path, n: int) -> list[Path]:
 
     specs = segment_specs(n)
     want = {"version": INPUTS_VERSION, "segments": n, "specs": specs}
-    manifest = input_dir / INPUTS_MANIFEST
     paths = [input_dir / s["name"] for s in specs]
-    if manifest.exists() and all(p.exists() for p in paths):
-        try:
-            if json.loads(manifest.read_text()) == want:
-                print(f"inputs: reusing {n} segments in {input_dir}")
-                return paths
-        except (OSError, ValueError):
-            pass
-    # start clean: the ingest stage walks the whole folder
-    shutil.rmtree(input_dir, ignore_errors=True)
-    input_dir.mkdir(parents=True)
+    if common.reuse_inputs(input_dir, want, paths, "inputs"):
+        return paths
     t0 = time.perf_counter()
     cache: dict[tuple[int, float], np.ndarray] = {}
     for p, s in zip(paths, specs, strict=True):
         tmp = p.with_name(f".{p.name}.tmp")
         sf.write(tmp, build_segment(s, cache), OUT_RATE, format="FLAC", subtype="PCM_16")
         os.replace(tmp, p)
-    manifest.write_text(json.dumps(want, indent=1))
+    common.mark_inputs(input_dir, want)
     print(f"inputs: wrote {n} segments to {input_dir} in {time.perf_counter() - t0:.1f} s")
     return paths
-
-
-def durations(paths: list[Path]) -> list[float]:
-    import soundfile as sf
-
-    return [float(sf.info(str(p)).duration) for p in paths]
 
 
 # --------------------------------------------------------------------------------------
@@ -447,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = ensure_inputs(workdir / "input", args.segments)
-    durs = durations(paths)
+    durs = common.durations(paths)
     bases: list[dict[str, Any]] = []
     sms: list[dict[str, Any]] = []
     for rep in range(args.repeat):

@@ -9,13 +9,18 @@ turn into reject rows.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 import numpy as np
+
+#: extensions of files that hold audio (alone or as a video's track)
+MEDIA_EXTENSIONS: tuple[str, ...] = (
+    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".m4v",
+    ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif", ".au", ".caf", ".amr", ".3gp",
+)
 
 
 class AudioError(Exception):
@@ -455,11 +460,3 @@ class StreamResampler:
         if self._rs is None:
             return np.zeros(0, np.float32)
         return self._rs.resample_chunk(np.zeros(0, np.float32), last=True)
-
-
-def db_to_gain(db: float) -> float:
-    return 10.0 ** (db / 20.0)
-
-
-def dbfs(x: float) -> float:
-    return 20.0 * math.log10(x) if x > 0 else -math.inf

@@ -128,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 def _print_plan(d: Any, console: Any) -> None:
     from rich.table import Table
 
+    from speechmill.pipeline.dag import redact
     from speechmill.pipeline.store import RunStore
 
     store = RunStore(d.run_dir)
@@ -142,17 +143,11 @@ def _print_plan(d: Any, console: Any) -> None:
         state = "done" if store.is_done(st.id) else (
             "partial" if store.stage_dir(st.id).exists() else "pending")
         cfg = st.config.model_dump(mode="json", exclude_defaults=True)
-        cfg = dagmod_redact(cfg)
+        cfg = redact(cfg)
         t.add_row(str(i), st.id, st.spec.uses, ",".join(st.spec.needs) or "-", kind,
                   str(st.batch_size), state,
                   ", ".join(f"{k}={v}" for k, v in cfg.items()) or "(defaults)")
     console.print(t)
-
-
-def dagmod_redact(cfg: dict[str, Any]) -> dict[str, Any]:
-    from speechmill.pipeline.dag import _redact
-
-    return _redact(cfg)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -135,12 +135,12 @@ class Dag:
                 return s
         raise KeyError(stage_id)
 
-    def resolved_dict(self, redact: bool = True) -> dict[str, Any]:
+    def resolved_dict(self, hide_secrets: bool = True) -> dict[str, Any]:
         """The DAG after defaults, env and overrides; secrets redacted for writing."""
         d = self.spec.model_dump(by_alias=True, exclude_none=False)
         for raw, st in zip(d["stages"], self.stages, strict=True):
             raw["with"] = st.config.model_dump(mode="json")
-        return _redact(d) if redact else d
+        return redact(d) if hide_secrets else d
 
     def resolved_yaml(self) -> str:
         text = yaml.safe_dump(self.resolved_dict(), sort_keys=False)
@@ -393,13 +393,13 @@ def is_secret_key(key: str) -> bool:
     return bool(key) and bool(_SECRET_RE.search(key))
 
 
-def _redact(obj: Any, key: str = "") -> Any:
+def redact(obj: Any, key: str = "") -> Any:
     if is_secret_key(key) and obj not in (None, "", False, {}, []):
         return REDACTED  # the whole subtree: a secret may be a mapping (service account)
     if isinstance(obj, dict):
-        return {k: _redact(v, str(k)) for k, v in obj.items()}
+        return {k: redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_redact(v, key) for v in obj]
+        return [redact(v, key) for v in obj]
     return obj
 
 
@@ -412,10 +412,3 @@ def _fingerprint_view(obj: Any, key: str = "") -> Any:
     if isinstance(obj, list):
         return [_fingerprint_view(v, key) for v in obj]
     return obj
-
-
-def redact_text(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, REDACTED)
-    return text

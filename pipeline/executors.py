@@ -9,6 +9,7 @@ from the CPUs the cluster actually has, leaving room for the tasks around them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,9 +154,9 @@ class RayExecutor:
         dctx = ray.data.DataContext.get_current()
         dctx.enable_progress_bars = False
         dctx.print_on_execution_start = False
-        with _suppress_attr_error():
+        with contextlib.suppress(AttributeError, TypeError):
             dctx.enable_operator_progress_bars = False
-        with _suppress_attr_error():
+        with contextlib.suppress(AttributeError, TypeError):
             dctx.verbose_stats_logs = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         self.address = address
@@ -282,14 +283,6 @@ class RayExecutor:
 
         if self._owned and ray.is_initialized():
             ray.shutdown()
-
-
-class _suppress_attr_error:  # noqa: N801 - tiny context manager
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, *_: object) -> bool:
-        return et is not None and issubclass(et, AttributeError | TypeError)
 
 
 class Watchdog:

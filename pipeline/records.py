@@ -69,6 +69,12 @@ def segment_id(audio_id: str, start: float, end: float) -> str:
     return f"{audio_id}-{round(start * 1000):08d}-{round(end * 1000):08d}"
 
 
+def recording_id(row_id: str) -> str:
+    """The recording a row belongs to: a segment id's part before its first ``-`` (content
+    ids are hex, so a file's own id is returned unchanged)."""
+    return str(row_id).split("-", 1)[0]
+
+
 def reject(
     row: Mapping[str, Any], stage: str, reason: str, detail: str = ""
 ) -> dict[str, Any]:

@@ -31,18 +31,15 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from speechmill.pipeline.audio import AudioError, is_url, probe
+from speechmill.pipeline.audio import MEDIA_EXTENSIONS, AudioError, is_url, probe
 from speechmill.pipeline.records import content_id, key_id, rejects_table
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
+from speechmill.stages.fetch import sha256_file
 
 PLAN_COLUMNS = [
     "id", "source_url", "kind", "plan_error", "title", "published", "feed_title",
     "feed_url", "author", "rights", "declared_duration", "guid", "episode_link", "meta",
 ]
-_MEDIA_EXT = {
-    ".mp3", ".m4a", ".aac", ".mp4", ".m4v", ".ogg", ".oga", ".opus", ".wav", ".flac",
-    ".webm", ".mkv", ".mov", ".wma", ".aiff", ".aif", ".amr", ".3gp",
-}
 
 
 class YtdlpOptions(BaseModel):
@@ -279,7 +276,7 @@ class Download(Stage):
         if len(paths) == 1 and not any(c in spec for c in "*?["):
             return [spec]  # one named object: taken whatever its extension
         return sorted(p if "://" in p else f"{proto}://{p}" for p in paths
-                      if Path(p).suffix.lower() in _MEDIA_EXT)
+                      if Path(p).suffix.lower() in MEDIA_EXTENSIONS)
 
     # -- process -----------------------------------------------------------------------
     def process(self, batch: pa.Table) -> StageResult:
@@ -319,8 +316,8 @@ class Download(Stage):
         host = safe_filename(parts.hostname or parts.scheme or "local", max_bytes=64,
                              default="host")
         ext = Path(parts.path).suffix.lower()
-        if ext not in _MEDIA_EXT:
-            ext = ext_hint if ext_hint in _MEDIA_EXT else ".bin"
+        if ext not in MEDIA_EXTENSIONS:
+            ext = ext_hint if ext_hint in MEDIA_EXTENSIONS else ".bin"
         h = hashlib.sha256(url.encode()).hexdigest()[:24]
         return self.ctx.media_dir / host / f"{h}{ext}"
 
@@ -505,7 +502,7 @@ class Download(Stage):
                 if not path.exists():
                     errors.append(f"{key}: nothing downloaded")
                     continue
-                sha = _sha256(path)
+                sha, _ = sha256_file(path)
                 prov = {"final_url": media_url or entry.get("webpage_url") or page,
                         "sha256": sha,
                         "size_bytes": path.stat().st_size, "fetched_at": _now(),
@@ -596,14 +593,6 @@ def _now() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _discard(path: Path) -> None:

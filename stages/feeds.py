@@ -34,6 +34,8 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
+from speechmill.pipeline.audio import MEDIA_EXTENSIONS
+
 __all__ = ["FeedItem", "normalize_url", "parse_feed", "read_url_list", "safe_filename"]
 
 # -- namespaces ----------------------------------------------------------------------------
@@ -52,12 +54,6 @@ def _q(ns: str, local: str) -> str:
     return f"{{{ns}}}{local}"
 
 
-# Same list as ``speechmill.stages.ingest.MEDIA_EXTENSIONS`` (not imported: that module
-# pulls in pyarrow and the pipeline).
-MEDIA_EXTENSIONS = frozenset({
-    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".m4v",
-    ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif", ".au", ".caf", ".amr", ".3gp",
-})
 # MIME types that say nothing about the content: the URL's extension decides.
 _GENERIC_TYPES = frozenset({
     "", "application/octet-stream", "binary/octet-stream", "application/binary",

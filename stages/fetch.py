@@ -577,7 +577,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
+def sha256_file(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as f:
@@ -668,7 +668,7 @@ class Fetcher:
                     why = sniff_not_audio(f.read(SNIFF_BYTES))
                 if why:
                     raise FetchError("not_audio", why, status=got.status, url=url)
-            sha, size = _sha256_file(part)
+            sha, size = sha256_file(part)
             if expected and sha != expected:
                 _discard(part, meta_path)
                 # bytes stitched from an earlier attempt may be the culprit: one clean retry

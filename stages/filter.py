@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from speechmill.pipeline.records import recording_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
 
 RULES = ("too_short", "too_long", "clipping", "low_bandwidth", "low_snr", "low_dnsmos",
@@ -55,10 +56,6 @@ class FilterConfig(StageConfig):
     iqr_k: float = Field(1.5, gt=0)
     min_segments_for_iqr: int = Field(4, ge=2, description="files with fewer skip the rule")
     dry_run: bool = Field(False, description="drop nothing; report what would be dropped")
-
-
-def recording_id(row_id: str) -> str:
-    return str(row_id).split("-", 1)[0]
 
 
 class Filter(Stage):

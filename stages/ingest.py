@@ -21,14 +21,17 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from speechmill.pipeline.audio import AudioError, decoded_duration, is_url, local_path, probe
+from speechmill.pipeline.audio import (
+    MEDIA_EXTENSIONS,
+    AudioError,
+    decoded_duration,
+    is_url,
+    local_path,
+    probe,
+)
 from speechmill.pipeline.records import content_id, key_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
 
-MEDIA_EXTENSIONS = [
-    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".m4v",
-    ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif", ".au", ".caf", ".amr", ".3gp",
-]
 _LIST_KEYS = ("path", "url", "audio_path", "audio_filepath", "source_url")
 _CORE_META = ("speaker", "language", "text")
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
-from speechmill.pipeline.records import reject, rejects_table, segment_id
+from speechmill.pipeline.records import recording_id, reject, rejects_table, segment_id
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageResult
 
 SR = 16000
@@ -86,7 +86,7 @@ class Segment(Stage):
         audio, _ = load_audio(row["audio_path"], base, row.get("duration"), SR)
         total = audio.shape[0] / SR
         overlaps = [(float(o["start"]), float(o["end"])) for o in row.get("overlaps") or []]
-        audio_id = str(row["id"]).split("-", 1)[0]
+        audio_id = recording_id(row["id"])
         emb = {e["speaker"]: e["embedding"] for e in row.get("speaker_embeddings") or []}
         outs: list[dict[str, Any]] = []
         rejs: list[dict[str, Any]] = []

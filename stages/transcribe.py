@@ -23,7 +23,7 @@ from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
 from speechmill.pipeline.models import ModelSpec
-from speechmill.pipeline.records import rejects_table, segment_id
+from speechmill.pipeline.records import recording_id, rejects_table, segment_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
 from speechmill.stages.asr import SAMPLE_RATE, AsrResult, DecodeOptions, load_backend
 
@@ -68,16 +68,6 @@ class TranscribeConfig(StageConfig):
 
 
 class Transcribe(Stage):
-    @classmethod
-    def validate_config(cls, config: StageConfig) -> None:
-        assert isinstance(config, TranscribeConfig)
-        english_only = (config.model_path is None and config.model.endswith(".en"))
-        if config.batched and config.language is None and not english_only:
-            raise ValueError("key 'with.batched': batched decoding needs `language` (it "
-                             "detects one language for the whole batch)")
-        if config.batched and config.backend != "faster-whisper":
-            raise ValueError("key 'with.batched': only the faster-whisper backend batches")
-
     name = "transcribe"
     description = "Whisper ASR (faster-whisper | whisper): text, language, word times"
     Config = TranscribeConfig
@@ -87,6 +77,16 @@ class Transcribe(Stage):
     default_batch_seconds = 600.0
 
     config: TranscribeConfig
+
+    @classmethod
+    def validate_config(cls, config: StageConfig) -> None:
+        assert isinstance(config, TranscribeConfig)
+        english_only = (config.model_path is None and config.model.endswith(".en"))
+        if config.batched and config.language is None and not english_only:
+            raise ValueError("key 'with.batched': batched decoding needs `language` (it "
+                             "detects one language for the whole batch)")
+        if config.batched and config.backend != "faster-whisper":
+            raise ValueError("key 'with.batched': only the faster-whisper backend batches")
 
     def setup(self) -> None:
         c = self.config
@@ -231,8 +231,7 @@ class Transcribe(Stage):
 
 def _audio_id(row: dict[str, Any]) -> str:
     """The recording id a segment id is built on (the row's own id for whole files)."""
-    rid = str(row["id"])
-    return rid.split("-", 1)[0] if row.get("offset") else rid
+    return recording_id(row["id"]) if row.get("offset") else str(row["id"])
 
 
 def vad_segments(path: str, offset: float, duration: float | None, max_s: float,

@@ -130,7 +130,7 @@ def test_secrets_never_reach_resolved_dag(tmp_path: Path) -> None:
     out = d.resolved_yaml()
     assert "sk-very-secret-123" not in out
     assert "${MY_API_TOKEN}" in out
-    red = dagmod._redact({"api_key": "abc", "nested": {"hf_token": "x"}, "ok": 1})
+    red = dagmod.redact({"api_key": "abc", "nested": {"hf_token": "x"}, "ok": 1})
     assert red == {"api_key": dagmod.REDACTED, "nested": {"hf_token": dagmod.REDACTED},
                    "ok": 1}
 
