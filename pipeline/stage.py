@@ -75,6 +75,16 @@ class Reject(Exception):  # noqa: N818 - it is a verdict, not a failure of the e
 
 
 @dataclass
+class SinkResult:
+    """What a sink stage's :meth:`Stage.export` wrote."""
+
+    rows_out: int = 0  # rows written (utterances exported)
+    seconds_out: float = 0.0  # audio seconds they cover
+    rejects: pa.Table | None = None  # input rows that could not be exported
+    summary: dict[str, Any] = field(default_factory=dict)  # -> metrics.json stage_summary
+
+
+@dataclass
 class RowOutcome:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     reject: dict[str, Any] | None = None
@@ -95,6 +105,10 @@ class Stage:
     is_source: ClassVar[bool] = False
     #: the engine keeps one output row per ``id`` (the others become ``duplicate`` rejects)
     unique_output_ids: ClassVar[bool] = False
+    #: a sink takes its whole input at once and writes files under
+    #: ``RUN_DIR/<output_root>/<stage id>/`` (exports, shards, report) instead of rows
+    is_sink: ClassVar[bool] = False
+    output_root: ClassVar[str] = "exports"
     #: rows per batch unless the DAG sets ``batch_size``
     default_batch_size: ClassVar[int] = 4
     #: audio seconds per batch (model stages), unless the DAG sets ``batch_seconds``
@@ -110,10 +124,12 @@ class Stage:
         """Cross-field checks that need more than pydantic; raise ValueError naming the key."""
 
     @classmethod
-    def prepare(cls, config: StageConfig, inputs: pa.Table) -> Any:
+    def prepare(cls, config: StageConfig, inputs: pa.Table,
+                ctx: StageContext | None = None) -> Any:
         """Optional driver-side pass over the stage's *whole* input before any batch
-        (e.g. per-file statistics); the result reaches workers as ``ctx.prepared``. It
-        must depend only on the inputs so a resumed run computes the same."""
+        (e.g. per-file statistics, fitting a k-means codebook); the result reaches workers
+        as ``ctx.prepared``. It must depend only on the inputs so a resumed run computes
+        the same. ``ctx`` (absent in unit tests) locates the run directory."""
         return None
 
     def plan(self) -> pa.Table:
@@ -138,6 +154,13 @@ class Stage:
         return []
 
     # -- work ----------------------------------------------------------------------
+    def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
+        """Sink stages: write files for the whole input under ``out_dir`` (an empty
+        directory; the engine renames it into place when this returns, so a killed
+        export leaves nothing half-written). Must be deterministic: the same input gives
+        byte-identical files. Rows that cannot be exported go into ``rejects``."""
+        raise NotImplementedError(f"stage {self.name!r} is not a sink stage")
+
     def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         """Map one input row to one or more output rows; raise :class:`Reject` to reject."""
         raise NotImplementedError

@@ -23,7 +23,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.records import recording_id
-from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
+from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageContext
 
 RULES = ("too_short", "too_long", "clipping", "low_bandwidth", "low_snr", "low_dnsmos",
          "too_few_chars", "language_not_allowed", "lid_mismatch", "hallucination",
@@ -68,7 +68,8 @@ class Filter(Stage):
     config: FilterConfig
 
     @classmethod
-    def prepare(cls, config: StageConfig, inputs: pa.Table) -> Any:
+    def prepare(cls, config: StageConfig, inputs: pa.Table,
+                ctx: StageContext | None = None) -> Any:
         assert isinstance(config, FilterConfig)
         if not config.speaking_rate_iqr or "scores" not in inputs.column_names:
             return None

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.pipeline.stage import Resources, Stage, StageConfig
+from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext
 
 
 class LinkSpeakersConfig(StageConfig):
@@ -69,7 +69,8 @@ class LinkSpeakers(Stage):
     config: LinkSpeakersConfig
 
     @classmethod
-    def prepare(cls, config: StageConfig, inputs: pa.Table) -> Any:
+    def prepare(cls, config: StageConfig, inputs: pa.Table,
+                ctx: StageContext | None = None) -> Any:
         assert isinstance(config, LinkSpeakersConfig)
         if inputs.num_rows == 0 or "speaker_embedding" not in inputs.column_names:
             return {"map": {}}

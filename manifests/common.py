@@ -1,0 +1,194 @@
+"""Helpers shared by the exporters (sink stages under ``manifests/``).
+
+Exports are deterministic: rows are ordered by (split, id), shards are contiguous runs of
+that order, JSON is written with a fixed key order, and gzip/tar headers carry no
+timestamps or owners, so the same run yields byte-identical files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from speechmill.pipeline.audio import is_url, load_audio
+
+SPLIT_ORDER = ("train", "dev", "test")
+
+
+def split_groups(table: pa.Table, by_split: bool = True) -> list[tuple[str | None, pa.Table]]:
+    """``[(split, rows sorted by id)]``: one group per value of the ``split`` column
+    (train, dev, test first, then others by name), or one group ``(None, all rows)`` when
+    there is no such column or ``by_split`` is off."""
+    if table.num_rows == 0:
+        return []
+    if not by_split or "split" not in table.column_names:
+        return [(None, sort_by_id(table))]
+    names = [s for s in pc.unique(table.column("split")).to_pylist() if s is not None]
+    order = [s for s in SPLIT_ORDER if s in names] + sorted(set(names) - set(SPLIT_ORDER))
+    out = []
+    for name in order:
+        out.append((name, sort_by_id(table.filter(pc.equal(table.column("split"), name)))))
+    nulls = table.filter(pc.is_null(table.column("split")))
+    if nulls.num_rows:
+        out.append(("unassigned", sort_by_id(nulls)))
+    return out
+
+
+def sort_by_id(table: pa.Table) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+
+
+def shard_slices(table: pa.Table, shard_size: int | None = None,
+                 shard_bytes: int | None = None, bytes_per_second: float = 32000.0
+                 ) -> list[pa.Table]:
+    """Cut ``table`` (already ordered) into contiguous shards of at most ``shard_size`` rows
+    and about ``shard_bytes`` bytes of audio (estimated from ``duration`` at
+    ``bytes_per_second``); one shard when neither is given. Never an empty shard."""
+    n = table.num_rows
+    if n == 0:
+        return []
+    bounds: list[tuple[int, int]] = []
+    if shard_bytes:
+        durs = table.column("duration").to_pylist() if "duration" in table.column_names \
+            else [0.0] * n
+        start, acc = 0, 0.0
+        for i, d in enumerate(durs):
+            b = float(d or 0.0) * bytes_per_second
+            too_many = shard_size is not None and i - start >= shard_size
+            if i > start and (acc + b > shard_bytes or too_many):
+                bounds.append((start, i))
+                start, acc = i, 0.0
+            acc += b
+        bounds.append((start, n))
+    elif shard_size:
+        bounds = [(i, min(n, i + shard_size)) for i in range(0, n, shard_size)]
+    else:
+        bounds = [(0, n)]
+    return [table.slice(a, b - a) for a, b in bounds]
+
+
+def abs_audio_path(path: str) -> str:
+    """An absolute local path (records may hold paths relative to the run's cwd)."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def rel_or_abs(path: str, base: Path, relative: bool) -> str:
+    """``path`` relative to directory ``base`` (NeMo and Lhotse resolve relative paths
+    against the manifest's directory) when ``relative``, else absolute."""
+    p = abs_audio_path(path)
+    if not relative or is_url(p):
+        return p
+    return os.path.relpath(p, os.path.abspath(base))
+
+
+def read_clip(row: Mapping[str, Any], sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """The row's audio (``audio_path`` from ``offset`` for ``duration``), mono float32.
+    Raises :class:`speechmill.pipeline.audio.AudioError` on unreadable audio."""
+    off = float(row.get("offset") or 0.0)
+    dur = row.get("duration")
+    return load_audio(str(row["audio_path"]), offset=off,
+                      duration=None if dur is None else float(dur), sample_rate=sample_rate)
+
+
+def encode_audio(x: np.ndarray, sr: int, fmt: str = "flac") -> bytes:
+    """Encode mono float32 samples as FLAC (16-bit) or WAV (16-bit PCM) bytes."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    fmt_u = fmt.upper()
+    sf.write(buf, np.clip(x, -1.0, 1.0), sr, format=fmt_u, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a member with fixed metadata (no mtime/owner), so tars are byte-identical."""
+    info = tarfile.TarInfo(name=name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    return tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+
+
+def json_safe(v: Any) -> Any:
+    """Plain JSON values: NaN/inf -> None, numpy scalars/arrays -> Python."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.generic):
+        return json_safe(v.item())
+    if isinstance(v, np.ndarray):
+        return [json_safe(x) for x in v.tolist()]
+    if isinstance(v, Mapping):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def dumps_line(obj: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(obj), ensure_ascii=False, separators=(", ", ": "))
+
+
+def open_text_out(path: Path, gz: bool | None = None) -> IO[str]:
+    """Text writer; ``.gz`` files get a gzip header without name or mtime."""
+    gz = path.suffix == ".gz" if gz is None else gz
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        raw = open(path, "wb")  # noqa: SIM115 - closed through the wrapper
+        zf = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+        return _ClosingText(zf, raw)
+    return open(path, "w", encoding="utf-8", newline="\n")
+
+
+class _ClosingText(io.TextIOWrapper):
+    def __init__(self, zf: gzip.GzipFile, raw: IO[bytes]) -> None:
+        super().__init__(zf, encoding="utf-8", newline="\n")
+        self._raw = raw
+
+    def close(self) -> None:
+        super().close()
+        self._raw.close()
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    n = 0
+    with open_text_out(path) as f:
+        for r in rows:
+            f.write(dumps_line(r) + "\n")
+            n += 1
+    return n
+
+
+def track(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+    """A progress bar on a terminal (silent otherwise)."""
+    import sys
+
+    if not sys.stderr.isatty() or total < 2:
+        yield from items
+        return
+    from rich.progress import track as rtrack
+
+    yield from rtrack(items, total=total, description=desc, transient=True)
+
+
+def scores_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    s = row.get("scores")
+    return {k: v for k, v in (s or {}).items() if v is not None}

@@ -1,0 +1,202 @@
+"""Stage ``shards``: tokenized training shards (Parquet) plus an index.
+
+A sink over ``tokenize``'s output. One row per utterance: ``id``, ``split``, ``speaker``,
+``language``, ``duration``, ``text``, ``text_ids`` (int32), ``codes`` (one list per
+codebook, int16 when every codebook fits, else int32), ``n_frames``, and the layout's
+own column:
+
+- ``plain``: nothing more; codes as the codec gave them.
+- ``speechgpt``: ``units``, SpeechGPT's unit string ``<sosp><u1><u2>...<eosp>`` over the
+  first codebook (k-means/HuBERT units; set ``dedup: true`` on the tokenizer for
+  SpeechGPT-style deduplicated units).
+- ``mini-omni``: ``codes_7``, SNAC's 3 codebooks flattened into Mini-Omni's 7 streams
+  with per-stream delay and vocabulary offsets (constants in the shard metadata).
+
+Files: ``[<split>/]shard-NNNNN.parquet`` (shards by ``shard_size`` rows and/or
+``shard_bytes`` of token data), the codec / text tokenizer / layout identity in each
+file's schema metadata (key ``speechmill``), and ``index.json`` with per-shard rows,
+hours, audio and text tokens and sha256, plus totals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from speechmill.pipeline.errors import ConfigError
+from speechmill.pipeline.records import reject
+from speechmill.pipeline.stage import SinkResult, Stage, StageConfig
+
+KEEP = ("id", "split", "speaker", "language", "duration", "text", "source_url")
+
+
+class ShardsConfig(StageConfig):
+    layout: Literal["plain", "speechgpt", "mini-omni"] = "plain"
+    shard_size: int = Field(1000, ge=1, description="utterances per shard")
+    shard_bytes: int | None = Field(None, ge=1024, description="token bytes per shard "
+                                    "(whichever limit comes first)")
+    by_split: bool = Field(True, description="one directory per split when rows have one")
+    require_text: bool = Field(False, description="reject rows without text ids")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Shards(Stage):
+    name = "shards"
+    description = "tokenized Parquet shards (codes + text ids) with an index"
+    Config = ShardsConfig
+    is_sink = True
+    output_root = "shards"
+
+    config: ShardsConfig
+
+    def _layout_column(self, codes: list[list[int]], codec: dict[str, Any]) -> Any:
+        from speechmill.manifests.tokenizers import layouts
+
+        if self.config.layout == "speechgpt":
+            return layouts.speechgpt_units(codes[0])
+        if self.config.layout == "mini-omni":
+            import numpy as np
+
+            return layouts.mini_omni_flatten([np.asarray(c) for c in codes]).tolist()
+        return None
+
+    def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
+        import pyarrow.parquet as pq
+
+        from speechmill.manifests.common import split_groups
+        from speechmill.manifests.tokenizers import layouts
+
+        has_codes = "codes" in inputs.column_names
+        has_text = "text_ids" in inputs.column_names
+        codec = text_tok = None
+        if has_codes and inputs.num_rows:
+            codec = json.loads(next(c for c in inputs.column("codec").to_pylist() if c))
+        if has_text and inputs.num_rows:
+            text_tok = json.loads(next(c for c in inputs.column("text_tokenizer").to_pylist()
+                                       if c))
+        if self.config.layout != "plain" and not has_codes and inputs.num_rows:
+            raise ConfigError(f"layout {self.config.layout!r} needs audio codes: the input "
+                              "has no `codes` column (add a tokenize stage with `audio`)",
+                              stage=self.ctx.stage_id, key="layout")
+        if self.config.layout == "mini-omni" and codec is not None \
+                and len(codec.get("codebook_sizes") or []) != 3:
+            raise ConfigError(f"layout 'mini-omni' needs SNAC's 3 codebooks, the codec "
+                              f"{codec.get('name')!r} has {len(codec['codebook_sizes'])}",
+                              stage=self.ctx.stage_id, key="layout")
+        small = codec is not None and max(codec.get("codebook_sizes") or [0]) <= 32767
+        code_type = pa.list_(pa.list_(pa.int16() if small else pa.int32()))
+        layout_meta: dict[str, Any] = {"name": self.config.layout}
+        if self.config.layout == "mini-omni":
+            layout_meta["params"] = layouts.MINI_OMNI
+        meta = {"codec": codec, "text_tokenizer": text_tok, "layout": layout_meta,
+                "format": "speechmill-shards/1"}
+        schema_meta = {b"speechmill": json.dumps(meta, sort_keys=True).encode()}
+
+        rejects: list[dict[str, Any]] = []
+        index: list[dict[str, Any]] = []
+        n_out, sec_out = 0, 0.0
+        for split, table in split_groups(inputs, self.config.by_split):
+            rows = []
+            for r in table.to_pylist():
+                if has_codes and not r.get("codes"):
+                    rejects.append(reject(r, self.ctx.stage_id, "no_codes",
+                                          "the tokenize stage gave no codes"))
+                    continue
+                if self.config.require_text and not r.get("text_ids"):
+                    rejects.append(reject(r, self.ctx.stage_id, "no_text",
+                                          "require_text is set and the row has no text ids"))
+                    continue
+                out = {k: r.get(k) for k in KEEP}
+                out["split"] = split
+                out["text_ids"] = r.get("text_ids") if has_text else None
+                out["codes"] = r.get("codes") if has_codes else None
+                out["n_frames"] = len(r["codes"][0]) if has_codes else None
+                extra = self._layout_column(r["codes"], codec) if has_codes else None
+                if self.config.layout == "speechgpt":
+                    out["units"] = extra
+                elif self.config.layout == "mini-omni":
+                    out["codes_7"] = extra
+                rows.append(out)
+            for i, chunk in enumerate(self._chunks(rows)):
+                rel = (f"{split}/" if split else "") + f"shard-{i:05d}.parquet"
+                path = out_dir / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                t = self._table(chunk, code_type).replace_schema_metadata(schema_meta)
+                pq.write_table(t, path, compression="zstd")
+                audio_tokens = sum(sum(len(c) for c in r["codes"] or []) for r in chunk)
+                text_tokens = sum(len(r["text_ids"] or []) for r in chunk)
+                secs = sum(float(r["duration"] or 0.0) for r in chunk)
+                index.append({"file": rel, "split": split, "rows": len(chunk),
+                              "hours": round(secs / 3600, 6), "audio_tokens": audio_tokens,
+                              "text_tokens": text_tokens, "sha256": _sha256(path)})
+                n_out += len(chunk)
+                sec_out += secs
+        totals: dict[str, Any] = {
+            "rows": n_out, "hours": round(sec_out / 3600, 6), "shards": len(index),
+            "audio_tokens": sum(s["audio_tokens"] for s in index),
+            "text_tokens": sum(s["text_tokens"] for s in index),
+        }
+        by_split: dict[str, dict[str, Any]] = {}
+        for s in index:
+            d = by_split.setdefault(s["split"] or "all", {"rows": 0, "hours": 0.0, "shards": 0})
+            d["rows"] += s["rows"]
+            d["hours"] = round(d["hours"] + s["hours"], 6)
+            d["shards"] += 1
+        doc = {**meta, "totals": totals, "splits": by_split, "shards": index}
+        (out_dir / "index.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        from speechmill.pipeline.records import rejects_table
+
+        return SinkResult(rows_out=n_out, seconds_out=sec_out,
+                          rejects=rejects_table(rejects),
+                          summary={**totals, "splits": by_split})
+
+    def _chunks(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        out: list[list[dict[str, Any]]] = []
+        cur: list[dict[str, Any]] = []
+        size = 0
+        for r in rows:
+            b = 2 * sum(len(c) for c in r["codes"] or []) + 4 * len(r["text_ids"] or [])
+            full = len(cur) >= self.config.shard_size or (
+                self.config.shard_bytes is not None and size + b > self.config.shard_bytes)
+            if cur and full:
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(r)
+            size += b
+        if cur:
+            out.append(cur)
+        return out
+
+    def _table(self, rows: list[dict[str, Any]], code_type: pa.DataType) -> pa.Table:
+        fields = [pa.field("id", pa.string()), pa.field("split", pa.string()),
+                  pa.field("speaker", pa.string()), pa.field("language", pa.string()),
+                  pa.field("duration", pa.float64()), pa.field("text", pa.string()),
+                  pa.field("source_url", pa.string()),
+                  pa.field("text_ids", pa.list_(pa.int32())), pa.field("codes", code_type),
+                  pa.field("n_frames", pa.int32())]
+        if self.config.layout == "speechgpt":
+            fields.append(pa.field("units", pa.string()))
+        elif self.config.layout == "mini-omni":
+            fields.append(pa.field("codes_7", pa.list_(pa.list_(pa.int32()))))
+        schema = pa.schema(fields)
+        return pa.Table.from_pylist([{f.name: r.get(f.name) for f in fields} for r in rows],
+                                    schema=schema)
+
+    @classmethod
+    def summary_lines(cls, summary: dict[str, Any]) -> list[str]:
+        if not summary:
+            return []
+        return [f"{summary['rows']} utterances in {summary['shards']} shards, "
+                f"{summary['audio_tokens']} audio + {summary['text_tokens']} text tokens"]

@@ -1,0 +1,124 @@
+"""Stage ``split``: train/dev/test by speaker, sized by hours, deterministic for a seed.
+
+Before any batch, the driver-side ``prepare`` pass sums the audio hours of every
+speaker over the whole input, orders speakers by a seeded hash (a stable permutation:
+adding a speaker later moves nobody else) and fills ``test`` then ``dev`` up to their
+targets, never past them, with the rest in ``train``. A split with a target that no
+speaker fits under gets the smallest speaker instead, so it is never empty when asked
+for. No speaker is in two splits. Rows without a speaker are grouped by their recording
+(so one recording never straddles splits). Every row gets a ``split`` column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from speechmill.pipeline.records import recording_id
+from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext
+
+SPLITS = ("train", "dev", "test")
+
+
+class SplitConfig(StageConfig):
+    dev_hours: float | None = Field(None, ge=0, description="hours for dev (wins over "
+                                    "dev_fraction)")
+    test_hours: float | None = Field(None, ge=0, description="hours for test (wins over "
+                                     "test_fraction)")
+    dev_fraction: float = Field(0.05, ge=0, lt=1, description="share of hours for dev")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="share of hours for test")
+    seed: int = Field(0, description="changes which speakers land in dev/test")
+
+
+def group_key(row: dict[str, Any]) -> str:
+    spk = row.get("speaker")
+    return f"spk:{spk}" if spk else f"rec:{recording_id(str(row.get('id')))}"
+
+
+def assign_splits(hours: dict[str, float], dev_target: float, test_target: float,
+                  seed: int) -> dict[str, str]:
+    """Speaker-group -> split. Pure function of its arguments."""
+    def rank(k: str) -> str:
+        return hashlib.sha256(f"{seed}\x1f{k}".encode()).hexdigest()
+
+    order = sorted(hours, key=rank)
+    out: dict[str, str] = {}
+    got = {"dev": 0.0, "test": 0.0}
+    targets = {"test": test_target, "dev": dev_target}
+    for k in order:
+        h = hours[k]
+        for split in ("test", "dev"):
+            if targets[split] > 0 and got[split] + h <= targets[split] + 1e-9:
+                out[k] = split
+                got[split] += h
+                break
+        else:
+            out[k] = "train"
+    for split in ("test", "dev"):  # asked for, but every speaker was too big
+        if targets[split] > 0 and got[split] == 0:
+            spare = [k for k in order if out[k] == "train"]
+            if len(spare) > 1:  # keep at least one speaker for train
+                k = min(spare, key=lambda s: (hours[s], rank(s)))
+                out[k] = split
+                got[split] += hours[k]
+    return out
+
+
+class Split(Stage):
+    name = "split"
+    description = "train/dev/test by speaker, sized by hours (no speaker in two splits)"
+    Config = SplitConfig
+    resources = Resources(cpus=1)
+    default_batch_size = 2048
+
+    config: SplitConfig
+
+    @classmethod
+    def prepare(cls, config: StageConfig, inputs: pa.Table,
+                ctx: StageContext | None = None) -> Any:
+        assert isinstance(config, SplitConfig)
+        hours: dict[str, float] = defaultdict(float)
+        if inputs.num_rows:
+            cols = {c: inputs.column(c).to_pylist() if c in inputs.column_names
+                    else [None] * inputs.num_rows for c in ("id", "speaker", "duration")}
+            for rid, spk, dur in zip(cols["id"], cols["speaker"], cols["duration"],
+                                     strict=True):
+                hours[group_key({"id": rid, "speaker": spk})] += float(dur or 0.0) / 3600
+        total = sum(hours.values())
+        dev = config.dev_hours if config.dev_hours is not None \
+            else config.dev_fraction * total
+        test = config.test_hours if config.test_hours is not None \
+            else config.test_fraction * total
+        return {"map": assign_splits(dict(hours), dev, test, config.seed),
+                "targets": {"dev": dev, "test": test}}
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        mapping = (self.ctx.prepared or {}).get("map", {})
+        return {**row, "parent_id": row.get("id"),
+                "split": mapping.get(group_key(row), "train")}
+
+    @classmethod
+    def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
+        if outputs.num_rows == 0 or "split" not in outputs.column_names:
+            return None
+        hours: dict[str, float] = defaultdict(float)
+        groups: dict[str, set[str]] = defaultdict(set)
+        durs = outputs.column("duration").to_pylist() if "duration" in outputs.column_names \
+            else [0.0] * outputs.num_rows
+        spks = outputs.column("speaker").to_pylist() if "speaker" in outputs.column_names \
+            else [None] * outputs.num_rows
+        for rid, spk, split, d in zip(outputs.column("id").to_pylist(), spks,
+                                      outputs.column("split").to_pylist(), durs, strict=True):
+            hours[split] += float(d or 0.0) / 3600
+            groups[split].add(group_key({"id": rid, "speaker": spk}))
+        return {"hours": {k: round(v, 6) for k, v in sorted(hours.items())},
+                "speakers": {k: len(v) for k, v in sorted(groups.items())}}
+
+    @classmethod
+    def summary_lines(cls, summary: dict[str, Any]) -> list[str]:
+        return [f"{s}: {summary['hours'][s]:.3f} h, {summary['speakers'][s]} speakers"
+                for s in summary.get("hours", {})]

@@ -1,0 +1,287 @@
+"""The ``nemo`` exporter: plain, materialised and tarred manifests, checked against NeMo's
+reading rules.
+
+NeMo's own parser (``nemo.collections.common.parts.preprocessing.manifest``) cannot be
+imported without hydra, omegaconf, lightning, onnx, nv-one-logger, ... so the rules are
+checked here as NeMo 3.0 applies them:
+
+- ``manifest.item_iter``/``__parse_item``: one JSON object per line with
+  ``audio_filepath`` and ``duration`` (``text`` defaults to ""); a relative path is joined
+  to the manifest's directory (``get_full_path``); ``offset`` is optional.
+- tarred (``TarredAudioToTextDataset`` + webdataset, and the Lhotse
+  ``LazyNeMoTarredIterator``): ``audio_{N}.tar`` pairs with
+  ``sharded_manifests/manifest_{N}.json``; a tar member is matched to the entries whose
+  ``audio_filepath`` equals its name (Lhotse) or whose ``splitext(basename(...))`` equals the
+  member's webdataset key, i.e. its name up to the first dot (NeMo); a name ending in
+  ``-sub<N>`` is read as an offset of another file (Lhotse).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+
+from speechmill.manifests.common import read_clip
+from speechmill.manifests.nemo import NemoManifest, clip_name
+from speechmill.pipeline import dag as dagmod
+from speechmill.pipeline.registry import register
+from speechmill.pipeline.runner import run
+from speechmill.pipeline.stage import StageContext
+from speechmill.pipeline.store import RunStore
+from tests.manifests.segments_factory import make_segments
+
+Q = 2.0 / 32768  # 16-bit quantisation (+ rounding) tolerance
+
+
+@pytest.fixture(scope="module")
+def segs(tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    return make_segments(tmp_path_factory.mktemp("segs"), n_recordings=3, per_recording=3)
+
+
+def export(table: pa.Table, out: Path, run_dir: Path, **cfg: Any):
+    stage = NemoManifest(NemoManifest.Config(**cfg),
+                         StageContext(stage_id="nemo", run_dir=str(run_dir)))
+    out.mkdir(parents=True, exist_ok=True)
+    return stage.export(table, out)
+
+
+def with_bad_rows(table: pa.Table, tmp: Path) -> pa.Table:
+    """Two rows that cannot be cut: a missing file and a text file posing as audio."""
+    (tmp / "notaudio.flac").write_text("hello, I am not audio\n" * 50)
+    rows = table.slice(0, 2).to_pylist()
+    rows[0].update(id="zz-missing", audio_path=str(tmp / "gone.flac"))
+    rows[1].update(id="zz-notaudio", audio_path=str(tmp / "notaudio.flac"), offset=0.0)
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+
+
+def nemo_entries(manifest: Path) -> list[dict[str, Any]]:
+    """Parse ``manifest`` the way NeMo's ``item_iter`` does and check every entry: required
+    keys, the path resolved against the manifest's directory exists, and
+    offset + duration lie within the file as soundfile decodes it."""
+    out = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        e = json.loads(line)
+        assert {"audio_filepath", "duration", "text"} <= set(e), e
+        assert isinstance(e["text"], str) and e["duration"] > 0
+        p = e["audio_filepath"]
+        full = p if os.path.isabs(p) else os.path.join(os.path.dirname(manifest), p)
+        assert os.path.isfile(full), full
+        info = sf.info(full)
+        end = float(e.get("offset") or 0.0) + float(e["duration"])
+        assert end <= info.frames / info.samplerate + 1.0 / info.samplerate, (e, info.duration)
+        out.append({**e, "_full": full})
+    return out
+
+
+def clip_of(entry: dict[str, Any]) -> tuple[np.ndarray, int]:
+    info = sf.info(entry["_full"])
+    start = round(float(entry.get("offset") or 0.0) * info.samplerate)
+    n = round(float(entry["duration"]) * info.samplerate)
+    x, sr = sf.read(entry["_full"], start=start, frames=n, dtype="float32")
+    return x, sr
+
+
+def all_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_reference_manifest_relative_and_absolute(segs: pa.Table, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # records may hold paths relative to the working directory
+    monkeypatch.chdir(Path(segs.column("audio_path")[0].as_py()).parent.parent)
+    rel = pa.array([os.path.relpath(p) for p in segs.column("audio_path").to_pylist()])
+    table = segs.set_column(segs.schema.get_field_index("audio_path"), "audio_path", rel)
+    res = export(table, tmp_path / "rel", tmp_path)
+    assert res.rows_out == segs.num_rows and res.rejects.num_rows == 0
+    assert res.seconds_out == pytest.approx(sum(segs.column("duration").to_pylist()))
+    entries = nemo_entries(tmp_path / "rel" / "manifest.json")
+    rows = {r["id"]: r for r in segs.to_pylist()}
+    assert [e["id"] for e in entries] == sorted(rows)  # ordered by id
+    for e in entries:
+        r = rows[e["id"]]
+        assert list(e)[:7] == ["audio_filepath", "duration", "offset", "text", "lang",
+                               "speaker", "id"]
+        assert not os.path.isabs(e["audio_filepath"])
+        assert os.path.samefile(e["_full"], r["audio_path"])
+        assert (e["offset"], e["duration"], e["text"], e["lang"], e["speaker"]) == (
+            r["offset"], r["duration"], r["text"], r["language"], r["speaker"])
+        assert e["dnsmos_ovrl"] == pytest.approx(r["scores"]["dnsmos_ovrl"])
+        assert e["snr_db"] == 30.0 and "scores" not in e
+        x, _ = clip_of(e)
+        y, _ = read_clip(r)
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    export(table, tmp_path / "abs", tmp_path, paths="absolute")
+    for e in nemo_entries(tmp_path / "abs" / "manifest.json"):
+        assert os.path.isabs(e["audio_filepath"]) and os.path.isfile(e["audio_filepath"])
+    # without cutting clips only a missing file is a reject; empty input, empty manifest
+    res = export(with_bad_rows(segs, tmp_path), tmp_path / "bad", tmp_path)
+    assert [(r["id"], r["reason"]) for r in res.rejects.to_pylist()] == [
+        ("zz-missing", "unreadable")]
+    res = export(segs.slice(0, 0), tmp_path / "empty", tmp_path)
+    assert res.rows_out == 0 and (tmp_path / "empty" / "manifest.json").read_text() == ""
+    res = export(segs.slice(0, 0), tmp_path / "empty_t", tmp_path, tarred=True)
+    assert (tmp_path / "empty_t" / "tarred_audio_manifest.json").read_text() == ""
+    assert not list((tmp_path / "empty_t").glob("*.tar"))
+
+
+def test_materialized_splits_rejects_and_determinism(segs: pa.Table, tmp_path: Path) -> None:
+    splits = ["train", "train", "dev", "test"] * 3
+    table = with_bad_rows(segs, tmp_path)
+    table = table.append_column("split", pa.array(splits[: table.num_rows]))
+    a = export(table, tmp_path / "a", tmp_path, materialize=True, workers=2)
+    b = export(table, tmp_path / "b", tmp_path, materialize=True, workers=1)
+    assert b.summary == a.summary
+    assert all_bytes(tmp_path / "a") == all_bytes(tmp_path / "b")  # byte-identical
+    rej = {r["id"]: r["reason"] for r in a.rejects.to_pylist()}
+    assert rej == {"zz-missing": "unreadable", "zz-notaudio": "not_audio"}
+    assert a.rows_out == segs.num_rows
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["dev", "test", "train"]
+    assert a.summary["reasons"] == {"not_audio": 1, "unreadable": 1}
+    rows = {r["id"]: r for r in segs.to_pylist()}
+    split_of = dict(zip(table.column("id").to_pylist(), table.column("split").to_pylist(),
+                        strict=True))
+    seen = 0
+    for split in ("train", "dev", "test"):
+        entries = nemo_entries(tmp_path / "a" / split / "manifest.json")
+        assert a.summary["splits"][split]["rows"] == len(entries) > 0
+        for e in entries:
+            assert "offset" not in e and e["audio_filepath"].startswith("audio/")
+            assert split_of[e["id"]] == split
+            x, sr = sf.read(e["_full"], dtype="float32")
+            y, sry = read_clip(rows[e["id"]])
+            assert sr == sry and len(x) == len(y)
+            assert e["duration"] == pytest.approx(len(y) / sr)
+            np.testing.assert_allclose(x, y, atol=Q)
+            seen += 1
+    assert seen == segs.num_rows
+    assert NemoManifest.summary_lines(a.summary)[0].startswith("train: ")
+    # WAV clips, resampled
+    export(segs, tmp_path / "wav", tmp_path, materialize=True, audio_format="wav",
+           sample_rate=16000)
+    for e in nemo_entries(tmp_path / "wav" / "manifest.json"):
+        assert e["audio_filepath"].endswith(".wav") and sf.info(e["_full"]).samplerate == 16000
+
+
+def check_tarred(d: Path) -> list[dict[str, Any]]:
+    """Every tar pairs with its sharded manifest one to one under NeMo's and Lhotse's
+    matching rules; returns the entries with each member's bytes."""
+    tars = sorted(d.glob("audio_*.tar"), key=lambda p: int(p.stem.split("_")[1]))
+    shards = sorted((d / "sharded_manifests").glob("manifest_*.json"))
+    n = len(tars)
+    assert n >= 1 and [p.name for p in tars] == [f"audio_{i}.tar" for i in range(n)]
+    assert sorted(p.name for p in shards) == sorted(f"manifest_{i}.json" for i in range(n))
+    every = []
+    for i in range(n):
+        entries = [json.loads(x) for x in
+                   (d / "sharded_manifests" / f"manifest_{i}.json").read_text().splitlines()]
+        with tarfile.open(d / f"audio_{i}.tar") as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            data = {m.name: tar.extractfile(m).read() for m in members}
+        assert names == [e["audio_filepath"] for e in entries]  # one to one, in order
+        for e in entries:
+            assert e["shard_id"] == i and "offset" not in e
+            name = e["audio_filepath"]
+            assert "/" not in name and name.count(".") == 1  # webdataset key = name[:dot]
+            assert not re.match(r"^.+-sub\d+(\.\w+)?$", name)  # not an offset marker
+            every.append({**e, "_bytes": data[name]})
+    stems = [os.path.splitext(os.path.basename(e["audio_filepath"]))[0] for e in every]
+    assert len(set(stems)) == len(stems)  # NeMo indexes the manifest by this file id
+    whole = [json.loads(x) for x in (d / "tarred_audio_manifest.json").read_text().splitlines()]
+    assert whole == [{k: v for k, v in e.items() if k != "_bytes"} for e in every]
+    return every
+
+
+def test_tarred_layout(segs: pa.Table, tmp_path: Path) -> None:
+    table = with_bad_rows(segs, tmp_path)
+    res = export(table, tmp_path / "t", tmp_path, tarred=True, shard_size=2, workers=2)
+    assert res.rows_out == segs.num_rows and res.rejects.num_rows == 2
+    every = check_tarred(tmp_path / "t")
+    assert res.summary["splits"]["all"]["shards"] == len(list((tmp_path / "t").glob("*.tar")))
+    rows = {r["id"]: r for r in segs.to_pylist()}
+    assert sorted(e["id"] for e in every) == sorted(rows)
+    for e in every:
+        x, sr = sf.read(io.BytesIO(e["_bytes"]), dtype="float32")
+        y, sry = read_clip(rows[e["id"]])
+        assert sr == sry and len(x) == len(y)
+        np.testing.assert_allclose(x, y, atol=Q)
+        assert e["duration"] == pytest.approx(len(x) / sr) and e["text"] == rows[e["id"]]["text"]
+    # same input, same bytes; byte-based shards with a split column
+    again = export(table, tmp_path / "t2", tmp_path, tarred=True, shard_size=2)
+    assert all_bytes(tmp_path / "t") == all_bytes(tmp_path / "t2") and again.rows_out == 9
+    split = pa.array(["train" if i % 3 else "test" for i in range(segs.num_rows)])
+    res = export(segs.append_column("split", split), tmp_path / "s", tmp_path, tarred=True,
+                 shard_bytes=200_000, audio_format="wav")
+    for name in ("train", "test"):
+        got = check_tarred(tmp_path / "s" / name)
+        assert len(got) == res.summary["splits"][name]["rows"]
+    assert res.summary["splits"]["train"]["shards"] > 1
+
+
+def test_clip_names_are_unique_and_safe() -> None:
+    used: set[str] = set()
+    names = [clip_name(i, "flac", used) for i in ("a/b.c", "a_b_c", "x-sub3", "", "a/b.c")]
+    assert names == ["a_b_c.flac", "a_b_c_2.flac", "x-sub3_.flac", "_.flac", "a_b_c_3.flac"]
+
+
+def test_missing_text_exported_or_rejected(segs: pa.Table, tmp_path: Path) -> None:
+    texts = segs.column("text").to_pylist()
+    texts[0], texts[1] = None, "  "
+    table = segs.set_column(segs.schema.get_field_index("text"), "text", pa.array(texts))
+    res = export(table, tmp_path / "a", tmp_path)
+    entries = nemo_entries(tmp_path / "a" / "manifest.json")
+    assert res.rows_out == segs.num_rows and sum(e["text"] == "" for e in entries) == 1
+    res = export(table, tmp_path / "b", tmp_path, require_text=True, tarred=True)
+    assert res.rows_out == segs.num_rows - 2
+    assert set(res.rejects.column("reason").to_pylist()) == {"no_text"}
+    assert res.summary["splits"]["all"]["shards"] == 1
+
+
+def test_engine_exports_standardized_files(tmp_path: Path) -> None:
+    """ingest -> standardize -> two nemo sinks through the runner (local executor)."""
+    register(NemoManifest)
+    src = tmp_path / "in"
+    src.mkdir()
+    t = np.arange(16000 * 2) / 16000
+    for i, f in enumerate((220.0, 330.0)):
+        sf.write(src / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32),
+                 16000)
+    run_dir = tmp_path / "run"
+    dag = dagmod.loads(f"""
+name: nemo-test
+run_dir: {run_dir}
+executor: {{type: local, stall_timeout_s: 300}}
+stages:
+  - {{id: ingest, uses: ingest, with: {{inputs: ["{src}"]}}}}
+  - {{id: standardize, uses: standardize, needs: ingest,
+      with: {{sample_rate: 16000, silence_dbfs: null}}}}
+  - {{id: nemo, uses: nemo, needs: standardize}}
+  - {{id: nemo_cut, uses: nemo, needs: standardize,
+      with: {{materialize: true, paths: absolute}}}}
+""")
+    res = run(dag, progress=False)
+    assert res.status == "succeeded"
+    n = RunStore(run_dir).read_outputs("standardize").num_rows
+    assert n == 2
+    ref = nemo_entries(run_dir / "exports" / "nemo" / "manifest.json")
+    assert len(ref) == 2 and all(e["text"] == "" and e["offset"] == 0.0 for e in ref)
+    assert all(not os.path.isabs(e["audio_filepath"]) for e in ref)
+    cut = nemo_entries(run_dir / "exports" / "nemo_cut" / "manifest.json")
+    final = (run_dir / "exports" / "nemo_cut").resolve()
+    assert all(Path(e["audio_filepath"]).parent == final / "audio" for e in cut)
+    metrics = json.loads((run_dir / "stages" / "nemo_cut" / "metrics.json").read_text())
+    assert metrics["rows_out"] == 2 and metrics["stage_summary"]["mode"] == "materialized"
+    assert metrics["audio_hours_out"] == pytest.approx(4.0 / 3600, rel=1e-3)
+    assert not list((run_dir / "exports").glob(".*partial"))

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from speechmill.manifests.splits import assign_splits
+from speechmill.pipeline.dag import load as load_dag
+from speechmill.pipeline.runner import run
+from tests.manifests.conftest import dag_with
+
+
+def test_assign_is_speaker_disjoint_sized_and_deterministic() -> None:
+    hours = {f"spk:{i}": 0.5 + (i % 7) * 0.25 for i in range(200)}
+    total = sum(hours.values())
+    a = assign_splits(hours, dev_target=0.05 * total, test_target=0.05 * total, seed=1)
+    assert a == assign_splits(dict(reversed(list(hours.items()))), 0.05 * total,
+                              0.05 * total, seed=1)
+    assert set(a) == set(hours) and set(a.values()) == {"train", "dev", "test"}
+    for split in ("dev", "test"):
+        h = sum(hours[k] for k, v in a.items() if v == split)
+        assert 0.05 * total - 2.0 <= h <= 0.05 * total  # filled up to, never past
+    b = assign_splits(hours, 0.05 * total, 0.05 * total, seed=2)
+    assert a != b  # the seed picks other speakers
+
+
+def test_adding_a_speaker_moves_nobody_else() -> None:
+    hours = {f"spk:{i}": 1.0 for i in range(50)}
+    a = assign_splits(hours, 0, 0, seed=0)
+    assert set(a.values()) == {"train"}
+    a = assign_splits(hours, 3, 3, seed=0)
+    b = assign_splits({**hours, "spk:new": 1.0}, 3, 3, seed=0)
+    moved = [k for k in a if a[k] != b[k]]
+    assert len(moved) <= 1
+
+
+def test_split_never_empty_when_asked_even_if_speakers_are_big() -> None:
+    hours = {"spk:a": 10.0, "spk:b": 20.0, "spk:c": 30.0}
+    a = assign_splits(hours, dev_target=1.0, test_target=1.0, seed=0)
+    assert sorted(a.values()) == ["dev", "test", "train"]
+    assert a["spk:c"] == "train"
+
+
+@pytest.mark.parametrize("executor", ["local"])
+def test_split_stage_in_a_dag(tmp_path: Path, segments_dir, executor: str) -> None:
+    d, seg = segments_dir
+    dag = dag_with(tmp_path, d / "segments.parquet", """
+  - id: split
+    uses: split
+    needs: [src]
+    with: {dev_fraction: 0.2, test_fraction: 0.2, seed: 3}
+""", executor)
+    res = run(load_dag(dag), progress=False)
+    assert res.status == "succeeded"
+    out = pq.read_table(sorted((tmp_path / "run/stages/split").glob("part-*.parquet")))
+    assert out.num_rows == seg.num_rows
+    by_spk: dict[str, set[str]] = {}
+    for spk, s in zip(out.column("speaker").to_pylist(), out.column("split").to_pylist(),
+                      strict=True):
+        by_spk.setdefault(spk, set()).add(s)
+    assert all(len(v) == 1 for v in by_spk.values())  # no speaker in two splits
+    if len(by_spk) >= 3:
+        assert {next(iter(v)) for v in by_spk.values()} == {"train", "dev", "test"}
