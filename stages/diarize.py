@@ -8,6 +8,15 @@ local speaker label), ``overlaps`` (regions where two speakers likely talk at on
 ``num_speakers`` and ``speaker_embeddings`` (one L2-normalised mean embedding per local
 speaker, used by ``link_speakers`` to give speakers run-wide ids). A file without speech
 is rejected as ``no_speech``.
+
+Backend ``pyannote``: a pyannote.audio 4 pipeline (``pipeline``, default
+``pyannote/speaker-diarization-community-1``; or 3.1) loaded from a local directory
+(``path``, or ``$SPEECHMILL_MODELS/pyannote/<pipeline>``), the Hugging Face cache, or the
+hub with the token from the environment variable named by ``token_env`` (see
+``diarize_pyannote.py``, which also notes its memory use on long files). Same output
+columns; its overlap regions come from pyannote's overlapped-speech detection. Keys of
+one backend given with the other are errors, and a pipeline that cannot be found (e.g.
+``--offline`` without a local copy) stops the run before any file is processed.
 """
 
 from __future__ import annotations
@@ -17,14 +26,20 @@ from typing import Any, Literal
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
-from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
+from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageContext
 
 SR = 16000
+#: config keys that only one backend reads
+_ONLY = {
+    "embed-cluster": ("window_s", "step_s", "threshold"),
+    "pyannote": ("pipeline", "path", "token_env", "device"),
+}
 
 
 class DiarizeConfig(StageConfig):
-    backend: Literal["embed-cluster"] = Field(
-        "embed-cluster", description="embed-cluster: Silero VAD + Resemblyzer + clustering"
+    backend: Literal["embed-cluster", "pyannote"] = Field(
+        "embed-cluster", description="embed-cluster: Silero VAD + Resemblyzer + clustering "
+        "(offline); pyannote: a pyannote.audio 4 pipeline"
     )
     num_speakers: int | None = Field(None, ge=1, description="fixed number of speakers")
     min_speakers: int | None = Field(None, ge=1)
@@ -36,6 +51,15 @@ class DiarizeConfig(StageConfig):
         "None: number of speakers from the eigengap"
     )
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longer files: rejected")
+    pipeline: str = Field(
+        "pyannote/speaker-diarization-community-1",
+        description="pyannote: hub id (or name under $SPEECHMILL_MODELS/pyannote/)")
+    path: str | None = Field(
+        None, description="pyannote: local pipeline directory with config.yaml (wins)")
+    token_env: str = Field(
+        "HF_TOKEN", description="pyannote: environment variable holding the hub token")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="pyannote: auto = cuda when available")
 
 
 class Diarize(Stage):
@@ -56,12 +80,55 @@ class Diarize(Stage):
         if (config.min_speakers and config.max_speakers
                 and config.min_speakers > config.max_speakers):
             raise ValueError("key 'with.min_speakers': greater than max_speakers")
+        for backend, keys in _ONLY.items():
+            if backend != config.backend:
+                for k in keys:
+                    if k in config.model_fields_set:
+                        raise ValueError(f"key 'with.{k}': only read by backend "
+                                         f"{backend!r} (backend is {config.backend!r})")
+        if config.backend == "pyannote" and not config.pipeline.strip() and not config.path:
+            raise ValueError("key 'with.pipeline': empty (give a hub id or `path`)")
+
+    @classmethod
+    def prepare(cls, config: StageConfig, inputs: Any,
+                ctx: StageContext | None = None) -> Any:
+        # driver side, before any worker starts: a pyannote pipeline that cannot be found
+        # (or needs the hub while offline) stops the run here, naming stage and key
+        assert isinstance(config, DiarizeConfig)
+        if config.backend == "pyannote" and ctx is not None:
+            from speechmill.stages import diarize_pyannote
+
+            diarize_pyannote.locate(config.pipeline, config.path, offline=ctx.offline,
+                                    stage=ctx.stage_id)
+        return None
 
     def setup(self) -> None:
-        from speechmill.stages import diarize_embed
+        c = self.config
+        if c.backend == "pyannote":
+            from speechmill.stages import diarize_pyannote as dp
 
-        diarize_embed.load_models()
-        self.backend = diarize_embed
+            resolved = dp.locate(c.pipeline, c.path, offline=self.ctx.offline,
+                                 stage=self.ctx.stage_id)
+            pyannote = dp.load(resolved, token_env=c.token_env, device=c.device,
+                               stage=self.ctx.stage_id,
+                               key="with.path" if c.path else "with.pipeline")
+
+            def run(audio: Any, sr: int, row_id: str) -> Any:
+                return pyannote.diarize(audio, sr, num_speakers=c.num_speakers,
+                                        min_speakers=c.min_speakers,
+                                        max_speakers=c.max_speakers, uri=row_id)
+        else:
+            from speechmill.stages import diarize_embed
+
+            diarize_embed.load_models()
+
+            def run(audio: Any, sr: int, row_id: str) -> Any:
+                return diarize_embed.diarize(
+                    audio, sr, num_speakers=c.num_speakers, min_speakers=c.min_speakers,
+                    max_speakers=c.max_speakers, window_s=c.window_s, step_s=c.step_s,
+                    threshold=c.threshold,
+                )
+        self._run = run
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -73,17 +140,13 @@ class Diarize(Stage):
                                   dur or None, SR)
         except AudioError as e:
             raise Reject(e.reason, e.detail) from None
-        res = self.backend.diarize(
-            audio, SR, num_speakers=c.num_speakers, min_speakers=c.min_speakers,
-            max_speakers=c.max_speakers, window_s=c.window_s, step_s=c.step_s,
-            threshold=c.threshold,
-        )
+        res = self._run(audio, SR, str(row.get("id") or "audio"))
         if not res.turns:
             raise Reject("no_speech", "no speech found")
         return {
             **row,
             "parent_id": row["id"],
-            "num_speakers": res.num_speakers,
+            "num_speakers": len({lab for _, _, lab in res.turns}),
             "turns": [{"start": round(s, 3), "end": round(e, 3), "speaker": lab}
                       for s, e, lab in res.turns],
             "overlaps": [{"start": round(s, 3), "end": round(e, 3)} for s, e in res.overlaps],

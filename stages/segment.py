@@ -101,8 +101,12 @@ class Segment(Stage):
                 for s, e in cut:
                     rejs.append(self._seg_reject(row, audio_id, base, s, e, "overlap",
                                                  f"overlapped speech in turn of {t['speaker']}"))
-            for s, e in _pieces(regions, c.merge_gap_s, c.max_s):
-                s, e = max(s - c.pad_s, t0), min(e + c.pad_s, t1)
+            walls = [] if c.keep_overlaps else overlaps
+            for s, e in _pieces(regions, c.merge_gap_s, c.max_s, walls):
+                # padding stops at the turn's edges and at overlap regions
+                lo = max([t0] + [oe for _, oe in walls if oe <= s])
+                hi = min([t1] + [os_ for os_, _ in walls if os_ >= e])
+                s, e = max(s - c.pad_s, lo), min(e + c.pad_s, hi)
                 if e - s < c.min_s:
                     rejs.append(self._seg_reject(row, audio_id, base, s, e, "too_short",
                                                  f"{e - s:.2f} s < min_s={c.min_s}"))
@@ -153,13 +157,18 @@ def _subtract(regions: list[Span], cuts: list[Span]) -> tuple[list[Span], list[S
     return kept, removed
 
 
-def _pieces(regions: list[Span], merge_gap: float, max_s: float) -> list[Span]:
-    """Merge regions closer than ``merge_gap``; split groups longer than ``max_s`` at
-    their longest pause (a single region longer than ``max_s`` is cut evenly)."""
+def _pieces(regions: list[Span], merge_gap: float, max_s: float,
+            walls: list[Span] | None = None) -> list[Span]:
+    """Merge regions closer than ``merge_gap`` unless a wall (an overlap region) lies
+    between them; split groups longer than ``max_s`` at their longest pause (a single
+    region longer than ``max_s`` is cut evenly)."""
     regions = sorted(regions)
+    walls = walls or []
     groups: list[list[Span]] = []
     for r in regions:
-        if groups and r[0] - groups[-1][-1][1] < merge_gap:
+        prev_end = groups[-1][-1][1] if groups else None
+        if prev_end is not None and r[0] - prev_end < merge_gap and not any(
+                ws < r[0] and we > prev_end for ws, we in walls):
             groups[-1].append(r)
         else:
             groups.append([r])

@@ -19,6 +19,12 @@ from tests.conversation_factory import espeak_available, make_conversation
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)")
 
 
+def test_pieces_never_merge_across_an_overlap() -> None:
+    regions = [(0.0, 3.0), (3.5, 6.0), (6.5, 8.0)]
+    assert _pieces(regions, 2.0, 30.0) == [(0.0, 8.0)]
+    assert _pieces(regions, 2.0, 30.0, [(3.1, 3.4)]) == [(0.0, 3.0), (3.5, 8.0)]
+
+
 def test_pieces_follow_emilia_rules() -> None:
     # gaps < 2 s merge; a 40 s group splits at its longest pause; a 70 s region is cut evenly
     regions = [(0.0, 5.0), (6.0, 12.0), (12.5, 20.0), (24.0, 28.0), (29.0, 45.0)]
