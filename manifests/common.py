@@ -36,13 +36,26 @@ def split_groups(table: pa.Table, by_split: bool = True) -> list[tuple[str | Non
         return [(None, sort_by_id(table))]
     names = [s for s in pc.unique(table.column("split")).to_pylist() if s is not None]
     order = [s for s in SPLIT_ORDER if s in names] + sorted(set(names) - set(SPLIT_ORDER))
+    safe = {name: safe_split_name(name) for name in order}
+    if len(set(safe.values())) != len(safe):
+        raise ValueError(f"split names {sorted(safe)} collide as directory names")
     out = []
     for name in order:
-        out.append((name, sort_by_id(table.filter(pc.equal(table.column("split"), name)))))
+        out.append((safe[name],
+                    sort_by_id(table.filter(pc.equal(table.column("split"), name)))))
     nulls = table.filter(pc.is_null(table.column("split")))
     if nulls.num_rows:
         out.append(("unassigned", sort_by_id(nulls)))
     return out
+
+
+def safe_split_name(name: str) -> str:
+    """A split value as a directory name: never a path (``/``, ``..``), only word
+    characters, dots and dashes."""
+    import re
+
+    s = re.sub(r"[^\w.-]", "_", str(name))
+    return "_" + s if s in ("", ".", "..") or s.startswith(".") else s
 
 
 def sort_by_id(table: pa.Table) -> pa.Table:
@@ -94,13 +107,38 @@ def rel_or_abs(path: str, base: Path, relative: bool) -> str:
     return os.path.relpath(p, os.path.abspath(base))
 
 
+#: a clip may come out this much shorter than its ``duration`` (codec frame padding)
+SHORT_CLIP_TOLERANCE_S = 0.05
+
+
+def check_span(row: Mapping[str, Any]) -> tuple[float, float | None]:
+    """``(offset, duration)`` of a row; raises ``AudioError("bad_span")`` when either is
+    not finite, the offset is negative or the duration is not positive."""
+    from speechmill.pipeline.audio import AudioError
+
+    off_v, dur_v = row.get("offset"), row.get("duration")
+    off = 0.0 if off_v is None else float(off_v)
+    dur = None if dur_v is None else float(dur_v)
+    if not math.isfinite(off) or off < 0:
+        raise AudioError("bad_span", f"offset {off_v!r}")
+    if dur is not None and (not math.isfinite(dur) or dur <= 0):
+        raise AudioError("bad_span", f"duration {dur_v!r}")
+    return off, dur
+
+
 def read_clip(row: Mapping[str, Any], sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """The row's audio (``audio_path`` from ``offset`` for ``duration``), mono float32.
-    Raises :class:`speechmill.pipeline.audio.AudioError` on unreadable audio."""
-    off = float(row.get("offset") or 0.0)
-    dur = row.get("duration")
-    return load_audio(str(row["audio_path"]), offset=off,
-                      duration=None if dur is None else float(dur), sample_rate=sample_rate)
+    Raises :class:`speechmill.pipeline.audio.AudioError` on unreadable audio, a bad span
+    (``bad_span``) or a file that ends before the span does (``short_audio``)."""
+    from speechmill.pipeline.audio import AudioError
+
+    off, dur = check_span(row)
+    x, sr = load_audio(str(row["audio_path"]), offset=off, duration=dur,
+                       sample_rate=sample_rate)
+    if dur is not None and x.shape[0] < (dur - SHORT_CLIP_TOLERANCE_S) * sr:
+        raise AudioError("short_audio", f"{x.shape[0] / sr:.3f} s of audio for a "
+                         f"{dur:.3f} s span at {off:.3f} s")
+    return x, sr
 
 
 def encode_audio(x: np.ndarray, sr: int, fmt: str = "flac") -> bytes:
@@ -125,7 +163,9 @@ def tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def open_tar(path: Path) -> tarfile.TarFile:
-    return tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+    # GNU format: member names longer than 100 characters (long ids) are fine and
+    # webdataset / lhotse read them; headers stay deterministic (mtime 0, no owner)
+    return tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
 
 
 def json_safe(v: Any) -> Any:

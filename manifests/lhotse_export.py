@@ -35,7 +35,7 @@ manifests, so ``cut.load_codes()`` returns every frame, never re-sliced by durat
   declares several ``codebook_frame_rates``);
 - ``text_ids`` = 1-D token ids.
 
-The tokenizer identities (``codec`` / ``text_tokenizer`` JSON columns) become the cut's
+The tokenizer identities (``audio_tokenizer`` / ``text_tokenizer`` JSON columns) become the cut's
 ``custom["codec"]`` / ``custom["text_tokenizer"]``. In Shar each cut starts at 0 on its own
 clip, so alignments are relative to the clip start. Shards hold ``shard_size`` exported
 cuts; every field's tar has the same shards (a missing value is a ``.nodata`` placeholder).
@@ -365,8 +365,8 @@ def _codes_plan(table: pa.Table, layout: str) -> tuple[str | None, int]:
         np.maximum.at(hi, parents, lens)
         np.minimum.at(lo, parents, lens)
         ragged = bool(np.any((hi >= 0) & (hi != lo)))
-    if layout == "auto" and not ragged and "codec" in table.column_names:
-        for v in table.column("codec").unique().to_pylist():
+    if layout == "auto" and not ragged and "audio_tokenizer" in table.column_names:
+        for v in table.column("audio_tokenizer").unique().to_pylist():
             rates = (_json_col(v) or {}).get("codebook_frame_rates")
             if rates and len({float(r) for r in rates}) > 1:
                 ragged = True
@@ -532,7 +532,7 @@ class LhotseShar(Stage):
                 for k, c in enumerate(codes[:n_cb]):
                     if c is not None:
                         arrays[f"codes_{k}"] = np.asarray(c, dtype=np.int32).reshape(-1)
-            codec = _json_col(row.get("codec"))
+            codec = _json_col(row.get("audio_tokenizer"))
             if codec is not None:
                 custom["codec"] = codec
         if row.get("text_ids") is not None:

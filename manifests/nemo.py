@@ -44,6 +44,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.manifests.common import (
+    check_span,
     encode_audio,
     json_safe,
     open_tar,
@@ -153,11 +154,11 @@ def published_dir(out_dir: Path, ctx: StageContext, output_root: str) -> Path:
     """Where ``out_dir`` ends up: the engine exports into ``.<id>.partial`` next to
     ``RUN_DIR/<output_root>/<id>`` and renames it afterwards, so absolute paths into the
     export must name the final directory. Any other ``out_dir`` is its own final place."""
-    final = Path(ctx.run_dir) / output_root / ctx.stage_id
+    final = Path(os.path.abspath(Path(ctx.run_dir) / output_root / ctx.stage_id))
     if (out_dir.name == f".{ctx.stage_id}.partial"
             and out_dir.parent.resolve() == final.parent.resolve()):
-        return final.resolve()
-    return out_dir.resolve()
+        return final  # abspath, not resolve(): relative paths survive moving the run dir
+    return Path(os.path.abspath(out_dir))
 
 
 def input_rows(table: pa.Table) -> list[dict[str, Any]]:
@@ -325,8 +326,13 @@ class NemoManifest(Stage):
             if r.get("duration") is None:
                 rejects.append(reject(r, self.ctx.stage_id, "no_duration", "duration is null"))
                 continue
-            entries.append(self._entry(r, rel_or_abs(path, pub, relative),
-                                       float(r["duration"]), float(r.get("offset") or 0.0)))
+            try:
+                off, dur = check_span(r)
+            except AudioError as e:
+                rejects.append(reject(r, self.ctx.stage_id, e.reason, e.detail))
+                continue
+            entries.append(self._entry(r, rel_or_abs(path, pub, relative), float(dur or 0.0),
+                                       off))
         return entries
 
     def _materialized(self, rows: list[dict[str, Any]], sub: Path, pub: Path, relative: bool,

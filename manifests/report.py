@@ -42,6 +42,7 @@ class Report(Stage):
     Config: ClassVar[type[StageConfig]] = ReportConfig
     resources: ClassVar[Resources] = Resources(cpus=1.0)
     is_sink: ClassVar[bool] = True
+    reads_inputs: ClassVar[bool] = False
     output_root: ClassVar[str] = "report"
 
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:

@@ -61,7 +61,7 @@ class Shards(Stage):
 
     config: ShardsConfig
 
-    def _layout_column(self, codes: list[list[int]], codec: dict[str, Any]) -> Any:
+    def _layout_column(self, codes: list[list[int]]) -> Any:
         from speechmill.manifests.tokenizers import layouts
 
         if self.config.layout == "speechgpt":
@@ -72,30 +72,50 @@ class Shards(Stage):
             return layouts.mini_omni_flatten([np.asarray(c) for c in codes]).tolist()
         return None
 
+    def _identity(self, inputs: pa.Table, column: str) -> dict[str, Any] | None:
+        """The one tokenizer identity (JSON column) of the input; mixing is an error."""
+        import pyarrow.compute as pc
+
+        if column not in inputs.column_names or inputs.num_rows == 0:
+            return None
+        vals = [v for v in pc.unique(inputs.column(column)).to_pylist() if v]
+        if len(vals) > 1:
+            names = sorted({json.loads(v).get("name", "?") for v in vals})
+            raise ConfigError(f"the input mixes {len(vals)} different {column}s ({names}); "
+                              "shard each tokenizer's output separately",
+                              stage=self.ctx.stage_id, key="needs")
+        return json.loads(vals[0]) if vals else None
+
+    def _check_layout(self, has_codes: bool, codec: dict[str, Any] | None) -> None:
+        layout = self.config.layout
+        if layout == "plain":
+            return
+        if not has_codes:
+            raise ConfigError(f"layout {layout!r} needs audio codes: the input has no "
+                              "`codes` column (add a tokenize stage with `audio`)",
+                              stage=self.ctx.stage_id, key="layout")
+        want = {"speechgpt": 1, "mini-omni": 3}[layout]
+        got = len((codec or {}).get("codebook_sizes") or [])
+        if codec is not None and got != want:
+            what = "one codebook of units" if want == 1 else "SNAC's 3 codebooks"
+            raise ConfigError(f"layout {layout!r} needs {what}; the codec "
+                              f"{codec.get('name')!r} has {got}",
+                              stage=self.ctx.stage_id, key="layout")
+
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
         import pyarrow.parquet as pq
 
         from speechmill.manifests.common import split_groups
         from speechmill.manifests.tokenizers import layouts
+        from speechmill.pipeline.records import rejects_table
 
         has_codes = "codes" in inputs.column_names
         has_text = "text_ids" in inputs.column_names
-        codec = text_tok = None
-        if has_codes and inputs.num_rows:
-            codec = json.loads(next(c for c in inputs.column("codec").to_pylist() if c))
-        if has_text and inputs.num_rows:
-            text_tok = json.loads(next(c for c in inputs.column("text_tokenizer").to_pylist()
-                                       if c))
-        if self.config.layout != "plain" and not has_codes and inputs.num_rows:
-            raise ConfigError(f"layout {self.config.layout!r} needs audio codes: the input "
-                              "has no `codes` column (add a tokenize stage with `audio`)",
-                              stage=self.ctx.stage_id, key="layout")
-        if self.config.layout == "mini-omni" and codec is not None \
-                and len(codec.get("codebook_sizes") or []) != 3:
-            raise ConfigError(f"layout 'mini-omni' needs SNAC's 3 codebooks, the codec "
-                              f"{codec.get('name')!r} has {len(codec['codebook_sizes'])}",
-                              stage=self.ctx.stage_id, key="layout")
-        small = codec is not None and max(codec.get("codebook_sizes") or [0]) <= 32767
+        codec = self._identity(inputs, "audio_tokenizer") if has_codes else None
+        text_tok = self._identity(inputs, "text_tokenizer") if has_text else None
+        if inputs.num_rows:
+            self._check_layout(has_codes, codec)
+        small = codec is not None and max(codec.get("codebook_sizes") or [0]) <= 32768
         code_type = pa.list_(pa.list_(pa.int16() if small else pa.int32()))
         layout_meta: dict[str, Any] = {"name": self.config.layout}
         if self.config.layout == "mini-omni":
@@ -106,43 +126,45 @@ class Shards(Stage):
 
         rejects: list[dict[str, Any]] = []
         index: list[dict[str, Any]] = []
-        n_out, sec_out = 0, 0.0
+
+        def flush(chunk: list[dict[str, Any]], split: str | None) -> None:
+            i = sum(1 for s in index if s["split"] == split)
+            rel = (f"{split}/" if split else "") + f"shard-{i:05d}.parquet"
+            path = out_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t = self._table(chunk, code_type).replace_schema_metadata(schema_meta)
+            pq.write_table(t, path, compression="zstd")
+            secs = sum(float(r["duration"] or 0.0) for r in chunk)
+            index.append({
+                "file": rel, "split": split, "rows": len(chunk),
+                "hours": round(secs / 3600, 6), "seconds": secs,
+                "audio_tokens": sum(sum(len(c) for c in r["codes"] or []) for r in chunk),
+                "text_tokens": sum(len(r["text_ids"] or []) for r in chunk),
+                "sha256": _sha256(path)})
+
+        step = 4096  # rows turned into Python objects at a time: memory stays bounded
         for split, table in split_groups(inputs, self.config.by_split):
-            rows = []
-            for r in table.to_pylist():
-                if has_codes and not r.get("codes"):
-                    rejects.append(reject(r, self.ctx.stage_id, "no_codes",
-                                          "the tokenize stage gave no codes"))
-                    continue
-                if self.config.require_text and not r.get("text_ids"):
-                    rejects.append(reject(r, self.ctx.stage_id, "no_text",
-                                          "require_text is set and the row has no text ids"))
-                    continue
-                out = {k: r.get(k) for k in KEEP}
-                out["split"] = split
-                out["text_ids"] = r.get("text_ids") if has_text else None
-                out["codes"] = r.get("codes") if has_codes else None
-                out["n_frames"] = len(r["codes"][0]) if has_codes else None
-                extra = self._layout_column(r["codes"], codec) if has_codes else None
-                if self.config.layout == "speechgpt":
-                    out["units"] = extra
-                elif self.config.layout == "mini-omni":
-                    out["codes_7"] = extra
-                rows.append(out)
-            for i, chunk in enumerate(self._chunks(rows)):
-                rel = (f"{split}/" if split else "") + f"shard-{i:05d}.parquet"
-                path = out_dir / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                t = self._table(chunk, code_type).replace_schema_metadata(schema_meta)
-                pq.write_table(t, path, compression="zstd")
-                audio_tokens = sum(sum(len(c) for c in r["codes"] or []) for r in chunk)
-                text_tokens = sum(len(r["text_ids"] or []) for r in chunk)
-                secs = sum(float(r["duration"] or 0.0) for r in chunk)
-                index.append({"file": rel, "split": split, "rows": len(chunk),
-                              "hours": round(secs / 3600, 6), "audio_tokens": audio_tokens,
-                              "text_tokens": text_tokens, "sha256": _sha256(path)})
-                n_out += len(chunk)
-                sec_out += secs
+            cur: list[dict[str, Any]] = []
+            size = 0
+            for a in range(0, table.num_rows, step):
+                for r in table.slice(a, step).to_pylist():
+                    out = self._row(r, split, has_codes, has_text, rejects)
+                    if out is None:
+                        continue
+                    b = 2 * sum(len(c) for c in out["codes"] or []) \
+                        + 4 * len(out["text_ids"] or [])
+                    full = len(cur) >= self.config.shard_size or (
+                        self.config.shard_bytes is not None
+                        and size + b > self.config.shard_bytes)
+                    if cur and full:
+                        flush(cur, split)
+                        cur, size = [], 0
+                    cur.append(out)
+                    size += b
+            if cur:
+                flush(cur, split)
+        n_out = sum(s["rows"] for s in index)
+        sec_out = sum(s.pop("seconds") for s in index)
         totals: dict[str, Any] = {
             "rows": n_out, "hours": round(sec_out / 3600, 6), "shards": len(index),
             "audio_tokens": sum(s["audio_tokens"] for s in index),
@@ -156,27 +178,32 @@ class Shards(Stage):
             d["shards"] += 1
         doc = {**meta, "totals": totals, "splits": by_split, "shards": index}
         (out_dir / "index.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        from speechmill.pipeline.records import rejects_table
-
         return SinkResult(rows_out=n_out, seconds_out=sec_out,
                           rejects=rejects_table(rejects),
                           summary={**totals, "splits": by_split})
 
-    def _chunks(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        out: list[list[dict[str, Any]]] = []
-        cur: list[dict[str, Any]] = []
-        size = 0
-        for r in rows:
-            b = 2 * sum(len(c) for c in r["codes"] or []) + 4 * len(r["text_ids"] or [])
-            full = len(cur) >= self.config.shard_size or (
-                self.config.shard_bytes is not None and size + b > self.config.shard_bytes)
-            if cur and full:
-                out.append(cur)
-                cur, size = [], 0
-            cur.append(r)
-            size += b
-        if cur:
-            out.append(cur)
+    def _row(self, r: dict[str, Any], split: str | None, has_codes: bool, has_text: bool,
+             rejects: list[dict[str, Any]]) -> dict[str, Any] | None:
+        if has_codes and not r.get("codes"):
+            rejects.append(reject(r, self.ctx.stage_id, "no_codes",
+                                  "the tokenize stage gave no codes"))
+            return None
+        if self.config.require_text and not r.get("text_ids"):
+            rejects.append(reject(r, self.ctx.stage_id, "no_text",
+                                  "require_text is set and the row has no text ids"))
+            return None
+        out = {k: r.get(k) for k in KEEP}
+        out["split"] = split if split is not None else r.get("split")
+        out["text_ids"] = r.get("text_ids") if has_text else None
+        out["codes"] = r.get("codes") if has_codes else None
+        out["n_frames"] = len(r["codes"][0]) if has_codes else None
+        if has_codes and self.config.layout != "plain":
+            try:
+                extra = self._layout_column(r["codes"])
+            except ValueError as e:
+                rejects.append(reject(r, self.ctx.stage_id, "layout_error", str(e)))
+                return None
+            out["units" if self.config.layout == "speechgpt" else "codes_7"] = extra
         return out
 
     def _table(self, rows: list[dict[str, Any]], code_type: pa.DataType) -> pa.Table:

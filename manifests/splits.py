@@ -1,11 +1,11 @@
 """Stage ``split``: train/dev/test by speaker, sized by hours, deterministic for a seed.
 
 Before any batch, the driver-side ``prepare`` pass sums the audio hours of every
-speaker over the whole input, orders speakers by a seeded hash (a stable permutation:
-adding a speaker later moves nobody else) and fills ``test`` then ``dev`` up to their
-targets, never past them, with the rest in ``train``. A split with a target that no
-speaker fits under gets the smallest speaker instead, so it is never empty when asked
-for. No speaker is in two splits. Rows without a speaker are grouped by their recording
+speaker over the whole input, orders speakers by a seeded hash and fills ``test`` then
+``dev`` with consecutive speakers up to their targets, never past them, with the rest in
+``train`` (see :func:`assign_splits`: adding speakers moves only the boundary ones). A
+split with a target that no speaker fits under gets the smallest speaker instead, so it
+is never empty when asked for. No speaker is in two splits. Rows without a speaker are grouped by their recording
 (so one recording never straddles splits). Every row gets a ``split`` column.
 """
 
@@ -41,30 +41,39 @@ def group_key(row: dict[str, Any]) -> str:
 
 def assign_splits(hours: dict[str, float], dev_target: float, test_target: float,
                   seed: int) -> dict[str, str]:
-    """Speaker-group -> split. Pure function of its arguments."""
+    """Speaker-group -> split. Pure function of its arguments.
+
+    Speakers are ranked by a seeded hash. A speaker longer than a split's target is never
+    put in it. The eligible speakers, in rank order, fill ``test`` until the next one
+    would overshoot, then ``dev`` the same way; everything else is ``train``. Adding a
+    speaker therefore moves at most the speakers at the test/dev and dev/train
+    boundaries, not a reshuffle.
+    """
     def rank(k: str) -> str:
         return hashlib.sha256(f"{seed}\x1f{k}".encode()).hexdigest()
 
     order = sorted(hours, key=rank)
-    out: dict[str, str] = {}
-    got = {"dev": 0.0, "test": 0.0}
-    targets = {"test": test_target, "dev": dev_target}
-    for k in order:
-        h = hours[k]
-        for split in ("test", "dev"):
-            if targets[split] > 0 and got[split] + h <= targets[split] + 1e-9:
-                out[k] = split
-                got[split] += h
+    out: dict[str, str] = dict.fromkeys(order, "train")
+    pos = 0
+    for split, target in (("test", test_target), ("dev", dev_target)):
+        if target <= 0:
+            continue
+        got = 0.0
+        while pos < len(order):
+            k = order[pos]
+            if out[k] != "train" or hours[k] > target + 1e-9:
+                pos += 1  # taken already, or too big for any held-out split of this size
+                continue
+            if got + hours[k] > target + 1e-9:
                 break
-        else:
-            out[k] = "train"
-    for split in ("test", "dev"):  # asked for, but every speaker was too big
-        if targets[split] > 0 and got[split] == 0:
+            out[k] = split
+            got += hours[k]
+            pos += 1
+        if got == 0.0:  # asked for, but every speaker was too big: take the smallest
             spare = [k for k in order if out[k] == "train"]
             if len(spare) > 1:  # keep at least one speaker for train
                 k = min(spare, key=lambda s: (hours[s], rank(s)))
                 out[k] = split
-                got[split] += hours[k]
     return out
 
 

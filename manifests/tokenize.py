@@ -4,7 +4,7 @@ A model stage (an actor pool; GPU when ``device: auto`` finds one): each row's c
 at the tokenizer's sample rate and encoded to ``codes`` (one list of ints per codebook,
 ``[n_codebooks][frames]``; multi-rate codecs such as SNAC have codebooks of different
 lengths), its text to ``text_ids``. Each row carries the identity of both tokenizers as
-JSON (``codec``, ``text_tokenizer``) so shards are self-describing.
+JSON (``audio_tokenizer``, ``text_tokenizer``) so shards are self-describing.
 
 k-means tokenizers (``kmeans-mel``, ``hubert-kmeans``) need a codebook: give one
 (``audio.codebook``) or let the driver-side ``prepare`` pass fit it on this stage's
@@ -101,11 +101,10 @@ class Tokenize(Stage):
         tok = load_audio_tokenizer(a, offline=bool(ctx and ctx.offline))
         sr = tok.info.sample_rate
         rows = inputs.select([c for c in ("id", "audio_path", "offset", "duration")
-                              if c in inputs.column_names])
+                              if c in inputs.column_names]).take(order).to_pylist()
 
         def clips():
-            for i in order:
-                row = rows.slice(i, 1).to_pylist()[0]
+            for row in rows:
                 try:
                     x = _clip(row, sr)
                 except AudioError:
@@ -156,7 +155,7 @@ class Tokenize(Stage):
             try:
                 x = _clip(row, sr)
             except AudioError as e:
-                raise Reject("unreadable_audio", str(e)) from None
+                raise Reject(e.reason, e.detail) from None
             if x.size == 0:
                 raise Reject("empty_audio", "the clip has no samples")
             if not np.isfinite(x).all():
@@ -166,7 +165,7 @@ class Tokenize(Stage):
                 raise Reject("too_short", f"no code frames for {x.size / sr:.3f} s")
             out["codes"] = codes
             out["n_frames"] = len(codes[0])
-            out["codec"] = self.codec_json
+            out["audio_tokenizer"] = self.codec_json
         if self.text_tok is not None:
             text = row.get("text") or ""
             out["text_ids"] = [int(t) for t in self.text_tok.encode(text)] if text else []
@@ -192,7 +191,7 @@ class Tokenize(Stage):
         if "codes" in outputs.column_names:
             flat = pc.list_flatten(outputs.column("codes"))
             s["audio_tokens"] = int(pc.sum(pc.list_value_length(flat)).as_py() or 0)
-            s["codec"] = json.loads(outputs.column("codec")[0].as_py())["name"]
+            s["codec"] = json.loads(outputs.column("audio_tokenizer")[0].as_py())["name"]
         if "text_ids" in outputs.column_names:
             s["text_tokens"] = int(pc.sum(pc.list_value_length(
                 outputs.column("text_ids"))).as_py() or 0)

@@ -300,7 +300,8 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     store.clear_scratch(st.id)
     shutil.rmtree(store.rejects_dir(st.id), ignore_errors=True)
     t0 = time.monotonic()
-    inputs = _unique_by_id(stage_inputs(dag, st, store, ctx))
+    inputs = _unique_by_id(stage_inputs(dag, st, store, ctx)) if st.cls.reads_inputs \
+        else pa.table({"id": pa.array([], pa.string())})
     prepared = st.cls.prepare(st.config, inputs, ctx)
     if prepared is not None:
         ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
@@ -354,7 +355,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
 
 
 def _unique_by_id(t: pa.Table) -> pa.Table:
-    if t.num_rows == 0:
+    if t.num_rows == 0 or pc.count_distinct(t.column("id")).as_py() == t.num_rows:
         return t
     ids = t.column("id").to_pylist()
     seen: set[str] = set()

@@ -109,6 +109,9 @@ class Stage:
     #: ``RUN_DIR/<output_root>/<stage id>/`` (exports, shards, report) instead of rows
     is_sink: ClassVar[bool] = False
     output_root: ClassVar[str] = "exports"
+    #: a sink that reads the run directory itself (the report) needs no input table:
+    #: ``needs`` then only orders it after its upstream stages
+    reads_inputs: ClassVar[bool] = True
     #: rows per batch unless the DAG sets ``batch_size``
     default_batch_size: ClassVar[int] = 4
     #: audio seconds per batch (model stages), unless the DAG sets ``batch_seconds``

@@ -7,7 +7,10 @@ cut at ``threshold`` (for up to ``exact_max`` speakers), or, beyond that, a lead
 (online centroid) clustering in a deterministic order, so memory and time stay linear
 in the number of local speakers. Every segment then gets ``speaker`` = the global id
 (``spk-`` + a hash of the cluster's first member), ``speaker_local`` keeps the file-level
-label, and ``speaker_similarity`` the cosine to its global centroid.
+label, and ``speaker_similarity`` the cosine to its global centroid. The per-row
+``speaker_embedding`` (256 floats) is dropped unless ``keep_embeddings``: one table of
+global speakers (``speaker``, ``n_local``, ``locals``, centroid ``embedding``) is written
+to ``stages/<id>/speakers.parquet`` instead (a voice bank can read it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class LinkSpeakersConfig(StageConfig):
     )
     exact_max: int = Field(5000, ge=2, description="above this many local speakers, use "
                            "online leader clustering")
+    keep_embeddings: bool = Field(False, description="keep each row's speaker_embedding "
+                                  "(2 KB per row); the per-speaker centroids are always in "
+                                  "speakers.parquet")
 
 
 def _cluster(emb: np.ndarray, threshold: float, exact_max: int) -> np.ndarray:
@@ -86,6 +92,8 @@ class LinkSpeakers(Stage):
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         labels = _cluster(emb, config.threshold, config.exact_max)
         mapping: dict[str, tuple[str, float]] = {}
+        table: dict[str, list[Any]] = {"speaker": [], "n_local": [], "locals": [],
+                                       "embedding": []}
         for lab in np.unique(labels):
             idx = np.flatnonzero(labels == lab)
             cent = emb[idx].mean(axis=0)
@@ -93,12 +101,26 @@ class LinkSpeakers(Stage):
             gid = "spk-" + hashlib.sha256(keys[idx[0]].encode()).hexdigest()[:12]
             for i in idx:
                 mapping[keys[i]] = (gid, float(emb[i] @ cent))
+            table["speaker"].append(gid)
+            table["n_local"].append(len(idx))
+            table["locals"].append([keys[i] for i in idx])
+            table["embedding"].append(cent.astype(np.float32).tolist())
+        if ctx is not None:
+            from pathlib import Path
+
+            from speechmill.pipeline.store import atomic_write_parquet
+
+            t = pa.table(table).sort_by("speaker")
+            atomic_write_parquet(Path(ctx.run_dir) / "stages" / ctx.stage_id /
+                                 "speakers.parquet", t)
         return {"map": mapping}
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         local = row.get("speaker")
         gid, sim = (self.ctx.prepared or {}).get("map", {}).get(local, (None, None))
         out = {**row, "parent_id": row["id"]}
+        if not self.config.keep_embeddings:
+            out.pop("speaker_embedding", None)
         out["speaker_local"] = row.get("speaker_local") or local
         if gid is not None:
             out["speaker"] = gid

@@ -83,14 +83,29 @@ class HFTextTokenizer(TextTokenizer):
                                  f"tokenizer.json ({type(e).__name__}: {e})") from None
         return self._tok
 
+    def _text_only(self) -> Any:
+        """The tokenizer without its *special* added tokens: a transcript that contains
+        ``<|im_end|>`` or ``</s>`` as text must not turn into control ids."""
+        if getattr(self, "_plain", None) is None:
+            import json
+
+            from tokenizers import Tokenizer
+
+            self._tokenizer()  # validates the file
+            doc = json.loads(self._json)
+            doc["added_tokens"] = [t for t in doc.get("added_tokens") or []
+                                   if not t.get("special")]
+            self._plain = Tokenizer.from_str(json.dumps(doc))
+        return self._plain
+
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer().encode(text, add_special_tokens=False).ids)
+        return list(self._text_only().encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer().decode(list(ids), skip_special_tokens=False))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tok": None}
+        return {**self.__dict__, "_tok": None, "_plain": None}
 
 
 def _hf_cache(name: str) -> Path | None:

@@ -68,7 +68,7 @@ def _with_tokens(table: pa.Table, ragged: bool) -> pa.Table:
     return (table
             .append_column("codes", pa.array(codes, pa.list_(pa.list_(pa.int32()))))
             .append_column("text_ids", pa.array(text_ids, pa.list_(pa.int32())))
-            .append_column("codec", pa.array([json.dumps(codec)] * n))
+            .append_column("audio_tokenizer", pa.array([json.dumps(codec)] * n))
             .append_column("text_tokenizer", pa.array([json.dumps(tok)] * n)))
 
 

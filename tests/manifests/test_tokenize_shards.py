@@ -57,7 +57,7 @@ def test_codes_and_text_ids(tokenized: Path, segments_dir) -> None:
     _, seg = segments_dir
     out = _read(tokenized / "stages/tok")
     assert out.num_rows == seg.num_rows
-    codec = json.loads(out.column("codec")[0].as_py())
+    codec = json.loads(out.column("audio_tokenizer")[0].as_py())
     assert codec["name"] == "kmeans-mel" and codec["frame_rate"] == 50
     assert codec["codebook_sizes"] == [24] and codec["version"].startswith("km-")
     tok = load_text_tokenizer(TextTokenizerConfig(backend="whisper", name="gpt2"))
@@ -185,4 +185,4 @@ def test_unreadable_audio_is_a_reject(tmp_path: Path, segments_dir) -> None:
     assert run(load_dag(dag), progress=False).status == "succeeded"
     m = json.loads((tmp_path / "run/stages/tok/metrics.json").read_text())
     assert (m["rows_out"], m["rows_rejected"]) == (1, 2)
-    assert set(m["reasons"]) == {"unreadable_audio"}
+    assert m["reasons"] == {"not_audio": 1, "unreadable": 1}

@@ -108,5 +108,14 @@ stages:
     f3, m3 = majority("a.wav", "en-us+f3"), majority("b.wav", "en-gb+m3")
     assert len({*joe, f3, m3}) == 3
     assert all(s["speaker"].startswith("spk-") for s in segs)
+    # one centroid per global speaker in speakers.parquet; rows no longer carry 2 KB each
+    import pyarrow.parquet as pq
+
+    spk = pq.read_table(tmp_path / "run/stages/link/speakers.parquet").to_pylist()
+    assert {r["speaker"] for r in spk} == {s["speaker"] for s in segs}
+    assert all(abs(sum(v * v for v in r["embedding"]) - 1) < 1e-3 for r in spk)
+    assert sum(r["n_local"] for r in spk) == len({(s["source_url"], s["speaker_local"])
+                                                 for s in segs})
+    assert "speaker_embedding" not in segs[0]
     m = json.loads((tmp_path / "run/stages/segment/metrics.json").read_text())
     assert m["rows_out"] == len(segs)
