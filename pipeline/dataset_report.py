@@ -89,7 +89,8 @@ def source_of(url: str | None) -> str:
     if p.scheme == "file":
         return str(PurePosixPath(unquote(p.path)).parent)
     if len(p.scheme) > 1:  # s3://bucket/..., gs://..., mem://... (one letter: C:\ on Windows)
-        return f"{p.scheme}://{p.netloc}" if p.netloc else f"{p.scheme}:"
+        host = p.netloc.rsplit("@", 1)[-1]  # never user:password@
+        return f"{p.scheme}://{host}" if host else f"{p.scheme}:"
     return os.path.dirname(url.rstrip("/\\")) or "."
 
 

@@ -309,6 +309,7 @@ def test_stage_override_and_source_of(real_run: dict[str, Any], tmp_path: Path) 
     # local files: the source is their folder
     assert set(rep["hours_by"]["source"]) == {str(Path(r["source_url"]).parent) for r in ing}
     assert source_of("https://feeds.Example.com/a/b.mp3?x=1") == "feeds.example.com"
+    assert source_of("sftp://user:s3cret@host.example/x.wav") == "sftp://host.example"
     assert source_of("file:///data/x%20y/a.wav") == "/data/x y"
     assert source_of("gs://bkt/a/b.opus") == "gs://bkt"
     assert source_of("rel/dir/a.wav") == "rel/dir"
