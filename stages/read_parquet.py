@@ -2,8 +2,9 @@
 
 Re-export or re-tokenize what an earlier run produced (``RUN_DIR/stages/filter``) or
 bring in segments made elsewhere, without redoing the cleaning. Every row needs an
-``id``; ``audio_path`` values that are relative are resolved against the directory of
-the file they came from unless ``paths_relative_to: cwd``.
+``id``. Relative ``audio_path`` values are kept as they are (relative to the working
+directory, as a run writes them) unless ``paths_relative_to: file`` resolves them against
+the directory of the Parquet file they came from.
 """
 
 from __future__ import annotations
