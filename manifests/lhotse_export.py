@@ -98,6 +98,8 @@ class LhotseConfig(StageConfig):
 
 class LhotseSharConfig(StageConfig):
     shard_size: int = Field(1000, ge=1, description="cuts per shard")
+    shard_bytes: int | None = Field(None, ge=1024, description="also start a new shard "
+                                    "before a shard's tars would pass this many bytes")
     audio_format: Literal["flac", "wav"] = Field("flac", description="recording.*.tar codec")
     sample_rate: int | None = Field(
         None, ge=8000, le=192000, description="resample clips to this rate (null: keep)"
@@ -380,12 +382,15 @@ class _SharShards:
     every ``shard_size`` cuts. Tar members: ``<cut id>.<ext>`` then ``<cut id>.json``, or
     ``<cut id>.nodata`` + ``<cut id>.nometa`` where a cut has no value."""
 
-    def __init__(self, out: Path, fields: list[str], shard_size: int) -> None:
+    def __init__(self, out: Path, fields: list[str], shard_size: int,
+                 shard_bytes: int | None = None) -> None:
         self.out = out
         self.fields = fields
         self.shard_size = shard_size
+        self.shard_bytes = shard_bytes
         self.shard = -1
         self.count = 0
+        self.bytes = 0
         self.cuts_f: IO[str] | None = None
         self.tars: dict[str, Any] = {}
 
@@ -393,13 +398,18 @@ class _SharShards:
         self.close()
         self.shard += 1
         self.count = 0
+        self.bytes = 0
         self.cuts_f = open_text_out(self.out / f"cuts.{self.shard:06d}.jsonl.gz")
         self.tars = {f: open_tar(self.out / f"{f}.{self.shard:06d}.tar") for f in self.fields}
 
     def write(self, cut: Mapping[str, Any],
               members: Mapping[str, tuple[str, bytes, Mapping[str, Any]] | None]) -> None:
-        if self.cuts_f is None or self.count >= self.shard_size:
+        size = sum(len(m[1]) for m in members.values() if m is not None)
+        if self.cuts_f is None or self.count >= self.shard_size or (
+                self.shard_bytes is not None and self.count
+                and self.bytes + size > self.shard_bytes):
             self._rotate()
+        self.bytes += size
         cid = str(cut["id"])
         for f in self.fields:
             m = members.get(f)
@@ -461,7 +471,7 @@ class LhotseShar(Stage):
         n_rows, n_shards, seconds = 0, 0, 0.0
         for split, table in split_groups(inputs, cfg.by_split):
             d = _split_dir(out_dir, split)
-            w = _SharShards(d, fields, cfg.shard_size)
+            w = _SharShards(d, fields, cfg.shard_size, cfg.shard_bytes)
             n = 0
             try:
                 for row in track(_rows(table), table.num_rows, f"shar {split or ''}"):
