@@ -157,12 +157,14 @@ def _print_plan(d: Any, console: Any) -> None:
     for i, st in enumerate(d.stages, 1):
         kind = "actor pool (model)" if st.cls.uses_model else (
             "source" if st.cls.is_source else "tasks")
+        if st.cls.is_sink:
+            kind = f"sink -> {st.cls.output_root}/"
         state = "done" if store.is_done(st.id) else (
             "partial" if store.stage_dir(st.id).exists() else "pending")
         cfg = st.config.model_dump(mode="json", exclude_defaults=True)
         cfg = redact(cfg)
         t.add_row(str(i), st.id, st.spec.uses, ",".join(st.spec.needs) or "-", kind,
-                  str(st.batch_size), state,
+                  "-" if st.cls.is_sink else str(st.batch_size), state,
                   ", ".join(f"{k}={v}" for k, v in cfg.items()) or "(defaults)")
     console.print(t)
 

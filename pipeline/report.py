@@ -176,7 +176,10 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                                "rows_rejected": rej}
         if m:
             row.update({k: m[k] for k in ("rows_in", "audio_hours_in", "audio_hours_out",
-                                           "wall_seconds", "realtime_factor", "reasons")
+                                           "wall_seconds", "realtime_factor", "reasons",
+                                           "output_dir")
                         if k in m})
+            if m.get("output_dir"):  # a sink: its rows are in its export, not in parts
+                row["rows_out"] = m.get("rows_out", outs)
         rows.append(row)
     return info, rows

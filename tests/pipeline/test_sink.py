@@ -113,3 +113,13 @@ def test_restart_from_clears_the_export(tmp_path: Path) -> None:
     run(load_dag(_dag(tmp_path)), progress=False, restart="out")
     assert not (tmp_path / "run/exports/out/stale.txt").exists()
     assert (tmp_path / "run/exports/out/list.json").exists()
+
+
+def test_status_and_plan_show_sinks(tmp_path: Path) -> None:
+    from speechmill.pipeline.report import status_rows
+
+    run(load_dag(_dag(tmp_path)), progress=False)
+    _, rows = status_rows(str(tmp_path / "run"))
+    out = {r["stage"]: r for r in rows}["out"]
+    assert (out["state"], out["rows_out"], out["rows_rejected"]) == ("done", 2, 1)
+    assert out["output_dir"].endswith("exports/out")
