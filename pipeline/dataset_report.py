@@ -363,10 +363,9 @@ def dask_scheduler(scheduler: str, ray_address: str | None = None,
 
 
 def _group_table(df: Any) -> dict[str, dict[str, Any]]:
-    out = {}
-    for key, row in df.iterrows():
-        out[str(key)] = _amount(int(row["size"]), float(row["sum"]))
-    return out
+    keys = [str(k) for k in df.index.tolist()]
+    return {k: _amount(int(n), float(sec))
+            for k, n, sec in zip(keys, df["size"].tolist(), df["sum"].tolist(), strict=True)}
 
 
 def _amount(rows: int, seconds: float) -> dict[str, Any]:
@@ -797,8 +796,9 @@ def render_html(rep: dict[str, Any], out_dir: Path, plots: dict[str, str], top_n
         rows = [[_e(k), _num(a["rows"]), _hours_str(a["hours"]),
                  _num(100 * a["seconds"] / total_s if total_s else None, "{:.1f}%")]
                 for k, a in items]
+        where = (f"hours_by_{key}.parquet" if len(d) > JSON_GROUP_LIMIT else "report.json")
         more = (f'<p class="sub">top {len(items)} of {len(d)} by hours; all of them are in '
-                "report.json</p>" if len(items) < len(d) else "")
+                f"{where}</p>" if len(items) < len(d) else "")
         h.append('<div class="grid"><div>' + _table([label, "rows", "hours", "share"], rows,
                                                     {1, 2, 3}) + more + "</div><div>"
                  + _img(out_dir, plots, f"hours_by_{key}", f"hours by {label}")
@@ -813,8 +813,10 @@ def render_html(rep: dict[str, Any], out_dir: Path, plots: dict[str, str], top_n
                          for i, s in enumerate(rep["top_speakers"], 1)], {0, 2, 3, 4, 5}))
         n_spk = rep["totals"]["speakers"] or 0
         if n_spk > len(rep["top_speakers"]):
+            where = ("hours_by_speaker.parquet" if n_spk > JSON_GROUP_LIMIT
+                     else "report.json (hours_by.speaker)")
             h.append(f'<p class="sub">top {len(rep["top_speakers"])} of {n_spk:,} speakers by '
-                     "hours; all of them are in report.json (hours_by.speaker)</p>")
+                     f"hours; all of them are in {where}</p>")
         h.append(_img(out_dir, plots, "top_speakers", "top speakers by hours"))
     else:
         h.append(_nodata("no speaker column" if ds["stage"] else "no rows"))
@@ -879,9 +881,42 @@ def build_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rep, out, top_n)
     rep["plots"] = plots
-    (out / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
+    bounded = _bounded(rep, out)
+    rep["hours_by_files"] = bounded["hours_by_files"]
+    (out / "report.json").write_text(json.dumps(bounded, indent=2, sort_keys=True) + "\n")
     (out / "index.html").write_text(render_html(rep, out, plots, top_n), encoding="utf-8")
     return rep
+
+
+#: groups listed in report.json per key; the full table of a larger key goes to
+#: ``hours_by_<key>.parquet`` (a crawl can have millions of speakers)
+JSON_GROUP_LIMIT = 1000
+
+
+def _bounded(rep: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``rep`` for report.json: each ``hours_by`` table cut to its
+    :data:`JSON_GROUP_LIMIT` largest groups (the rest summed as ``(other)``), the full
+    table written beside it as Parquet and named in ``hours_by_files``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hb = dict(rep.get("hours_by") or {})
+    files: dict[str, str] = {}
+    for key, d in (rep.get("hours_by") or {}).items():
+        if not d or len(d) <= JSON_GROUP_LIMIT:
+            continue
+        ranked = sorted(d.items(), key=lambda kv: (-kv[1]["seconds"], kv[0]))
+        keep = dict(ranked[:JSON_GROUP_LIMIT])
+        rest = ranked[JSON_GROUP_LIMIT:]
+        keep["(other)"] = _amount(sum(a["rows"] for _, a in rest),
+                                  sum(a["seconds"] for _, a in rest))
+        hb[key] = keep
+        name = f"hours_by_{key}.parquet"
+        pq.write_table(pa.table({key: [k for k, _ in ranked],
+                                 "rows": [a["rows"] for _, a in ranked],
+                                 "seconds": [a["seconds"] for _, a in ranked]}), out / name)
+        files[key] = name
+    return {**rep, "hours_by": hb, "hours_by_files": files}
 
 
 def build_report_atomic(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],

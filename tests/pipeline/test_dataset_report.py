@@ -396,3 +396,31 @@ def test_cli(real_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFix
     r = subprocess.run([sys.executable, "-m", "speechmill.pipeline.cli", "report",
                         str(tmp_path / "missing")], capture_output=True, text=True)
     assert r.returncode == 2 and "no run directory" in r.stderr
+
+
+def test_many_speakers_are_bounded_in_json(tmp_path: Path) -> None:
+    """A crawl with more speakers than report.json should list: the 1000 largest plus
+    `(other)` in JSON, every speaker in hours_by_speaker.parquet, totals exact."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from speechmill.pipeline import dataset_report as dr
+
+    run_dir = tmp_path / "run"
+    d = run_dir / "stages" / "segments"
+    d.mkdir(parents=True)
+    n = 1500
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)],
+                             "duration": [1.0 + i % 7 for i in range(n)],
+                             "speaker": [f"spk{i:05d}" for i in range(n)]}),
+                   d / "part-0.parquet")
+    (d / "_SUCCESS").write_text("")
+    rep = dr.build_report(run_dir, tmp_path / "out", scheduler="local")
+    assert rep["totals"]["speakers"] == n
+    on_disk = json.loads((tmp_path / "out/report.json").read_text())
+    spk = on_disk["hours_by"]["speaker"]
+    assert len(spk) == dr.JSON_GROUP_LIMIT + 1 and "(other)" in spk
+    assert sum(a["rows"] for a in spk.values()) == n
+    full = pq.read_table(tmp_path / "out" / on_disk["hours_by_files"]["speaker"])
+    assert full.num_rows == n
+    assert abs(sum(full.column("seconds").to_pylist()) - sum(1.0 + i % 7 for i in range(n))) < 1e-6
