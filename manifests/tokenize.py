@@ -53,9 +53,26 @@ def _clip(row: dict[str, Any], sr: int) -> np.ndarray:
     return x
 
 
-def _fit_order(ids: list[str], seed: int) -> list[int]:
-    return sorted(range(len(ids)),
-                  key=lambda i: hashlib.sha256(f"{seed}\x1f{ids[i]}".encode()).hexdigest())
+def _fit_order(ids: list[str], seed: int, k: int) -> list[int]:
+    """Indices of the ``k`` rows whose seeded id hash is smallest, in that order: a
+    deterministic sample that does not depend on the input's order (memory ~ k)."""
+    import heapq
+
+    return heapq.nsmallest(
+        k, range(len(ids)),
+        key=lambda i: hashlib.sha256(f"{seed}\x1f{ids[i]}".encode()).hexdigest())
+
+
+def _inputs_key(cfg: dict[str, Any], ids: pa.ChunkedArray | pa.Array) -> str:
+    """Hash of the tokenizer config and the sorted input ids, computed in slices."""
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    ordered = ids.take(pc.sort_indices(ids))
+    for a in range(0, len(ordered), 65536):
+        h.update("\x1f".join(map(str, ordered.slice(a, 65536).to_pylist())).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
 
 
 class Tokenize(Stage):
@@ -89,10 +106,10 @@ class Tokenize(Stage):
         from speechmill.manifests.tokenizers.kmeans import fit_codebook, save_codebook
 
         ids = inputs.column("id").to_pylist()
-        order = _fit_order(ids, a.seed)[: config.fit_max_utterances]
-        key = hashlib.sha256(json.dumps(
-            [a.model_dump(mode="json"), config.fit_max_utterances, sorted(ids)]
-        ).encode()).hexdigest()[:16]
+        order = _fit_order(ids, a.seed, config.fit_max_utterances)
+        key = _inputs_key({"audio": a.model_dump(mode="json"),
+                           "fit_max_utterances": config.fit_max_utterances},
+                          inputs.column("id"))
         run_dir = Path(ctx.run_dir) if ctx is not None else None
         out = run_dir / "models" / ctx.stage_id if ctx is not None and run_dir else None
         if out is not None and (out / "codebook.npy").exists() \

@@ -186,3 +186,27 @@ def test_unreadable_audio_is_a_reject(tmp_path: Path, segments_dir) -> None:
     m = json.loads((tmp_path / "run/stages/tok/metrics.json").read_text())
     assert (m["rows_out"], m["rows_rejected"]) == (1, 2)
     assert m["reasons"] == {"not_audio": 1, "unreadable": 1}
+
+
+def test_fitted_codebook_is_reused_on_resume(tmp_path: Path, segments_dir,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-means fit runs once per (config, input ids); a resumed run reuses the saved
+    codebook; other inputs fit anew."""
+    from speechmill.manifests import tokenize as tk
+    from speechmill.manifests.tokenizers import kmeans
+    from speechmill.pipeline.stage import StageContext
+
+    _, seg = segments_dir
+    cfg = tk.TokenizeConfig(audio={"n_units": 8, "fit_max_frames": 1000}, text=None)
+    ctx = StageContext("tok", str(tmp_path / "run"))
+    first = tk.Tokenize.prepare(cfg, seg, ctx)
+    saved = Path(first["codebook"]).read_bytes()
+
+    def no_fit(*a, **k):
+        raise AssertionError("refitted")
+
+    monkeypatch.setattr(kmeans, "fit_codebook", no_fit)
+    again = tk.Tokenize.prepare(cfg, seg.take(list(reversed(range(seg.num_rows)))), ctx)
+    assert again == first and Path(again["codebook"]).read_bytes() == saved
+    with pytest.raises(AssertionError, match="refitted"):
+        tk.Tokenize.prepare(cfg, seg.slice(0, 5), ctx)
