@@ -3,6 +3,11 @@
 Exports are deterministic: rows are ordered by (split, id), shards are contiguous runs of
 that order, JSON is written with a fixed key order, and gzip/tar headers carry no
 timestamps or owners, so the same run yields byte-identical files.
+
+Exporters receive a whole split as an Arrow table (compact) but turn rows into Python
+objects only a slice at a time (:func:`iter_rows`, :data:`SLICE_ROWS` rows): shard
+boundaries come from Arrow columns (:func:`shard_bounds`) and manifest lines are written
+as they are made, so memory does not grow with the number of segments.
 """
 
 from __future__ import annotations
@@ -26,26 +31,47 @@ from speechmill.pipeline.audio import is_url, load_audio
 SPLIT_ORDER = ("train", "dev", "test")
 
 
+#: rows turned into Python dicts at a time (exporters convert a slice, use it, drop it)
+SLICE_ROWS = 4096
+#: durations read into Python at a time when cutting shards by bytes
+DURATION_CHUNK = 65536
+
+
 def split_groups(table: pa.Table, by_split: bool = True) -> list[tuple[str | None, pa.Table]]:
     """``[(split, rows sorted by id)]``: one group per value of the ``split`` column
-    (train, dev, test first, then others by name), or one group ``(None, all rows)`` when
-    there is no such column or ``by_split`` is off."""
+    (train, dev, test first, then others by name, then rows without a split as
+    ``unassigned``), or one group ``(None, all rows)`` when there is no such column or
+    ``by_split`` is off. The table is sorted once by (split, id) (stable: rows with equal
+    ids keep their input order) and each group is a zero-copy slice of it."""
     if table.num_rows == 0:
         return []
     if not by_split or "split" not in table.column_names:
         return [(None, sort_by_id(table))]
-    names = [s for s in pc.unique(table.column("split")).to_pylist() if s is not None]
+    col = table.column("split")
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    names = [s for s in pc.unique(col).to_pylist() if s is not None]
     order = [s for s in SPLIT_ORDER if s in names] + sorted(set(names) - set(SPLIT_ORDER))
     safe = {name: safe_split_name(name) for name in order}
     if len(set(safe.values())) != len(safe):
         raise ValueError(f"split names {sorted(safe)} collide as directory names")
-    out = []
-    for name in order:
-        out.append((safe[name],
-                    sort_by_id(table.filter(pc.equal(table.column("split"), name)))))
-    nulls = table.filter(pc.is_null(table.column("split")))
-    if nulls.num_rows:
-        out.append(("unassigned", sort_by_id(nulls)))
+    if not order:  # every row without a split
+        return [("unassigned", sort_by_id(table))]
+    # each row's rank in ``order``; rows without a split go last
+    rank = pc.fill_null(pc.index_in(col, value_set=pa.array(order, type=col.type)),
+                        len(order))
+    keys = pa.table({"rank": rank, "id": table.column("id")})
+    ordered = table.take(pc.sort_indices(keys, sort_keys=[("rank", "ascending"),
+                                                          ("id", "ascending")]))
+    counts = np.bincount(np.asarray(rank.to_numpy()), minlength=len(order) + 1)
+    out: list[tuple[str | None, pa.Table]] = []
+    start = 0
+    for k, name in enumerate([*order, None]):
+        n = int(counts[k])
+        if n:
+            out.append((safe[name] if name is not None else "unassigned",
+                        ordered.slice(start, n)))
+        start += n
     return out
 
 
@@ -64,33 +90,66 @@ def sort_by_id(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
 
 
+def iter_slices(table: Any, size: int | None = None) -> Iterator[Any]:
+    """``table`` (a Table, Array or ChunkedArray) as consecutive zero-copy slices of at
+    most ``size`` rows (:data:`SLICE_ROWS`)."""
+    step = max(1, size or SLICE_ROWS)
+    for a in range(0, len(table), step):
+        yield table.slice(a, step)
+
+
+def iter_rows(table: pa.Table, columns: Iterable[str] | None = None,
+              size: int | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of ``table`` (only ``columns`` that it has, when given) as dicts, in
+    order, converted one slice of ``size`` rows at a time: at most one slice of rows
+    exists as Python objects, whatever the table's size."""
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    for part in iter_slices(table, size):
+        yield from part.to_pylist()
+
+
+def shard_bounds(table: pa.Table, shard_size: int | None = None,
+                 shard_bytes: int | None = None, bytes_per_second: float = 32000.0
+                 ) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` row ranges of the shards :func:`shard_slices` cuts; durations
+    are read from the Arrow column a chunk at a time (never the whole column as Python
+    floats)."""
+    n = table.num_rows
+    if n == 0:
+        return []
+    bounds: list[tuple[int, int]] = []
+    if shard_bytes:
+        col = table.column("duration") if "duration" in table.column_names else None
+        start, acc = 0, 0.0
+        step = max(1, DURATION_CHUNK)
+        for a in range(0, n, step):
+            durs = col.slice(a, step).to_pylist() if col is not None \
+                else [0.0] * min(step, n - a)
+            for j, d in enumerate(durs):
+                i = a + j
+                b = float(d or 0.0) * bytes_per_second
+                too_many = shard_size is not None and i - start >= shard_size
+                if i > start and (acc + b > shard_bytes or too_many):
+                    bounds.append((start, i))
+                    start, acc = i, 0.0
+                acc += b
+        bounds.append((start, n))
+    elif shard_size:
+        bounds = [(i, min(n, i + shard_size)) for i in range(0, n, shard_size)]
+    else:
+        bounds = [(0, n)]
+    return bounds
+
+
 def shard_slices(table: pa.Table, shard_size: int | None = None,
                  shard_bytes: int | None = None, bytes_per_second: float = 32000.0
                  ) -> list[pa.Table]:
     """Cut ``table`` (already ordered) into contiguous shards of at most ``shard_size`` rows
     and about ``shard_bytes`` bytes of audio (estimated from ``duration`` at
     ``bytes_per_second``); one shard when neither is given. Never an empty shard."""
-    n = table.num_rows
-    if n == 0:
-        return []
-    bounds: list[tuple[int, int]] = []
-    if shard_bytes:
-        durs = table.column("duration").to_pylist() if "duration" in table.column_names \
-            else [0.0] * n
-        start, acc = 0, 0.0
-        for i, d in enumerate(durs):
-            b = float(d or 0.0) * bytes_per_second
-            too_many = shard_size is not None and i - start >= shard_size
-            if i > start and (acc + b > shard_bytes or too_many):
-                bounds.append((start, i))
-                start, acc = i, 0.0
-            acc += b
-        bounds.append((start, n))
-    elif shard_size:
-        bounds = [(i, min(n, i + shard_size)) for i in range(0, n, shard_size)]
-    else:
-        bounds = [(0, n)]
-    return [table.slice(a, b - a) for a, b in bounds]
+    return [table.slice(a, b - a)
+            for a, b in shard_bounds(table, shard_size, shard_bytes, bytes_per_second)]
 
 
 def abs_audio_path(path: str) -> str:

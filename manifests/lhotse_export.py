@@ -64,6 +64,8 @@ from speechmill.manifests.common import (
     abs_audio_path,
     dumps_line,
     encode_audio,
+    iter_rows,
+    iter_slices,
     json_safe,
     open_tar,
     open_text_out,
@@ -122,16 +124,44 @@ class _RowReject(Exception):  # noqa: N818 - a verdict, not an engine failure
         self.detail = detail
 
 
+def _recording_id_column(ids: pa.ChunkedArray) -> pa.ChunkedArray:
+    """:func:`recording_id` of every id, as an Arrow string column."""
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.cast(ids.type.value_type)
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        # str(None) == "None"; the part before the first "-"
+        parts = pc.split_pattern(pc.fill_null(ids, "None"), "-", max_splits=1)
+        return pc.list_element(parts, 0)
+    return pa.chunked_array([pa.array([recording_id(x) for x in part.to_pylist()],
+                                      pa.string()) for part in iter_slices(ids)],
+                            pa.string())
+
+
 def _recording_ids(table: pa.Table) -> dict[tuple[str, str], str]:
     """(recording id, absolute audio path) -> Lhotse recording id. A recording id whose
-    rows point at several files gets ``_<sha256(path)[:8]>`` per file (order-free)."""
+    rows point at several files gets ``_<sha256(path)[:8]>`` per file (order-free).
+    Computed with Arrow over the distinct (recording id, path) pairs: Python objects per
+    recording, never per row."""
+    import pyarrow.compute as pc
+
     if table.num_rows == 0 or "audio_path" not in table.column_names:
         return {}
+    audio = table.column("audio_path")
+    if pa.types.is_dictionary(audio.type):
+        audio = audio.cast(audio.type.value_type)
+    if not (pa.types.is_string(audio.type) or pa.types.is_large_string(audio.type)):
+        audio = audio.cast(pa.string())
+    ids = table.column("id") if "id" in table.column_names \
+        else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+    pairs = pa.table({"rid": _recording_id_column(ids), "path": audio})
+    pairs = pairs.filter(pc.fill_null(pc.not_equal(pairs.column("path"), ""), False))
+    distinct = pairs.group_by(["rid", "path"], use_threads=False).aggregate([])
     paths: dict[str, set[str]] = defaultdict(set)
-    for rid, p in zip(table.column("id").to_pylist(), table.column("audio_path").to_pylist(),
+    for rid, p in zip(distinct.column("rid").to_pylist(), distinct.column("path").to_pylist(),
                       strict=True):
-        if p:
-            paths[recording_id(rid)].add(abs_audio_path(str(p)))
+        paths[rid].add(abs_audio_path(str(p)))
     out: dict[tuple[str, str], str] = {}
     for base, ps in paths.items():
         for p in ps:
@@ -224,8 +254,7 @@ def _supervision(row: Mapping[str, Any], rec_id: str, start: float, duration: fl
 
 def _rows(table: pa.Table, batch: int = 256) -> Iterator[dict[str, Any]]:
     """The rows of ``table`` as dicts, converted a batch at a time (bounded memory)."""
-    for b in table.to_batches(max_chunksize=batch):
-        yield from b.to_pylist()
+    return iter_rows(table, size=batch)
 
 
 def _split_dir(out_dir: Path, split: str | None) -> Path:

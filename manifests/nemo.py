@@ -41,21 +41,25 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from speechmill.manifests.common import (
     check_span,
+    dumps_line,
     encode_audio,
+    iter_rows,
+    iter_slices,
     json_safe,
     open_tar,
+    open_text_out,
     read_clip,
     rel_or_abs,
     scores_dict,
-    shard_slices,
+    shard_bounds,
     split_groups,
     tar_add_bytes,
     track,
-    write_jsonl,
 )
 from speechmill.pipeline.audio import AudioError, is_url
 from speechmill.pipeline.records import reject, rejects_table
@@ -134,20 +138,73 @@ def encode_clips(rows: Iterable[Mapping[str, Any]], fmt: str, sample_rate: int |
             yield window.popleft().result()
 
 
-def clip_name(row_id: str, ext: str, used: set[str]) -> str:
-    """A unique, portable file name for a clip: ``<id>.<ext>`` with anything outside
-    ``[A-Za-z0-9_-]`` replaced, no ``-sub<N>`` ending (NeMo's offset marker), and a
-    ``_<k>`` suffix when two ids map to the same name."""
+def clip_stem(row_id: Any) -> str:
+    """A clip's file name before any ``_<k>`` suffix and the extension: the id with
+    anything outside ``[A-Za-z0-9_-]`` replaced, at most 200 characters, never ending in
+    ``-sub<N>`` (NeMo's offset marker)."""
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", str(row_id or "")) or "_"
     stem = stem[:200]
     if re.search(r"-sub\d+$", stem):
         stem += "_"
+    return stem
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
     name, k = stem, 1
     while name in used:
         k += 1
         name = f"{stem}_{k}"
     used.add(name)
-    return f"{name}.{ext}"
+    return name
+
+
+def clip_name(row_id: str, ext: str, used: set[str]) -> str:
+    """A unique, portable file name for a clip: ``<id>.<ext>`` with anything outside
+    ``[A-Za-z0-9_-]`` replaced, no ``-sub<N>`` ending (NeMo's offset marker), and a
+    ``_<k>`` suffix when two ids map to the same name."""
+    return f"{_unique_name(clip_stem(row_id), used)}.{ext}"
+
+
+class ClipNamer:
+    """:func:`clip_name` over one export's clips (same names, in the same order of
+    calls), without a set of every name handed out.
+
+    Built over the ids that may be named (a superset is fine), it finds with Arrow the
+    only stems whose names can depend on other clips: a stem two ids share, or one that
+    reads ``<another stem>_<k>``. Only those go through :func:`clip_name`'s ``used`` set;
+    any other clip's name is its own stem (no other clip can have taken it, and it can
+    never be the ``<stem>_<k>`` another clip tries), so memory stays per colliding id,
+    not per row."""
+
+    _SUFFIX = r"^(?P<base>.*)_(?P<k>[0-9]+)$"
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        chunks = [pa.array([clip_stem(i) for i in part.to_pylist()], pa.string())
+                  for part in iter_slices(ids)]
+        stems = pa.chunked_array(chunks, pa.string())
+        self.risky: set[str] = set()
+        self.used: set[str] = set()
+        if len(stems) == 0:
+            return
+        counts = pc.value_counts(stems)
+        values = counts.field("values")
+        self.risky.update(values.filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+        base = pc.struct_field(pc.extract_regex(stems, self._SUFFIX), "base")
+        suffixed = pc.fill_null(pc.is_in(base, value_set=values), False)
+        self.risky.update(pc.unique(stems.filter(suffixed)).to_pylist())
+
+    def name(self, row_id: Any, ext: str) -> str:
+        stem = clip_stem(row_id)
+        if stem not in self.risky:
+            return f"{stem}.{ext}"
+        return f"{_unique_name(stem, self.used)}.{ext}"
+
+
+def namer_for(table: pa.Table) -> ClipNamer:
+    """A :class:`ClipNamer` over the ``id`` column of ``table``."""
+    ids = table.column("id") if "id" in table.column_names \
+        else pa.nulls(table.num_rows, pa.string())
+    return ClipNamer(ids)
 
 
 def published_dir(out_dir: Path, ctx: StageContext, output_root: str) -> Path:
@@ -162,13 +219,45 @@ def published_dir(out_dir: Path, ctx: StageContext, output_root: str) -> Path:
 
 
 def input_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Every row of ``table`` as a dict (the exporters' columns only). For small tables:
+    exporters iterate with :func:`speechmill.manifests.common.iter_rows` instead."""
     cols = [c for c in ROW_COLUMNS if c in table.column_names]
     return table.select(cols).to_pylist()
+
+
+def row_columns(table: pa.Table, extras: Iterable[str] = ()) -> pa.Table:
+    """``table`` with only the columns exporters read (:data:`ROW_COLUMNS` + ``extras``)."""
+    return table.select([c for c in (*ROW_COLUMNS, *extras) if c in table.column_names])
 
 
 def has_text(row: Mapping[str, Any]) -> bool:
     t = row.get("text")
     return isinstance(t, str) and bool(t.strip())
+
+
+def text_mask(table: pa.Table) -> np.ndarray:
+    """:func:`has_text` of every row (the same test) as a bool array, read a slice at a
+    time."""
+    out = np.zeros(table.num_rows, dtype=bool)
+    if "text" not in table.column_names:
+        return out
+    a = 0
+    for part in iter_slices(table.column("text")):
+        vals = part.to_pylist()
+        out[a:a + len(vals)] = [isinstance(t, str) and bool(t.strip()) for t in vals]
+        a += len(vals)
+    return out
+
+
+def drop_textless(table: pa.Table, stage_id: str, rejects: list[dict[str, Any]]
+                  ) -> pa.Table:
+    """The rows of ``table`` with text; the others (in order) become ``no_text`` rejects."""
+    mask = text_mask(table)
+    if mask.all():
+        return table
+    for r in iter_rows(table.filter(pa.array(~mask))):
+        rejects.append(reject(r, stage_id, "no_text", "empty transcript"))
+    return table.filter(pa.array(mask))
 
 
 def flat_scores(row: Mapping[str, Any], reserved: Iterable[str] = ()) -> dict[str, Any]:
@@ -255,17 +344,15 @@ class NemoManifest(Stage):
         splits: dict[str, dict[str, Any]] = {}
         seconds = 0.0
         groups = split_groups(inputs, cfg.by_split) or [(None, inputs)]
-        for split, table in groups:
+        # Python objects exist for one slice of rows at a time: rows are converted
+        # slice by slice and manifest lines go to disk as they are made
+        for split, group in groups:
             sub = out_dir / split if split else out_dir
             pub = pub_root / split if split else pub_root
             sub.mkdir(parents=True, exist_ok=True)
-            rows = input_rows(table) if table.num_rows else []
-            keep = []
-            for r in rows:
-                if cfg.require_text and not has_text(r):
-                    rejects.append(reject(r, self.ctx.stage_id, "no_text", "empty transcript"))
-                else:
-                    keep.append(r)
+            table = row_columns(group)
+            keep = drop_textless(table, self.ctx.stage_id, rejects) if cfg.require_text \
+                else table
             if cfg.tarred:
                 n, secs, shards = self._tarred(keep, table, sub, rejects, split)
                 splits[split or "all"] = {"rows": n, "hours": secs / 3600.0, "shards": shards}
@@ -275,9 +362,13 @@ class NemoManifest(Stage):
                 entries = self._materialized(keep, sub, pub, relative, rejects, split)
             else:
                 entries = self._reference(keep, pub, relative, rejects)
-            write_jsonl(sub / "manifest.json", entries)
-            secs = sum(float(e["duration"]) for e in entries)
-            splits[split or "all"] = {"rows": len(entries), "hours": secs / 3600.0}
+            n, secs = 0, 0.0
+            with open_text_out(sub / "manifest.json") as f:
+                for e in entries:
+                    f.write(dumps_line(e) + "\n")
+                    n += 1
+                    secs += float(e["duration"])
+            splits[split or "all"] = {"rows": n, "hours": secs / 3600.0}
             seconds += secs
         rows_out = sum(s["rows"] for s in splits.values())
         reasons = Counter(r["reason"] for r in rejects)
@@ -311,10 +402,9 @@ class NemoManifest(Stage):
             e["shard_id"] = shard_id
         return e
 
-    def _reference(self, rows: list[dict[str, Any]], pub: Path, relative: bool,
-                   rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        entries = []
-        for r in rows:
+    def _reference(self, table: pa.Table, pub: Path, relative: bool,
+                   rejects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for r in iter_rows(table):
             path = r.get("audio_path")
             if not path:
                 rejects.append(reject(r, self.ctx.stage_id, "no_audio", "no audio_path"))
@@ -331,62 +421,68 @@ class NemoManifest(Stage):
             except AudioError as e:
                 rejects.append(reject(r, self.ctx.stage_id, e.reason, e.detail))
                 continue
-            entries.append(self._entry(r, rel_or_abs(path, pub, relative), float(dur or 0.0),
-                                       off))
-        return entries
+            yield self._entry(r, rel_or_abs(path, pub, relative), float(dur or 0.0), off)
 
-    def _materialized(self, rows: list[dict[str, Any]], sub: Path, pub: Path, relative: bool,
+    def _materialized(self, table: pa.Table, sub: Path, pub: Path, relative: bool,
                       rejects: list[dict[str, Any]], split: str | None
-                      ) -> list[dict[str, Any]]:
+                      ) -> Iterator[dict[str, Any]]:
         cfg = self.config
         audio_dir = sub / "audio"
         audio_dir.mkdir(parents=True, exist_ok=True)
-        used: set[str] = set()
-        entries = []
-        clips = encode_clips(rows, cfg.audio_format, cfg.sample_rate, cfg.workers)
-        for c in track(clips, len(rows), f"{self.ctx.stage_id} {split or ''} clips"):
+        namer = namer_for(table)
+        clips = encode_clips(iter_rows(table), cfg.audio_format, cfg.sample_rate, cfg.workers)
+        for c in track(clips, table.num_rows, f"{self.ctx.stage_id} {split or ''} clips"):
             if c.data is None:
                 rejects.append(reject(c.row, self.ctx.stage_id, c.reason or "unreadable",
                                       c.detail))
                 continue
-            name = clip_name(c.row.get("id"), cfg.audio_format, used)
+            name = namer.name(c.row.get("id"), cfg.audio_format)
             (audio_dir / name).write_bytes(c.data)
             afp = f"audio/{name}" if relative else str(pub / "audio" / name)
-            entries.append(self._entry(c.row, afp, c.seconds, None))
-        return entries
+            yield self._entry(c.row, afp, c.seconds, None)
 
-    def _tarred(self, rows: list[dict[str, Any]], table: pa.Table, sub: Path,
+    def _tarred(self, keep: pa.Table, table: pa.Table, sub: Path,
                 rejects: list[dict[str, Any]], split: str | None) -> tuple[int, float, int]:
+        """Shards of ``keep`` (the exported rows of the split ``table``); each entry goes
+        to its shard's manifest and to ``tarred_audio_manifest.json`` as it is made."""
         cfg = self.config
         rate = output_rate(table, cfg.sample_rate)
         bps = rate * 2 * (FLAC_RATIO if cfg.audio_format == "flac" else 1.0)
-        durs = pa.table({"duration": pa.array([r.get("duration") for r in rows], pa.float64())})
-        slices = shard_slices(durs, cfg.shard_size, cfg.shard_bytes, bps)
-        used: set[str] = set()
-        every: list[dict[str, Any]] = []
-        shard, start, secs = 0, 0, 0.0
+        bounds = shard_bounds(keep, cfg.shard_size, cfg.shard_bytes, bps)
+        namer = namer_for(keep)
+        shard, n, secs = 0, 0, 0.0
         (sub / "sharded_manifests").mkdir(parents=True, exist_ok=True)
-        for sl in slices:
-            chunk = rows[start:start + sl.num_rows]
-            start += sl.num_rows
-            tar_path = sub / f"audio_{shard}.tar"
-            entries = []
-            with open_tar(tar_path) as tar:
-                clips = encode_clips(chunk, cfg.audio_format, cfg.sample_rate, cfg.workers)
-                for c in track(clips, len(chunk), f"{self.ctx.stage_id} shard {shard}"):
-                    if c.data is None:
-                        rejects.append(reject(c.row, self.ctx.stage_id,
-                                              c.reason or "unreadable", c.detail))
-                        continue
-                    name = clip_name(c.row.get("id"), cfg.audio_format, used)
-                    tar_add_bytes(tar, name, c.data)
-                    entries.append(self._entry(c.row, name, c.seconds, None, shard))
-                    secs += c.seconds
-            if not entries:  # every row of this slice was rejected: reuse the shard id
-                tar_path.unlink()
-                continue
-            write_jsonl(sub / "sharded_manifests" / f"manifest_{shard}.json", entries)
-            every.extend(entries)
-            shard += 1
-        write_jsonl(sub / "tarred_audio_manifest.json", every)
-        return len(every), secs, shard
+        with open_text_out(sub / "tarred_audio_manifest.json") as every:
+            for a, b in bounds:
+                chunk = keep.slice(a, b - a)
+                tar_path = sub / f"audio_{shard}.tar"
+                shard_f = None
+                try:
+                    with open_tar(tar_path) as tar:
+                        clips = encode_clips(iter_rows(chunk), cfg.audio_format,
+                                             cfg.sample_rate, cfg.workers)
+                        for c in track(clips, chunk.num_rows,
+                                       f"{self.ctx.stage_id} shard {shard}"):
+                            if c.data is None:
+                                rejects.append(reject(c.row, self.ctx.stage_id,
+                                                      c.reason or "unreadable", c.detail))
+                                continue
+                            name = namer.name(c.row.get("id"), cfg.audio_format)
+                            tar_add_bytes(tar, name, c.data)
+                            line = dumps_line(self._entry(c.row, name, c.seconds, None,
+                                                          shard)) + "\n"
+                            if shard_f is None:
+                                shard_f = open_text_out(
+                                    sub / "sharded_manifests" / f"manifest_{shard}.json")
+                            shard_f.write(line)
+                            every.write(line)
+                            n += 1
+                            secs += c.seconds
+                finally:
+                    if shard_f is not None:
+                        shard_f.close()
+                if shard_f is None:  # every row of this slice was rejected: reuse the id
+                    tar_path.unlink()
+                    continue
+                shard += 1
+        return n, secs, shard

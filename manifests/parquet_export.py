@@ -30,14 +30,14 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.manifests.common import shard_slices, split_groups, track
+from speechmill.manifests.common import iter_rows, shard_bounds, split_groups, track
 from speechmill.manifests.nemo import (
     FLAC_RATIO,
-    ROW_COLUMNS,
-    clip_name,
+    drop_textless,
     encode_clips,
-    has_text,
+    namer_for,
     output_rate,
+    row_columns,
     summary_text,
 )
 from speechmill.pipeline.records import reject, rejects_table
@@ -62,6 +62,9 @@ HF_DTYPES = {
     pa.uint8(): "uint8", pa.uint16(): "uint16", pa.uint32(): "uint32", pa.uint64(): "uint64",
     pa.binary(): "binary",
 }
+#: output records held as Python dicts before they become an Arrow table (a shard is
+#: collected as Arrow and written at once)
+RECORD_BATCH_ROWS = 1024
 
 
 class ParquetConfig(StageConfig):
@@ -109,43 +112,50 @@ class ParquetExport(Stage):
         splits: dict[str, dict[str, Any]] = {}
         files: dict[str, list[str]] = {}
         seconds = 0.0
-        for split, table in split_groups(inputs, cfg.by_split):
+        # rows become Python dicts a slice at a time; a shard's records become Arrow
+        # every RECORD_BATCH_ROWS rows, so no split (nor shard) is ever a list of dicts
+        for split, group in split_groups(inputs, cfg.by_split):
             name = re.sub(r"\W", "_", split) if split else "train"
-            cols = [c for c in (*ROW_COLUMNS, *extras) if c in table.column_names]
-            rows = []
-            for r in table.select(cols).to_pylist():
-                if cfg.require_text and not has_text(r):
-                    rejects.append(reject(r, self.ctx.stage_id, "no_text", "empty transcript"))
-                else:
-                    rows.append(r)
+            table = row_columns(group, extras)
+            keep = drop_textless(table, self.ctx.stage_id, rejects) if cfg.require_text \
+                else table
             rate = output_rate(table, cfg.sample_rate)
             bps = rate * 2 * (FLAC_RATIO if cfg.audio_format == "flac" else 1.0)
-            durs = pa.table({"duration": pa.array([r.get("duration") for r in rows],
-                                                  pa.float64())})
-            used: set[str] = set()
+            namer = namer_for(keep)
             tmp: list[Path] = []
-            n_rows, secs, start = 0, 0.0, 0
-            for sl in shard_slices(durs, cfg.shard_size, cfg.shard_bytes, bps):
-                chunk = rows[start:start + sl.num_rows]
-                start += sl.num_rows
-                out_rows = []
-                clips = encode_clips(chunk, cfg.audio_format, cfg.sample_rate, cfg.workers)
-                for c in track(clips, len(chunk), f"{self.ctx.stage_id} {name}"):
+            n_rows, secs = 0, 0.0
+            for a, b in shard_bounds(keep, cfg.shard_size, cfg.shard_bytes, bps):
+                chunk = keep.slice(a, b - a)
+                parts: list[pa.Table] = []
+                out_rows: list[dict[str, Any]] = []
+                clips = encode_clips(iter_rows(chunk), cfg.audio_format, cfg.sample_rate,
+                                     cfg.workers)
+                for c in track(clips, chunk.num_rows, f"{self.ctx.stage_id} {name}"):
                     if c.data is None:
                         rejects.append(reject(c.row, self.ctx.stage_id,
                                               c.reason or "unreadable", c.detail))
                         continue
                     out_rows.append(self._record(c.row, c.data, c.frames, c.sample_rate,
-                                                 clip_name(c.row.get("id"), cfg.audio_format,
-                                                           used),
+                                                 namer.name(c.row.get("id"), cfg.audio_format),
                                                  score_cols, extras))
                     secs += c.seconds
-                if not out_rows:
+                    if len(out_rows) >= RECORD_BATCH_ROWS:
+                        parts.append(pa.Table.from_pylist(out_rows, schema=schema))
+                        out_rows = []
+                if out_rows:
+                    parts.append(pa.Table.from_pylist(out_rows, schema=schema))
+                    out_rows = []
+                if not parts:
                     continue
+                # one chunk, as one from_pylist gave: the writer checks its dictionary
+                # page limit per chunk, so chunking would change when it falls back to PLAIN
+                shard_table = pa.concat_tables(parts).combine_chunks()
+                del parts
                 path = data_dir / f".{name}-{len(tmp):05d}.parquet.tmp"
-                self._write(pa.Table.from_pylist(out_rows, schema=schema), path)
+                self._write(shard_table, path)
                 tmp.append(path)
-                n_rows += len(out_rows)
+                n_rows += shard_table.num_rows
+                del shard_table
             final = []
             for i, p in enumerate(tmp):
                 dst = data_dir / f"{name}-{i:05d}-of-{len(tmp):05d}.parquet"
