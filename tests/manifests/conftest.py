@@ -33,3 +33,27 @@ stages:
     p = tmp_path / "dag.yaml"
     p.write_text(text)
     return p
+
+
+def tones_then(tmp_path: Path, sinks_yaml: str, sample_rate: int = 16000,
+               ext: str = "wav") -> str:
+    """A DAG text: two 2 s tones written as ``ext`` files -> ingest -> standardize (16 kHz)
+    -> ``sinks_yaml`` (stage lines that need ``standardize``)."""
+    import numpy as np
+    import soundfile as sf
+
+    src = tmp_path / "in"
+    src.mkdir()
+    t = np.arange(sample_rate * 2) / sample_rate
+    for i, f in enumerate((220.0, 330.0)):
+        sf.write(src / f"tone{i}.{ext}", (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32),
+                 sample_rate)
+    return f"""
+name: sink-test
+run_dir: {tmp_path / 'run'}
+executor: {{type: local, stall_timeout_s: 300}}
+stages:
+  - {{id: ingest, uses: ingest, with: {{inputs: ["{src}"]}}}}
+  - {{id: standardize, uses: standardize, needs: ingest,
+      with: {{sample_rate: 16000, silence_dbfs: null}}}}
+{sinks_yaml}"""

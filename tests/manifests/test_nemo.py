@@ -35,10 +35,10 @@ import soundfile as sf
 from speechmill.manifests.common import read_clip
 from speechmill.manifests.nemo import NemoManifest, clip_name
 from speechmill.pipeline import dag as dagmod
-from speechmill.pipeline.registry import register
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
 from speechmill.pipeline.store import RunStore
+from tests.manifests.conftest import tones_then
 from tests.manifests.segments_factory import make_segments
 
 Q = 2.0 / 32768  # 16-bit quantisation (+ rounding) tolerance
@@ -277,26 +277,12 @@ def test_missing_text_exported_or_rejected(segs: pa.Table, tmp_path: Path) -> No
 
 def test_engine_exports_standardized_files(tmp_path: Path) -> None:
     """ingest -> standardize -> two nemo sinks through the runner (local executor)."""
-    register(NemoManifest)
-    src = tmp_path / "in"
-    src.mkdir()
-    t = np.arange(16000 * 2) / 16000
-    for i, f in enumerate((220.0, 330.0)):
-        sf.write(src / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32),
-                 16000)
     run_dir = tmp_path / "run"
-    dag = dagmod.loads(f"""
-name: nemo-test
-run_dir: {run_dir}
-executor: {{type: local, stall_timeout_s: 300}}
-stages:
-  - {{id: ingest, uses: ingest, with: {{inputs: ["{src}"]}}}}
-  - {{id: standardize, uses: standardize, needs: ingest,
-      with: {{sample_rate: 16000, silence_dbfs: null}}}}
-  - {{id: nemo, uses: nemo, needs: standardize}}
-  - {{id: nemo_cut, uses: nemo, needs: standardize,
-      with: {{materialize: true, paths: absolute}}}}
-""")
+    dag = dagmod.loads(tones_then(tmp_path, """
+  - {id: nemo, uses: nemo, needs: standardize}
+  - {id: nemo_cut, uses: nemo, needs: standardize,
+     with: {materialize: true, paths: absolute}}
+"""))
     res = run(dag, progress=False)
     assert res.status == "succeeded"
     n = RunStore(run_dir).read_outputs("standardize").num_rows

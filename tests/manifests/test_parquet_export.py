@@ -27,9 +27,9 @@ import soundfile as sf
 from speechmill.manifests.common import read_clip
 from speechmill.manifests.parquet_export import ParquetExport
 from speechmill.pipeline import dag as dagmod
-from speechmill.pipeline.registry import register
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
+from tests.manifests.conftest import tones_then
 from tests.manifests.segments_factory import make_segments
 
 datasets = pytest.importorskip("datasets")
@@ -225,24 +225,10 @@ def test_byte_shards_resample_and_no_split(segs: pa.Table, tmp_path: Path) -> No
 
 def test_engine_parquet_sink(tmp_path: Path) -> None:
     """ingest -> standardize -> parquet through the runner (local executor)."""
-    register(ParquetExport)
-    src = tmp_path / "in"
-    src.mkdir()
-    t = np.arange(24000 * 2) / 24000
-    for i, f in enumerate((220.0, 330.0)):
-        sf.write(src / f"tone{i}.flac", (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32),
-                 24000)
     run_dir = tmp_path / "run"
-    dag = dagmod.loads(f"""
-name: parquet-test
-run_dir: {run_dir}
-executor: {{type: local, stall_timeout_s: 300}}
-stages:
-  - {{id: ingest, uses: ingest, with: {{inputs: ["{src}"]}}}}
-  - {{id: standardize, uses: standardize, needs: ingest,
-      with: {{sample_rate: 16000, silence_dbfs: null}}}}
-  - {{id: hf, uses: parquet, needs: standardize}}
-""")
+    dag = dagmod.loads(tones_then(tmp_path, """
+  - {id: hf, uses: parquet, needs: standardize}
+""", 24000, "flac"))
     assert run(dag, progress=False).status == "succeeded"
     out = run_dir / "exports" / "hf"
     files = data_files(out)
