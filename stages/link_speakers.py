@@ -3,9 +3,10 @@
 Diarization labels (``SPK0``...) mean nothing across files. Before any batch, the
 engine's ``prepare`` pass collects one embedding per (file, local speaker) over the whole
 input and clusters them: average-linkage agglomerative clustering on cosine similarity,
-cut at ``threshold`` (for up to ``exact_max`` speakers), or, beyond that, a leader
-(online centroid) clustering in a deterministic order, so memory and time stay linear
-in the number of local speakers. Every segment then gets ``speaker`` = the global id
+cut at ``threshold``, exactly for up to ``exact_max`` local speakers; beyond that in
+passes over chunks of ``exact_max`` (similar voices grouped by a random projection),
+clustered in parallel -- as Ray tasks across the cluster under the Ray executor -- and
+merged until nothing merges (see :func:`_cluster`). Every segment then gets ``speaker`` = the global id
 (``spk-`` + a hash of the cluster's first member), ``speaker_local`` keeps the file-level
 label, and ``speaker_similarity`` the cosine to its global centroid. The per-row
 ``speaker_embedding`` (256 floats) is dropped unless ``keep_embeddings``: one table of
@@ -30,39 +31,84 @@ class LinkSpeakersConfig(StageConfig):
         0.75, gt=-1, lt=1, description="cosine similarity above which two local speakers "
         "are the same person"
     )
-    exact_max: int = Field(5000, ge=2, description="above this many local speakers, use "
-                           "online leader clustering")
+    exact_max: int = Field(5000, ge=2, description="local speakers clustered exactly at "
+                           "once; more are clustered in parallel chunks of this size")
     keep_embeddings: bool = Field(False, description="keep each row's speaker_embedding "
                                   "(2 KB per row); the per-speaker centroids are always in "
                                   "speakers.parquet")
 
 
-def _cluster(emb: np.ndarray, threshold: float, exact_max: int) -> np.ndarray:
-    n = emb.shape[0]
-    if n == 1:
+def _exact(emb: np.ndarray, threshold: float) -> np.ndarray:
+    """Average-linkage clustering on cosine distance cut at ``1 - threshold``; labels
+    numbered by first appearance (deterministic)."""
+    if emb.shape[0] == 1:
         return np.zeros(1, np.int64)
-    if n <= exact_max:
-        from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import fcluster, linkage
 
-        z = linkage(emb, method="average", metric="cosine")
-        return fcluster(z, t=1.0 - threshold, criterion="distance").astype(np.int64) - 1
-    labels = np.empty(n, np.int64)
-    cents: list[np.ndarray] = []
-    counts: list[int] = []
-    for i, v in enumerate(emb):
-        if cents:
-            sims = np.stack(cents) @ v
-            j = int(np.argmax(sims))
-            if sims[j] >= threshold:
-                labels[i] = j
-                c = cents[j] * counts[j] + v
-                counts[j] += 1
-                cents[j] = c / np.linalg.norm(c)
-                continue
-        labels[i] = len(cents)
-        cents.append(v.copy())
-        counts.append(1)
-    return labels
+    z = linkage(emb, method="average", metric="cosine")
+    raw = fcluster(z, t=1.0 - threshold, criterion="distance")
+    _, first, inv = np.unique(raw, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv.ravel()]
+
+
+def _map_chunks(fn: Any, chunks: list[np.ndarray], threshold: float) -> list[np.ndarray]:
+    """``fn(chunk, threshold)`` for every chunk: as Ray tasks across the cluster when
+    this process runs Ray (the Ray executor), else on a local thread pool."""
+    try:
+        import ray
+
+        if ray.is_initialized() and len(chunks) > 1:
+            remote = ray.remote(num_cpus=1)(fn)
+            return list(ray.get([remote.remote(c, threshold) for c in chunks]))
+    except ImportError:
+        pass
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(chunks), os.cpu_count() or 1))) as ex:
+        return list(ex.map(lambda c: fn(c, threshold), chunks))
+
+
+def _cluster(emb: np.ndarray, threshold: float, exact_max: int,
+             max_passes: int = 8) -> np.ndarray:
+    """Cluster unit vectors. Up to ``exact_max`` at once: :func:`_exact`. Beyond that,
+    in passes: order the current cluster centroids along a seeded random direction (so
+    similar voices sit near each other), cut the order into chunks of ``exact_max``,
+    cluster the chunks in parallel, merge, repeat on the new centroids until a pass
+    merges nothing or they fit one exact clustering. Memory is O(exact_max^2) per chunk,
+    work parallel across chunks; deterministic for the same input."""
+    n = emb.shape[0]
+    if n <= exact_max:
+        return _exact(emb, threshold)
+    labels = np.arange(n, dtype=np.int64)  # current cluster of every input vector
+    cents = emb.astype(np.float64, copy=True)
+    rng = np.random.default_rng(0)
+    for _ in range(max_passes):
+        m = cents.shape[0]
+        if m <= exact_max:
+            top = _exact(cents, threshold)
+            return top[labels]
+        order = np.argsort(cents @ rng.standard_normal(cents.shape[1]), kind="stable")
+        chunks = [order[a:a + exact_max] for a in range(0, m, exact_max)]
+        sub = _map_chunks(_exact, [cents[c] for c in chunks], threshold)
+        new_of = np.empty(m, np.int64)
+        base = 0
+        for c, lab in zip(chunks, sub, strict=True):
+            new_of[c] = lab + base
+            base += int(lab.max()) + 1
+        if base == m:  # nothing merged in this pass
+            break
+        sums = np.zeros((base, cents.shape[1]))
+        np.add.at(sums, new_of, cents)
+        cents = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        labels = new_of[labels]
+    # renumber by first appearance
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inv.ravel()]
 
 
 class LinkSpeakers(Stage):
