@@ -81,6 +81,14 @@ class Tokenize(Stage):
     Config = TokenizeConfig
     resources = Resources(cpus=1)
     uses_model = True
+
+    @classmethod
+    def gpu_share(cls, config: StageConfig) -> float:
+        """Neural codecs run on CUDA when there is one; k-means log-mel units are numpy."""
+        a = getattr(config, "audio", None)
+        if a is None or a.backend == "kmeans-mel" or a.device == "cpu":
+            return 0.0
+        return 1.0
     default_batch_size = 16
     default_batch_seconds = 300.0
 

@@ -110,8 +110,13 @@ class PlannedStage:
 
     @property
     def resources(self) -> Resources:
-        """The stage class's declared resources, with the DAG's ``resources:`` over them."""
-        return Resources(**{**self.cls.resources.to_dict(), **(self.spec.resources or {})})
+        """The stage class's declared resources, with the DAG's ``resources:`` over them.
+        A model stage that can use CUDA asks for its :meth:`Stage.gpu_share` (the executor
+        drops GPU requests on a cluster without GPUs)."""
+        base = self.cls.resources.to_dict()
+        if not base.get("gpus"):
+            base["gpus"] = self.cls.gpu_share(self.config)
+        return Resources(**{**base, **(self.spec.resources or {})})
 
 
 @dataclass

@@ -145,6 +145,18 @@ class Stage:
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what setup() took."""
 
+    #: GPU share one worker takes when the cluster has GPUs (model stages that can run
+    #: on CUDA); 0 = never asks for a GPU. See :meth:`gpu_share`.
+    gpu_when_available: ClassVar[float] = 0.0
+
+    @classmethod
+    def gpu_share(cls, config: StageConfig) -> float:
+        """GPUs a worker asks for when the cluster has some (the DAG's ``resources.gpus``
+        wins). Default: :attr:`gpu_when_available` unless the config pins ``device: cpu``."""
+        if getattr(config, "device", "auto") == "cpu":
+            return 0.0
+        return cls.gpu_when_available
+
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
         """Stage-specific figures for ``metrics.json`` (``stage_summary``), computed from

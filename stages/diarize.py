@@ -68,6 +68,13 @@ class Diarize(Stage):
     Config = DiarizeConfig
     resources = Resources(cpus=1, memory_gb=2.0)
     uses_model = True
+
+    @classmethod
+    def gpu_share(cls, config: StageConfig) -> float:
+        """pyannote runs on CUDA when there is one; embed-cluster is CPU work."""
+        c = config
+        return 1.0 if getattr(c, "backend", "") == "pyannote" and \
+            getattr(c, "device", "auto") != "cpu" else 0.0
     default_batch_size = 4
 
     config: DiarizeConfig

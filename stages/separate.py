@@ -481,6 +481,7 @@ class Separate(Stage):
     Config = SeparateConfig
     resources = Resources(cpus=1, memory_gb=2.0)
     uses_model = True
+    gpu_when_available = 1.0
     # engine batches: up to 8 files and about 8 min of audio (a longer file is a batch of
     # its own), so a GPU worker has rows to batch; on CPU rows still run one by one
     default_batch_size = 8

@@ -73,6 +73,7 @@ class Transcribe(Stage):
     Config = TranscribeConfig
     resources = Resources(cpus=1, memory_gb=1.0)
     uses_model = True
+    gpu_when_available = 1.0
     default_batch_size = 32
     default_batch_seconds = 600.0
 
