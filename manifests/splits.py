@@ -86,6 +86,8 @@ class Split(Stage):
 
     config: SplitConfig
 
+    prepare_columns = ("id", "speaker", "duration")
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
@@ -109,6 +111,8 @@ class Split(Stage):
         mapping = (self.ctx.prepared or {}).get("map", {})
         return {**row, "parent_id": row.get("id"),
                 "split": mapping.get(group_key(row), "train")}
+
+    summary_columns = ("id", "speaker", "split", "duration")
 
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:

@@ -103,6 +103,8 @@ class Tokenize(Stage):
         if a is not None and a.codebook and not Path(a.codebook).expanduser().exists():
             raise ValueError(f"key 'audio.codebook': {a.codebook!r} does not exist")
 
+    prepare_columns = ("id", "audio_path", "offset", "duration")
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
@@ -190,10 +192,12 @@ class Tokenize(Stage):
                 raise Reject("too_short", f"no code frames for {x.size / sr:.3f} s")
             out["codes"] = codes
             out["n_frames"] = len(codes[0])
+            out["n_codes"] = sum(len(c) for c in codes)
             out["audio_tokenizer"] = self.codec_json
         if self.text_tok is not None:
             text = row.get("text") or ""
             out["text_ids"] = [int(t) for t in self.text_tok.encode(text)] if text else []
+            out["n_text_tokens"] = len(out["text_ids"])
             out["text_tokenizer"] = self.text_json
         return out
 
@@ -206,6 +210,8 @@ class Tokenize(Stage):
                 t = t.set_column(i, pa.field(name, typ), t.column(i).cast(typ))
         return t
 
+    summary_columns = ("n_codes", "audio_tokenizer", "n_text_tokens")
+
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
         if outputs.num_rows == 0:
@@ -213,13 +219,11 @@ class Tokenize(Stage):
         import pyarrow.compute as pc
 
         s: dict[str, Any] = {"utterances": outputs.num_rows}
-        if "codes" in outputs.column_names:
-            flat = pc.list_flatten(outputs.column("codes"))
-            s["audio_tokens"] = int(pc.sum(pc.list_value_length(flat)).as_py() or 0)
+        if "n_codes" in outputs.column_names:
+            s["audio_tokens"] = int(pc.sum(outputs.column("n_codes")).as_py() or 0)
             s["codec"] = json.loads(outputs.column("audio_tokenizer")[0].as_py())["name"]
-        if "text_ids" in outputs.column_names:
-            s["text_tokens"] = int(pc.sum(pc.list_value_length(
-                outputs.column("text_ids"))).as_py() or 0)
+        if "n_text_tokens" in outputs.column_names:
+            s["text_tokens"] = int(pc.sum(outputs.column("n_text_tokens")).as_py() or 0)
         return s
 
     @classmethod

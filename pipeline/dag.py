@@ -54,6 +54,9 @@ class ExecutorSpec(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray")
     stall_timeout_s: float = Field(900.0, gt=0, description="fail when nothing advances")
     progress: bool = True
+    wave_rows: int = Field(
+        200_000, ge=1, description="input rows a stage holds in memory at once; a larger "
+        "input runs in waves of this many rows (each wave starts its workers anew)")
 
 
 class StageSpec(BaseModel):

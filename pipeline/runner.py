@@ -1,10 +1,13 @@
 """Run a DAG: stage by stage in dependency order, each stage resumable.
 
-For each stage the runner reads its inputs (a source stage's plan, or the upstream
-stages' outputs), drops the inputs the stage already consumed (outputs' ``parent_id`` and
-rejects' ``id`` in its own directory), hands the rest to the executor in batches, then
-finalises: optional dedup of output ids, ``metrics.json`` and ``_SUCCESS``. A stage with
-``_SUCCESS`` is skipped, so rerunning a finished run does no work.
+For each stage the runner counts its inputs (a source stage's plan, or the upstream
+stages' part files, read one at a time), marks the inputs the stage already consumed
+(outputs' ``parent_id`` and rejects' ``id`` in its own directory) and ids seen twice,
+runs the stage's optional ``prepare`` over the columns it declares, then hands the rest
+to the executor in batches, wave by wave (``executor.wave_rows`` rows at a time, so a
+stage never holds its whole input in memory), then finalises: optional dedup of output
+ids, ``metrics.json`` and ``_SUCCESS``. A stage with ``_SUCCESS`` is skipped, so
+rerunning a finished run does no work. Sinks (exports) get their whole input at once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,6 +220,90 @@ def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext)
     return concat([store.read_outputs(n) for n in st.spec.needs])
 
 
+@dataclass
+class StageInput:
+    """A stage's input, read part file by part file: what the stage still has to do
+    comes in waves of at most ``wave_rows`` rows, so no stage ever holds its whole
+    upstream in memory (only the ids, to skip consumed and repeated ones)."""
+
+    units: list[Any]  # upstream part files, or a source's plan table
+    masks: list[Any]  # per unit: numpy bool array, rows still to process
+    rows_in: int = 0
+    seconds_in: float = 0.0
+    has_duration: bool = False
+
+    @property
+    def pending(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks))
+
+    def _read(self, unit: Any, columns: list[str] | None = None) -> pa.Table:
+        if isinstance(unit, pa.Table):
+            if columns is None:
+                return unit
+            return unit.select([c for c in columns if c in unit.column_names])
+        import pyarrow.parquet as pq
+
+        if columns is None:
+            return pq.read_table(unit)
+        have = set(pq.read_schema(unit).names)
+        return pq.read_table(unit, columns=[c for c in columns if c in have])
+
+    def read_all(self, columns: tuple[str, ...] | None) -> pa.Table:
+        """Every input row (consumed ones too), only ``columns`` (None: all)."""
+        return concat([self._read(u, None if columns is None else list(columns))
+                       for u in self.units])
+
+    def waves(self, wave_rows: int) -> Iterator[pa.Table]:
+        buf: list[pa.Table] = []
+        n = 0
+        for unit, keep in zip(self.units, self.masks, strict=True):
+            if not keep.any():
+                continue
+            t = self._read(unit)
+            if not keep.all():
+                t = t.filter(pa.array(keep))
+            for a in range(0, t.num_rows, wave_rows):
+                piece = t.slice(a, wave_rows)
+                buf.append(piece)
+                n += piece.num_rows
+                if n >= wave_rows:
+                    yield concat(buf)
+                    buf, n = [], 0
+        if buf:
+            yield concat(buf)
+
+
+def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
+                     ctx: StageContext) -> StageInput:
+    """Count the input and mark, per part, the rows to do: not consumed by an earlier
+    attempt (outputs' ``parent_id``, rejects' ``id``) and not an id seen before (an id
+    twice upstream would be processed twice: the first is kept)."""
+    import numpy as np
+
+    consumed = store.consumed_ids(st.id)
+    units: list[Any] = ([stage_inputs(dag, st, store, ctx)] if st.cls.is_source else
+                        [p for n in st.spec.needs for p in store.output_parts(n)])
+    inp = StageInput(units=units, masks=[])
+    seen: set[str] = set()
+    for u in units:
+        t = inp._read(u, ["id", "duration"])
+        if t.num_rows and "id" not in t.column_names:
+            raise SpeechmillError(f"stage {st.id!r}: its input has no 'id' column")
+        ids = t.column("id").to_pylist() if t.num_rows else []
+        keep = np.zeros(len(ids), dtype=bool)
+        for i, x in enumerate(ids):
+            if x in consumed or x in seen:
+                continue
+            seen.add(x)
+            keep[i] = True
+        inp.masks.append(keep)
+        inp.rows_in += len(ids)
+        if "duration" in t.column_names:
+            inp.has_duration = True
+            inp.seconds_in += total_seconds(t)
+    return inp
+
+
 def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,
                show: bool, console: Any) -> dict[str, Any]:
     if st.cls.is_sink:
@@ -225,23 +313,15 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     store.write_fingerprint(st.id, st.fingerprint)
     store.clear_scratch(st.id)  # spools/temp files a killed attempt left behind
     t0 = time.monotonic()
-    inputs = stage_inputs(dag, st, store, ctx)
-    if inputs.num_rows and "id" not in inputs.column_names:
-        raise SpeechmillError(f"stage {st.id!r}: its input has no 'id' column")
-    consumed = store.consumed_ids(st.id)
-    pending = inputs
-    if consumed and inputs.num_rows:
-        mask = pc.invert(pc.is_in(inputs.column("id"), value_set=pa.array(sorted(consumed))))
-        pending = inputs.filter(mask)
-    # an input id seen twice upstream would be processed twice: keep the first
-    pending = _unique_by_id(pending)
-    prepared = st.cls.prepare(st.config, inputs, ctx)
-    if prepared is not None:
-        ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
-                           prepared=prepared)
-    batches = list(batches_of(pending, st.batch_size, st.batch_seconds))
+    inp = read_stage_input(dag, st, store, ctx)
+    if st.cls.has_prepare():
+        prepared = st.cls.prepare(st.config, inp.read_all(st.cls.prepare_columns), ctx)
+        if prepared is not None:
+            ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
+                               prepared=prepared)
+    pending = inp.pending
     prog = StageProgress(
-        st.id, total=inputs.num_rows, already=inputs.num_rows - pending.num_rows,
+        st.id, total=inp.rows_in, already=inp.rows_in - pending,
         console=console, enabled=show,
     )
     timeout = dag.spec.executor.stall_timeout_s
@@ -253,8 +333,11 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                 prog.update(stats)
 
             try:
-                exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
-                              concurrency=st.spec.concurrency, resources=st.resources)
+                for wave in inp.waves(dag.spec.executor.wave_rows):
+                    batches = list(batches_of(wave, st.batch_size, st.batch_seconds))
+                    exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
+                                  concurrency=st.spec.concurrency, resources=st.resources)
+                    dog.tick()
             except KeyboardInterrupt:
                 if dog.fired:
                     raise StallError(
@@ -267,8 +350,11 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
         wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
     if st.cls.unique_output_ids:
         _dedup_outputs(st, store)
-    metrics = _metrics(st, inputs, store, wall)
-    summary = st.cls.summarize(store.read_outputs(st.id), store.read_rejects(st.id))
+    metrics = _metrics(st, inp, store, wall)
+    summary = None
+    if st.cls.has_summary():
+        cols = None if st.cls.summary_columns is None else list(st.cls.summary_columns)
+        summary = st.cls.summarize(store.read_outputs(st.id, cols), store.read_rejects(st.id))
     if summary:
         metrics["stage_summary"] = summary
     store.write_metrics(st.id, metrics)
@@ -409,19 +495,20 @@ def _dedup_outputs(st: PlannedStage, store: RunStore) -> None:
             p.unlink()
 
 
-def _metrics(st: PlannedStage, inputs: pa.Table, store: RunStore, wall: float) -> dict[str, Any]:
+def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float
+             ) -> dict[str, Any]:
     outs = store.read_outputs(st.id, ["id", "duration"])
     rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
     sec_out = total_seconds(outs)
     sec_rej = float(pc.sum(rejects.column("duration")).as_py() or 0.0) if rejects.num_rows else 0.0
-    sec_in = total_seconds(inputs)
-    if st.cls.is_source or "duration" not in inputs.column_names:
+    sec_in = inp.seconds_in
+    if st.cls.is_source or not inp.has_duration:
         sec_in = sec_out + sec_rej
     reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
     return {
         "stage": st.id,
         "uses": st.spec.uses,
-        "rows_in": inputs.num_rows,
+        "rows_in": inp.rows_in,
         "rows_out": outs.num_rows,
         "rows_rejected": rejects.num_rows,
         "audio_hours_in": sec_in / 3600.0,

@@ -126,6 +126,14 @@ class Stage:
     def validate_config(cls, config: StageConfig) -> None:  # noqa: B027 - optional hook
         """Cross-field checks that need more than pydantic; raise ValueError naming the key."""
 
+    #: the input columns :meth:`prepare` reads (``None``: all); the engine reads only
+    #: these over the whole input, so a big input never has to fit in memory at once
+    prepare_columns: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def has_prepare(cls) -> bool:
+        return cls.prepare.__func__ is not Stage.prepare.__func__  # type: ignore[attr-defined]
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
@@ -156,6 +164,13 @@ class Stage:
         if getattr(config, "device", "auto") == "cpu":
             return 0.0
         return cls.gpu_when_available
+
+    #: output columns :meth:`summarize` reads (``None``: all)
+    summary_columns: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def has_summary(cls) -> bool:
+        return cls.summarize.__func__ is not Stage.summarize.__func__  # type: ignore[attr-defined]
 
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:

@@ -534,6 +534,8 @@ class Download(Stage):
         return outs
 
     # -- summary -----------------------------------------------------------------------
+    summary_columns = ("host", "size_bytes", "fetch_seconds", "attempts")
+
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
         hosts: dict[str, dict[str, Any]] = {}

@@ -67,6 +67,8 @@ class Filter(Stage):
 
     config: FilterConfig
 
+    prepare_columns = ("id", "scores")
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
@@ -144,6 +146,8 @@ class Filter(Stage):
         if fails:
             raise Reject(*fails[0])
         return {**row, "parent_id": row["id"]}
+
+    summary_columns = ("id", "duration", "filter_would_reject")
 
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:

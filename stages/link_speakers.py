@@ -120,6 +120,8 @@ class LinkSpeakers(Stage):
 
     config: LinkSpeakersConfig
 
+    prepare_columns = ("speaker", "speaker_embedding")
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
