@@ -27,9 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from speechmill.pipeline.audio import is_url, load_audio
-
-SPLIT_ORDER = ("train", "dev", "test")
-
+from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter_rows re-exported
+    ORDER_KEY,
+    SPLIT_ORDER,
+    filter_rows,
+    order_for,
+    plain_split,
+    sort_rows,
+    split_order,
+    split_rank,
+)
 
 #: rows turned into Python dicts at a time (exporters convert a slice, use it, drop it)
 SLICE_ROWS = 4096
@@ -42,37 +49,39 @@ def split_groups(table: pa.Table, by_split: bool = True) -> list[tuple[str | Non
     (train, dev, test first, then others by name, then rows without a split as
     ``unassigned``), or one group ``(None, all rows)`` when there is no such column or
     ``by_split`` is off. The table is sorted once by (split, id) (stable: rows with equal
-    ids keep their input order) and each group is a zero-copy slice of it."""
+    ids keep their input order) and each group is a zero-copy slice of it; a table the
+    engine already ordered that way (:mod:`speechmill.pipeline.sink_input`) is not
+    sorted again, so a memory-mapped input stays mapped."""
     if table.num_rows == 0:
         return []
-    if not by_split or "split" not in table.column_names:
+    order = order_for(by_split, table.column_names)
+    if order == "id":
         return [(None, sort_by_id(table))]
-    col = table.column("split")
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    names = [s for s in pc.unique(col).to_pylist() if s is not None]
-    order = [s for s in SPLIT_ORDER if s in names] + sorted(set(names) - set(SPLIT_ORDER))
-    safe = {name: safe_split_name(name) for name in order}
+    col = plain_split(table.column("split"))
+    order_names = split_order(pc.unique(col).to_pylist())
+    safe = {name: safe_split_name(name) for name in order_names}
     if len(set(safe.values())) != len(safe):
         raise ValueError(f"split names {sorted(safe)} collide as directory names")
-    if not order:  # every row without a split
+    if not order_names:  # every row without a split
         return [("unassigned", sort_by_id(table))]
-    # each row's rank in ``order``; rows without a split go last
-    rank = pc.fill_null(pc.index_in(col, value_set=pa.array(order, type=col.type)),
-                        len(order))
-    keys = pa.table({"rank": rank, "id": table.column("id")})
-    ordered = table.take(pc.sort_indices(keys, sort_keys=[("rank", "ascending"),
-                                                          ("id", "ascending")]))
-    counts = np.bincount(np.asarray(rank.to_numpy()), minlength=len(order) + 1)
+    # each row's rank in ``order_names``; rows without a split go last
+    rank = split_rank(col, order_names)
+    ordered = table if _ordered_by(table, order) else sort_rows(table, order, order_names)
+    counts = np.bincount(np.asarray(rank.to_numpy(zero_copy_only=False)),
+                         minlength=len(order_names) + 1)
     out: list[tuple[str | None, pa.Table]] = []
     start = 0
-    for k, name in enumerate([*order, None]):
+    for k, name in enumerate([*order_names, None]):
         n = int(counts[k])
         if n:
             out.append((safe[name] if name is not None else "unassigned",
                         ordered.slice(start, n)))
         start += n
     return out
+
+
+def _ordered_by(table: pa.Table, order: str) -> bool:
+    return (table.schema.metadata or {}).get(ORDER_KEY) == order.encode()
 
 
 def safe_split_name(name: str) -> str:
@@ -85,7 +94,7 @@ def safe_split_name(name: str) -> str:
 
 
 def sort_by_id(table: pa.Table) -> pa.Table:
-    if table.num_rows == 0:
+    if table.num_rows == 0 or _ordered_by(table, "id"):
         return table
     return table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
 

@@ -124,6 +124,10 @@ class _RowReject(Exception):  # noqa: N818 - a verdict, not an engine failure
         self.detail = detail
 
 
+#: rows whose (recording, path) pairs are computed at a time
+PAIR_SLICE_ROWS = 1 << 20
+
+
 def _recording_id_column(ids: pa.ChunkedArray) -> pa.ChunkedArray:
     """:func:`recording_id` of every id, as an Arrow string column."""
     import pyarrow.compute as pc
@@ -155,9 +159,15 @@ def _recording_ids(table: pa.Table) -> dict[tuple[str, str], str]:
         audio = audio.cast(pa.string())
     ids = table.column("id") if "id" in table.column_names \
         else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
-    pairs = pa.table({"rid": _recording_id_column(ids), "path": audio})
-    pairs = pairs.filter(pc.fill_null(pc.not_equal(pairs.column("path"), ""), False))
-    distinct = pairs.group_by(["rid", "path"], use_threads=False).aggregate([])
+    # distinct pairs a slice at a time, then across slices: Arrow memory per recording
+    found = []
+    for a in range(0, table.num_rows, PAIR_SLICE_ROWS):
+        pairs = pa.table({"rid": _recording_id_column(ids.slice(a, PAIR_SLICE_ROWS)),
+                          "path": audio.slice(a, PAIR_SLICE_ROWS)})
+        pairs = pairs.filter(pc.fill_null(pc.not_equal(pairs.column("path"), ""), False))
+        found.append(pairs.group_by(["rid", "path"], use_threads=False).aggregate([]))
+    distinct = pa.concat_tables(found).group_by(["rid", "path"], use_threads=False) \
+        .aggregate([])
     paths: dict[str, set[str]] = defaultdict(set)
     for rid, p in zip(distinct.column("rid").to_pylist(), distinct.column("path").to_pylist(),
                       strict=True):
@@ -381,13 +391,15 @@ def _codes_plan(table: pa.Table, layout: str) -> tuple[str | None, int]:
 
     if "codes" not in table.column_names or table.num_rows == 0:
         return None, 0
-    col = table.column("codes").combine_chunks()
-    n_cb = pc.max(pc.list_value_length(col)).as_py() or 0
-    if col.null_count == len(col) or n_cb == 0:
-        return None, 0
-    inner = pc.list_flatten(col)  # one entry per codebook of every row
-    ragged = False
-    if len(inner):
+    codes = table.column("codes")
+    n_cb, nulls, ragged = 0, 0, False
+    # chunk by chunk: a mapped input stays mapped (no combined copy of every code)
+    for col in codes.chunks:
+        nulls += col.null_count
+        n_cb = max(n_cb, pc.max(pc.list_value_length(col)).as_py() or 0)
+        inner = pc.list_flatten(col)  # one entry per codebook of every row
+        if ragged or not len(inner):
+            continue
         parents = np.asarray(pc.list_parent_indices(col).to_numpy(zero_copy_only=False))
         lens = np.asarray(pc.fill_null(pc.list_value_length(inner), 0)
                           .to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -396,6 +408,8 @@ def _codes_plan(table: pa.Table, layout: str) -> tuple[str | None, int]:
         np.maximum.at(hi, parents, lens)
         np.minimum.at(lo, parents, lens)
         ragged = bool(np.any((hi >= 0) & (hi != lo)))
+    if nulls == len(codes) or n_cb == 0:
+        return None, 0
     if layout == "auto" and not ragged and "audio_tokenizer" in table.column_names:
         for v in table.column("audio_tokenizer").unique().to_pylist():
             rates = (_json_col(v) or {}).get("codebook_frame_rates")

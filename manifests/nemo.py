@@ -48,6 +48,7 @@ from speechmill.manifests.common import (
     check_span,
     dumps_line,
     encode_audio,
+    filter_rows,
     iter_rows,
     iter_slices,
     json_safe,
@@ -255,9 +256,9 @@ def drop_textless(table: pa.Table, stage_id: str, rejects: list[dict[str, Any]]
     mask = text_mask(table)
     if mask.all():
         return table
-    for r in iter_rows(table.filter(pa.array(~mask))):
+    for r in iter_rows(filter_rows(table, ~mask)):
         rejects.append(reject(r, stage_id, "no_text", "empty transcript"))
-    return table.filter(pa.array(mask))
+    return filter_rows(table, mask)
 
 
 def flat_scores(row: Mapping[str, Any], reserved: Iterable[str] = ()) -> dict[str, Any]:

@@ -77,6 +77,52 @@ def assign_splits(hours: dict[str, float], dev_target: float, test_target: float
     return out
 
 
+#: rows whose speaker groups are computed at a time
+SLICE_ROWS = 1 << 20
+
+
+def group_keys(table: pa.Table) -> pa.Array:
+    """:func:`group_key` of every row of ``table`` (``id`` and optional ``speaker``),
+    computed with Arrow."""
+    import pyarrow.compute as pc
+
+    ids = pc.cast(table.column("id"), pa.string())
+    rec = pc.binary_join_element_wise(
+        "rec:", pc.list_element(pc.split_pattern(pc.fill_null(ids, "None"), "-",
+                                                 max_splits=1), 0), "")
+    if "speaker" not in table.column_names:
+        return rec
+    spk = pc.cast(table.column("speaker"), pa.string())
+    has = pc.fill_null(pc.greater(pc.utf8_length(spk), 0), False)
+    return pc.if_else(has, pc.binary_join_element_wise("spk:", spk, ""), rec)
+
+
+def _seconds_by(table: pa.Table, extra: tuple[str, ...]) -> dict[Any, float]:
+    """Seconds of audio per speaker group (per ``(extra..., group)`` when ``extra`` names
+    columns), aggregated by Arrow a slice at a time: no Python object per row."""
+    if table.num_rows == 0:
+        return {}
+    parts = []
+    for a in range(0, table.num_rows, SLICE_ROWS):
+        t = table.slice(a, SLICE_ROWS)
+        dur = t.column("duration").cast(pa.float64()) if "duration" in t.column_names \
+            else pa.nulls(t.num_rows, pa.float64())
+        cols = {c: t.column(c) for c in extra}
+        parts.append(pa.table({**cols, "key": group_keys(t), "secs": dur})
+                     .group_by([*extra, "key"], use_threads=False)
+                     .aggregate([("secs", "sum")]))
+    keys = [*extra, "key"]
+    total = pa.concat_tables(parts).group_by(keys, use_threads=False) \
+        .aggregate([("secs_sum", "sum")])
+    vals = [total.column(k).to_pylist() for k in keys]
+    secs = total.column("secs_sum_sum").to_pylist()
+    out: dict[Any, float] = {}
+    for i, s in enumerate(secs):
+        k = tuple(v[i] for v in vals)
+        out[k if extra else k[0]] = float(s or 0.0)
+    return out
+
+
 class Split(Stage):
     name = "split"
     description = "train/dev/test by speaker, sized by hours (no speaker in two splits)"
@@ -92,19 +138,13 @@ class Split(Stage):
     def prepare(cls, config: StageConfig, inputs: pa.Table,
                 ctx: StageContext | None = None) -> Any:
         assert isinstance(config, SplitConfig)
-        hours: dict[str, float] = defaultdict(float)
-        if inputs.num_rows:
-            cols = {c: inputs.column(c).to_pylist() if c in inputs.column_names
-                    else [None] * inputs.num_rows for c in ("id", "speaker", "duration")}
-            for rid, spk, dur in zip(cols["id"], cols["speaker"], cols["duration"],
-                                     strict=True):
-                hours[group_key({"id": rid, "speaker": spk})] += float(dur or 0.0) / 3600
+        hours = {k: float(v) / 3600 for k, v in _seconds_by(inputs, ()).items()}
         total = sum(hours.values())
         dev = config.dev_hours if config.dev_hours is not None \
             else config.dev_fraction * total
         test = config.test_hours if config.test_hours is not None \
             else config.test_fraction * total
-        return {"map": assign_splits(dict(hours), dev, test, config.seed),
+        return {"map": assign_splits(hours, dev, test, config.seed),
                 "targets": {"dev": dev, "test": test}}
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -119,17 +159,12 @@ class Split(Stage):
         if outputs.num_rows == 0 or "split" not in outputs.column_names:
             return None
         hours: dict[str, float] = defaultdict(float)
-        groups: dict[str, set[str]] = defaultdict(set)
-        durs = outputs.column("duration").to_pylist() if "duration" in outputs.column_names \
-            else [0.0] * outputs.num_rows
-        spks = outputs.column("speaker").to_pylist() if "speaker" in outputs.column_names \
-            else [None] * outputs.num_rows
-        for rid, spk, split, d in zip(outputs.column("id").to_pylist(), spks,
-                                      outputs.column("split").to_pylist(), durs, strict=True):
-            hours[split] += float(d or 0.0) / 3600
-            groups[split].add(group_key({"id": rid, "speaker": spk}))
+        groups: dict[str, int] = defaultdict(int)
+        for (split, _key), secs in _seconds_by(outputs, ("split",)).items():
+            hours[split] += float(secs) / 3600
+            groups[split] += 1
         return {"hours": {k: round(v, 6) for k, v in sorted(hours.items())},
-                "speakers": {k: len(v) for k, v in sorted(groups.items())}}
+                "speakers": {k: v for k, v in sorted(groups.items())}}
 
     @classmethod
     def summary_lines(cls, summary: dict[str, Any]) -> list[str]:

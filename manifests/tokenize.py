@@ -53,14 +53,18 @@ def _clip(row: dict[str, Any], sr: int) -> np.ndarray:
     return x
 
 
-def _fit_order(ids: list[str], seed: int, k: int) -> list[int]:
+def _fit_order(ids: pa.ChunkedArray | pa.Array, seed: int, k: int) -> list[int]:
     """Indices of the ``k`` rows whose seeded id hash is smallest, in that order: a
-    deterministic sample that does not depend on the input's order (memory ~ k)."""
+    deterministic sample that does not depend on the input's order. Ids are read a slice
+    at a time (memory ~ k, not the number of rows)."""
     import heapq
 
-    return heapq.nsmallest(
-        k, range(len(ids)),
-        key=lambda i: hashlib.sha256(f"{seed}\x1f{ids[i]}".encode()).hexdigest())
+    def keyed():
+        for a in range(0, len(ids), 65536):
+            for j, x in enumerate(ids.slice(a, 65536).to_pylist()):
+                yield hashlib.sha256(f"{seed}\x1f{x}".encode()).hexdigest(), a + j
+
+    return [i for _, i in heapq.nsmallest(k, keyed())]
 
 
 def _inputs_key(cfg: dict[str, Any], ids: pa.ChunkedArray | pa.Array) -> str:
@@ -115,8 +119,7 @@ class Tokenize(Stage):
         from speechmill.manifests.tokenizers.base import load_audio_tokenizer
         from speechmill.manifests.tokenizers.kmeans import fit_codebook, save_codebook
 
-        ids = inputs.column("id").to_pylist()
-        order = _fit_order(ids, a.seed, config.fit_max_utterances)
+        order = _fit_order(inputs.column("id"), a.seed, config.fit_max_utterances)
         key = _inputs_key({"audio": a.model_dump(mode="json"),
                            "fit_max_utterances": config.fit_max_utterances},
                           inputs.column("id"))

@@ -56,7 +56,8 @@ class ExecutorSpec(BaseModel):
     progress: bool = True
     wave_rows: int = Field(
         200_000, ge=1, description="input rows a stage holds in memory at once; a larger "
-        "input runs in waves of this many rows (each wave starts its workers anew)")
+        "input runs in waves of this many rows (each wave starts its workers anew), and "
+        "an export sorts it on disk in runs of this many rows")
 
 
 class StageSpec(BaseModel):

@@ -386,8 +386,16 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     store.clear_scratch(st.id)
     shutil.rmtree(store.rejects_dir(st.id), ignore_errors=True)
     t0 = time.monotonic()
-    inputs = _unique_by_id(stage_inputs(dag, st, store, ctx)) if st.cls.reads_inputs \
-        else pa.table({"id": pa.array([], pa.string())})
+    from speechmill.pipeline.sink_input import read_sink_input
+
+    spill = store.root / "tmp" / st.id  # a large input's sorted, mapped copy
+    if st.cls.reads_inputs:
+        inputs = read_sink_input(
+            [p for n in st.spec.needs for p in store.output_parts(n)],
+            by_split=bool(getattr(st.config, "by_split", False)),
+            max_rows=dag.spec.executor.wave_rows, spill=spill)
+    else:
+        inputs = pa.table({"id": pa.array([], pa.string())})
     prepared = st.cls.prepare(st.config, inputs, ctx)
     if prepared is not None:
         ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
@@ -403,18 +411,20 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
         res = stage.export(inputs, scratch)
     finally:
         stage.teardown()
+    n_in, sec_in = inputs.num_rows, total_seconds(inputs)
+    del inputs, stage, ctx
+    shutil.rmtree(spill, ignore_errors=True)
     if res.rejects is not None and res.rejects.num_rows:
         store.write_rejects(st.id, "export", res.rejects)
     shutil.rmtree(final, ignore_errors=True)
     scratch.rename(final)
     wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
     rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
-    sec_in = total_seconds(inputs)
     reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
     metrics: dict[str, Any] = {
         "stage": st.id,
         "uses": st.spec.uses,
-        "rows_in": inputs.num_rows,
+        "rows_in": n_in,
         "rows_out": int(res.rows_out),
         "rows_rejected": rejects.num_rows,
         "audio_hours_in": sec_in / 3600.0,
@@ -432,24 +442,12 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     store.write_metrics(st.id, metrics)
     store.mark_done(st.id)
     console.print(
-        f"  done {st.id}: {inputs.num_rows} in -> {res.rows_out} exported, "
+        f"  done {st.id}: {n_in} in -> {res.rows_out} exported, "
         f"{rejects.num_rows} rejected; {res.seconds_out / 3600:.3f} h in {wall:.1f} s"
     )
     for line in st.cls.summary_lines(res.summary or {}):
         console.print(f"    {line}")
     return metrics
-
-
-def _unique_by_id(t: pa.Table) -> pa.Table:
-    if t.num_rows == 0 or pc.count_distinct(t.column("id")).as_py() == t.num_rows:
-        return t
-    ids = t.column("id").to_pylist()
-    seen: set[str] = set()
-    keep = []
-    for i in ids:
-        keep.append(i not in seen)
-        seen.add(i)
-    return t if all(keep) else t.filter(pa.array(keep))
 
 
 def _dedup_outputs(st: PlannedStage, store: RunStore) -> None:

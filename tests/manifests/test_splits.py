@@ -69,3 +69,28 @@ def test_split_stage_in_a_dag(tmp_path: Path, segments_dir, executor: str) -> No
     assert all(len(v) == 1 for v in by_spk.values())  # no speaker in two splits
     if len(by_spk) >= 3:
         assert {next(iter(v)) for v in by_spk.values()} == {"train", "dev", "test"}
+
+
+def test_arrow_group_keys_match_rows_and_hours_sum_per_group() -> None:
+    import pyarrow as pa
+
+    from speechmill.manifests import splits
+
+    rows = [
+        {"id": "abc-00000000-00001000", "speaker": "spk-1", "duration": 1.0},
+        {"id": "abc-00002000-00004000", "speaker": "", "duration": 2.0},
+        {"id": "abc-00005000-00008000", "speaker": None, "duration": None},
+        {"id": "def", "speaker": None, "duration": 4.0},
+        {"id": "xyz-1", "speaker": "spk-1", "duration": 8.0},
+    ]
+    t = pa.Table.from_pylist(rows)
+    assert splits.group_keys(t).to_pylist() == [splits.group_key(r) for r in rows]
+    assert splits.group_keys(t.drop(["speaker"])).to_pylist() == [
+        "rec:abc", "rec:abc", "rec:abc", "rec:def", "rec:xyz"]
+    old = splits.SLICE_ROWS
+    try:
+        splits.SLICE_ROWS = 2  # groups span slices
+        got = splits._seconds_by(t, ())
+    finally:
+        splits.SLICE_ROWS = old
+    assert got == {"spk:spk-1": 9.0, "rec:abc": 2.0, "rec:def": 4.0}
