@@ -98,6 +98,7 @@ class PlannedStage:
     cls: type[Stage]
     config: StageConfig
     fingerprint: str = ""
+    legacy_fingerprint: str = ""  # accepted when resuming a run directory of 0.1
     downstream: list[str] = field(default_factory=list)
 
     @property
@@ -256,15 +257,26 @@ def build(raw: dict[str, Any]) -> Dag:
     order = _toposort(spec.stages)
     stages = [planned[i] for i in order]
     for s in stages:
-        h = hashlib.sha256()
-        h.update(s.spec.uses.encode())
-        view = _fingerprint_view(s.config.model_dump(mode="json"))
-        h.update(json.dumps(view, sort_keys=True).encode())
         for need in sorted(s.spec.needs):
-            h.update(planned[need].fingerprint.encode())
             planned[need].downstream.append(s.id)
-        s.fingerprint = h.hexdigest()[:16]
+        s.fingerprint = _fingerprint(s, planned, legacy=False)
+        s.legacy_fingerprint = _fingerprint(s, planned, legacy=True)
     return Dag(spec=spec, stages=stages)
+
+
+def _fingerprint(s: PlannedStage, planned: dict[str, PlannedStage], legacy: bool) -> str:
+    """What a stage's outputs depend on: its ``uses``, the config keys that differ from
+    their defaults (so a release that adds a key, or a config that spells out a default,
+    keeps run directories resumable) and its upstream stages' fingerprints. ``legacy``:
+    the formula of 0.1, which hashed every key with its default."""
+    h = hashlib.sha256()
+    h.update(s.spec.uses.encode())
+    dumped = s.config.model_dump(mode="json", exclude_defaults=not legacy)
+    h.update(json.dumps(_fingerprint_view(dumped), sort_keys=True).encode())
+    for need in sorted(s.spec.needs):
+        up = planned[need]
+        h.update((up.legacy_fingerprint if legacy else up.fingerprint).encode())
+    return h.hexdigest()[:16]
 
 
 def _toposort(specs: list[StageSpec]) -> list[str]:

@@ -79,6 +79,9 @@ def check_resumable(dag: Dag, store: RunStore) -> None:
     """Fail fast when a stage's config changed since its outputs were written."""
     for st in dag.stages:
         fp = store.read_fingerprint(st.id)
+        if fp is not None and fp == st.legacy_fingerprint != st.fingerprint:
+            store.write_fingerprint(st.id, st.fingerprint)  # same config, newer formula
+            continue
         if fp is not None and fp != st.fingerprint:
             raise ConfigError(
                 f"its config changed since {str(store.stage_dir(st.id))!r} was written; "

@@ -194,3 +194,29 @@ def test_stages_register_through_entry_points_and_list_params() -> None:
     for needle in ("ingest", "standardize", "sample_rate", "24000", "'dbfs' | 'lufs' | 'none'",
                    "max_bytes"):
         assert needle in r.stdout, needle
+
+
+def test_fingerprint_ignores_defaults_spelled_out_or_added(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from pydantic import Field
+
+    from speechmill.stages.standardize import Standardize
+
+    a = dagmod.loads(good(tmp_path))
+    default = Standardize.Config.model_fields["target_dbfs"].default
+    b = dagmod.loads(good(tmp_path), overrides=[f"std.target_dbfs={default}"])
+    assert b.stage("std").config.model_fields_set >= {"target_dbfs"}
+    assert a.stage("std").fingerprint == b.stage("std").fingerprint
+    # a release adds a key with a default: run directories stay resumable
+
+    class Newer(Standardize.Config):
+        brand_new_knob: int = Field(7)
+
+    monkeypatch.setattr(Standardize, "Config", Newer)
+    c = dagmod.loads(good(tmp_path))
+    assert c.stage("std").config.brand_new_knob == 7  # type: ignore[attr-defined]
+    assert c.stage("std").fingerprint == a.stage("std").fingerprint
+    assert c.stage("std").legacy_fingerprint != a.stage("std").legacy_fingerprint
+    d = dagmod.loads(good(tmp_path), overrides=["std.brand_new_knob=8"])
+    assert d.stage("std").fingerprint != a.stage("std").fingerprint

@@ -186,6 +186,19 @@ def test_changed_config_fails_fast_and_restart_from(tmp_path: Path) -> None:
     assert reasons["c002"] == "no_output"
 
 
+def test_run_dir_of_the_old_fingerprint_formula_resumes(tmp_path: Path) -> None:
+    dag = make_dag(tmp_path)
+    run(dag, progress=False)
+    store = RunStore(tmp_path)
+    for st in dag.stages:  # as speechmill 0.1 wrote them
+        store.write_fingerprint(st.id, st.legacy_fingerprint)
+    res = run(make_dag(tmp_path), progress=False)
+    assert all(s["state"] == "done earlier" for s in res.stages)
+    assert all(store.read_fingerprint(st.id) == st.fingerprint for st in dag.stages)
+    with pytest.raises(ConfigError, match=r"stage 'picky'.*config changed"):
+        run(make_dag(tmp_path, drop=2), progress=False)
+
+
 def test_second_live_run_is_refused(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
     with store.lock(), pytest.raises(RunLockedError):
