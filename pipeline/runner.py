@@ -234,6 +234,7 @@ class StageInput:
     rows_in: int = 0
     seconds_in: float = 0.0
     has_duration: bool = False
+    repeated: int = 0  # rows whose id an earlier row has (skipped, not work done)
 
     @property
     def pending(self) -> int:
@@ -280,31 +281,59 @@ def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
                      ctx: StageContext) -> StageInput:
     """Count the input and mark, per part, the rows to do: not consumed by an earlier
     attempt (outputs' ``parent_id``, rejects' ``id``) and not an id seen before (an id
-    twice upstream would be processed twice: the first is kept)."""
-    import numpy as np
+    twice upstream would be processed twice: the first is kept). Ids are handled as
+    Arrow columns (about 50 bytes per row while the masks are made; one byte per row
+    after), never as Python objects."""
+    from speechmill.pipeline.store import as_string
 
-    consumed = store.consumed_ids(st.id)
     units: list[Any] = ([stage_inputs(dag, st, store, ctx)] if st.cls.is_source else
                         [p for n in st.spec.needs for p in store.output_parts(n)])
     inp = StageInput(units=units, masks=[])
-    seen: set[str] = set()
+    chunks: list[pa.Array] = []
+    sizes: list[int] = []
     for u in units:
         t = inp._read(u, ["id", "duration"])
         if t.num_rows and "id" not in t.column_names:
             raise SpeechmillError(f"stage {st.id!r}: its input has no 'id' column")
-        ids = t.column("id").to_pylist() if t.num_rows else []
-        keep = np.zeros(len(ids), dtype=bool)
-        for i, x in enumerate(ids):
-            if x in consumed or x in seen:
-                continue
-            seen.add(x)
-            keep[i] = True
-        inp.masks.append(keep)
-        inp.rows_in += len(ids)
+        if t.num_rows:
+            chunks.extend(as_string(t.column("id")).chunks)
+        sizes.append(t.num_rows)
+        inp.rows_in += t.num_rows
         if "duration" in t.column_names:
             inp.has_duration = True
             inp.seconds_in += total_seconds(t)
+    ids = pa.chunked_array(chunks, pa.string())
+    keep = first_unconsumed(ids, store.consumed_id_array(st.id))
+    inp.repeated = len(ids) - (pc.count_distinct(ids, mode="all").as_py() if len(ids) else 0)
+    del ids, chunks
+    a = 0
+    for n in sizes:
+        inp.masks.append(keep[a:a + n])
+        a += n
     return inp
+
+
+def first_unconsumed(ids: pa.ChunkedArray, consumed: pa.ChunkedArray) -> Any:
+    """Bool mask over ``ids``: not in ``consumed``, and the first row with its id (a
+    null id counts as one value)."""
+    import numpy as np
+
+    n = len(ids)
+    keep = np.ones(n, dtype=bool)
+    if n == 0:
+        return keep
+    if len(consumed):
+        hit = pc.fill_null(pc.is_in(ids, value_set=consumed.combine_chunks()), False)
+        keep &= ~np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
+    if pc.count_distinct(ids, mode="all").as_py() < n:
+        idx = pc.sort_indices(ids)  # stable: the copies of an id keep their order
+        s = ids.take(idx)
+        same = pc.or_(pc.fill_null(pc.equal(s.slice(1), s.slice(0, n - 1)), False),
+                      pc.and_(pc.is_null(s.slice(1)), pc.is_null(s.slice(0, n - 1))))
+        dup = np.concatenate([[False], np.asarray(same.to_numpy(zero_copy_only=False),
+                                                  dtype=bool)])
+        keep[np.asarray(idx.to_numpy(zero_copy_only=False))[dup]] = False
+    return keep
 
 
 def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,
@@ -324,7 +353,8 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                                prepared=prepared)
     pending = inp.pending
     prog = StageProgress(
-        st.id, total=inp.rows_in, already=inp.rows_in - pending,
+        st.id, total=inp.rows_in - inp.repeated,
+        already=inp.rows_in - inp.repeated - pending,
         console=console, enabled=show,
     )
     timeout = dag.spec.executor.stall_timeout_s

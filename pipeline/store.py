@@ -126,6 +126,19 @@ class RunStore:
             done.update(x for x in col.to_pylist() if x is not None)
         return done
 
+    def consumed_id_array(self, stage_id: str) -> pa.ChunkedArray:
+        """:meth:`consumed_ids` as one Arrow string column (compact: no Python object
+        per id); may hold repeats."""
+        cols = []
+        for parts, name in ((self.output_parts(stage_id), "parent_id"),
+                            (self.reject_parts(stage_id), "id")):
+            for p in parts:
+                if name not in pq.read_schema(p).names:
+                    continue
+                col = pq.read_table(p, columns=[name]).column(name)
+                cols.extend(as_string(col).chunks)
+        return pa.chunked_array(cols, pa.string())
+
     def count_rows(self, stage_id: str) -> tuple[int, int]:
         outs = sum(pq.ParquetFile(p).metadata.num_rows for p in self.output_parts(stage_id))
         rej = sum(pq.ParquetFile(p).metadata.num_rows for p in self.reject_parts(stage_id))
@@ -173,14 +186,61 @@ class RunStore:
 
 
 class RunLock:
-    """Refuses a second live run on the same directory; a stale lock (dead pid) is taken."""
+    """Refuses a second live run on the same directory.
+
+    The lock is an ``flock`` on ``run.lock`` (NFS clients emulate it with the server's
+    byte-range locks), which the kernel drops when the holder dies, so a crashed run never blocks the
+    next one and two runs racing for a stale lock cannot both win. The file names the
+    holder (pid, host) for the error message. Where the filesystem has no locks
+    (``ENOLCK``), it falls back to creating the file exclusively and taking it over when
+    its pid is dead on this host.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fd: int | None = None
+
+    def _me(self) -> bytes:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.time()}).encode()
+
+    def _held_by(self) -> RunLockedError:
+        try:
+            other = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            other = {}
+        return RunLockedError(f"run directory {str(self.path.parent)!r} is in use by pid "
+                              f"{other.get('pid')} on {other.get('host')}")
 
     def __enter__(self) -> RunLock:
+        import errno
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(5):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno == errno.ENOLCK:
+                    return self._enter_exclusive()
+                raise self._held_by() from None
+            try:  # the holder before us may have unlinked the file: lock the live one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, self._me())
+            self.fd = fd
+            return self
+        raise RunLockedError(f"could not lock {str(self.path)!r}")
+
+    def _enter_exclusive(self) -> RunLock:
+        me = json.loads(self._me())
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -206,7 +266,21 @@ class RunLock:
         raise RunLockedError(f"could not lock {str(self.path)!r}")
 
     def __exit__(self, *exc: object) -> None:
+        # unlink while still holding the lock; a waiter that opened the old file sees
+        # that it is gone (inode check) and retries on a new one
         self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def as_string(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """An id column as ``string`` chunks (ids may come as dictionary, large or null)."""
+    if isinstance(col, pa.Array):
+        col = pa.chunked_array([col])
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col if col.type == pa.string() else col.cast(pa.string())
 
 
 def _alive(pid: int) -> bool:

@@ -209,3 +209,28 @@ def test_second_live_run_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run.lock").write_text(
         json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
     assert run(make_dag(tmp_path), progress=False).status == "succeeded"
+
+
+def test_lock_is_released_by_a_killed_holder_and_never_shared(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom speechmill.pipeline.store import RunStore\n"
+            "with RunStore(sys.argv[1]).lock():\n    print('held', flush=True)\n"
+            "    time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"pid {p.pid}"), RunStore(tmp_path).lock():
+            pass
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    # the holder died without cleaning up: its file is still there, its lock is not
+    assert (tmp_path / "run.lock").exists()
+    # one holder at a time, even in one process
+    with RunStore(tmp_path).lock(), pytest.raises(RunLockedError), RunStore(tmp_path).lock():
+        pass
+    assert not (tmp_path / "run.lock").exists()
