@@ -62,8 +62,8 @@ def split_groups(table: pa.Table, by_split: bool = True) -> list[tuple[str | Non
     safe = {name: safe_split_name(name) for name in order_names}
     if len(set(safe.values())) != len(safe):
         raise ValueError(f"split names {sorted(safe)} collide as directory names")
-    if not order_names:  # every row without a split
-        return [("unassigned", sort_by_id(table))]
+    if not order_names:  # every row without a split: (split, id) order is id order
+        return [("unassigned", table if _ordered_by(table, order) else sort_by_id(table))]
     # each row's rank in ``order_names``; rows without a split go last
     rank = split_rank(col, order_names)
     ordered = table if _ordered_by(table, order) else sort_rows(table, order, order_names)

@@ -81,11 +81,21 @@ def assign_splits(hours: dict[str, float], dev_target: float, test_target: float
 SLICE_ROWS = 1 << 20
 
 
-def group_keys(table: pa.Table) -> pa.Array:
+def _stringy(col: Any) -> bool:
+    t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def group_keys(table: pa.Table) -> Any:
     """:func:`group_key` of every row of ``table`` (``id`` and optional ``speaker``),
-    computed with Arrow."""
+    computed with Arrow for string columns (as every stage writes them), row by row
+    otherwise (Python's ``str()`` of a number or bool is what :func:`group_key` uses)."""
     import pyarrow.compute as pc
 
+    cols = [table.column(c) for c in ("id", "speaker") if c in table.column_names]
+    if not all(_stringy(c) for c in cols):
+        rows = table.select([c for c in ("id", "speaker") if c in table.column_names])
+        return pa.array([group_key(r) for r in rows.to_pylist()], pa.string())
     ids = pc.cast(table.column("id"), pa.string())
     rec = pc.binary_join_element_wise(
         "rec:", pc.list_element(pc.split_pattern(pc.fill_null(ids, "None"), "-",

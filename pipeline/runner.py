@@ -438,15 +438,17 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     console.print(f"> {st.id}: exporting {inputs.num_rows} rows -> {final}")
-    stage = st.cls(st.config, ctx)
-    stage.setup()
-    try:
-        res = stage.export(inputs, scratch)
-    finally:
-        stage.teardown()
     n_in, sec_in = inputs.num_rows, total_seconds(inputs)
-    del inputs, stage, ctx
-    shutil.rmtree(spill, ignore_errors=True)
+    stage = st.cls(st.config, ctx)
+    try:
+        stage.setup()
+        try:
+            res = stage.export(inputs, scratch)
+        finally:
+            stage.teardown()
+    finally:  # the sorted copy of a large input goes, whatever the export did
+        del inputs, stage, ctx
+        shutil.rmtree(spill, ignore_errors=True)
     if res.rejects is not None and res.rejects.num_rows:
         store.write_rejects(st.id, "export", res.rejects)
     shutil.rmtree(final, ignore_errors=True)

@@ -42,6 +42,8 @@ BATCH_ROWS = 65536
 BATCH_BYTES = 8 << 20
 #: ids sampled to place the bucket boundaries
 SAMPLE_ROWS = 200_000
+#: bucket files open at once (more id ranges: the parts are read once per MAX_OPEN)
+MAX_OPEN = 128
 
 
 def split_order(names: Iterable[Any]) -> list[str]:
@@ -154,13 +156,17 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
     sample: list[str] = []
     for p in parts:
         have = set(pq.read_schema(p).names)
-        cols = ["id"] + (["split"] if order == "split,id" and "split" in have else [])
+        cols = [c for c in ("id", "split") if c in have
+                and (c == "id" or order == "split,id")]
+        if not cols:
+            continue
         t = pq.read_table(p, columns=cols)
         if "split" in t.column_names:
             names.update(pc.unique(plain_split(t.column("split"))).to_pylist())
-        ids = t.column("id")
-        sample.extend(x for x in ids.take(pa.array(range(0, len(ids), stride))).to_pylist()
-                      if x is not None)
+        if "id" in t.column_names and t.num_rows:
+            ids = t.column("id")
+            pick = pa.array(np.arange(0, len(ids), stride, dtype=np.int64))
+            sample.extend(x for x in ids.take(pick).to_pylist() if x is not None)
     split_names = split_order(names)
     sample.sort()
     n_buckets = max(1, math.ceil(n / max_rows))
@@ -168,25 +174,78 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
     bounds = sorted({sample[int(k * per)] for k in range(1, n_buckets)
                      if int(k * per) < len(sample)})
     edges = np.array(bounds, dtype=object)
+    last = len(edges)  # null ids go to the last range (Arrow sorts nulls last)
 
-    # 2. rows to their id range's bucket file, in upstream order
+    # 2 + 3, for at most MAX_OPEN ranges at a time (open files stay few): each part's
+    # rows go to their range's bucket file in upstream order; then bucket by bucket,
+    # rows are deduplicated, sorted and appended to the file of their split
+    n_files = len(split_names) + 1 if order == "split,id" else 1
+    tag_ = uuid.uuid4().hex[:8]  # fresh names: never truncate a file someone maps
+    paths = [spill / f"sorted-{tag_}-{k:03d}.arrow" for k in range(n_files)]
+    outs: dict[int, Any] = {}
+    try:
+        for lo in range(0, last + 1, MAX_OPEN):
+            hi = min(last + 1, lo + MAX_OPEN)
+            written = _fill_buckets(parts, schema, edges, lo, hi, spill)
+            for b in written:
+                path = spill / f"bucket-{b:05d}.arrow"
+                with pa.memory_map(str(path)) as src:
+                    t = pa.ipc.open_stream(src).read_all()
+                path.unlink()
+                t = sort_rows(unique_by_id(t), order, split_names)
+                if order == "id":
+                    ranks = np.zeros(t.num_rows, dtype=np.int64)
+                else:
+                    ranks = np.asarray(split_rank(t.column("split"), split_names)
+                                       .to_numpy(zero_copy_only=False), dtype=np.int64)
+                counts = np.bincount(ranks, minlength=n_files)
+                a = 0
+                for k, c in enumerate(counts):
+                    if not c:
+                        continue
+                    if k not in outs:  # streams: dictionaries may differ between batches
+                        outs[k] = pa.ipc.new_stream(str(paths[k]), schema)
+                    outs[k].write_table(t.slice(a, int(c)), max_chunksize=batch_rows(t))
+                    a += int(c)
+                del t
+    finally:
+        for w in outs.values():
+            w.close()
+    tables = [open_mapped(paths[k]) for k in sorted(outs)]
+    return tag(pa.concat_tables(tables) if tables else schema.empty_table(), order, spill)
+
+
+def _fill_buckets(parts: list[Path], schema: pa.Schema, edges: np.ndarray, lo: int,
+                  hi: int, spill: Path) -> list[int]:
+    """Rows of every part whose id range is in ``[lo, hi)`` appended to
+    ``bucket-<range>.arrow``, in part order; the ranges written, in order."""
+    import pyarrow.parquet as pq
+
     writers: dict[int, Any] = {}
     try:
         for p in parts:
             t = _align(pq.read_table(p), schema)
             if t.num_rows == 0:
                 continue
-            ids = np.array(["" if x is None else x for x in t.column("id").to_pylist()],
-                           dtype=object)
+            col = t.column("id")
+            ids = np.array(col.to_pylist(), dtype=object)
+            null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            ids[null] = ""
             bucket = np.searchsorted(edges, ids, side="right") if len(edges) \
                 else np.zeros(len(ids), dtype=np.int64)
-            perm = np.argsort(bucket, kind="stable")
-            t = t.take(pa.array(perm))
-            counts = np.bincount(bucket, minlength=len(edges) + 1)
+            bucket[null] = len(edges)
+            mine = (bucket >= lo) & (bucket < hi)
+            if not mine.any():
+                continue
+            sel = np.flatnonzero(mine)
+            sel = sel[np.argsort(bucket[sel], kind="stable")]
+            t = t.take(pa.array(sel))
+            counts = np.bincount(bucket[sel] - lo, minlength=hi - lo)
             a = 0
-            for b, c in enumerate(counts):
+            for k, c in enumerate(counts):
                 if not c:
                     continue
+                b = lo + k
                 if b not in writers:
                     writers[b] = pa.ipc.new_stream(str(spill / f"bucket-{b:05d}.arrow"),
                                                    schema)
@@ -195,38 +254,7 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
     finally:
         for w in writers.values():
             w.close()
-
-    # 3. bucket by bucket: dedup, sort, append to the file of each split
-    n_files = len(split_names) + 1 if order == "split,id" else 1
-    paths = [spill / f"sorted-{k:03d}.arrow" for k in range(n_files)]
-    outs: dict[int, Any] = {}
-    try:
-        for b in sorted(writers):
-            path = spill / f"bucket-{b:05d}.arrow"
-            with pa.memory_map(str(path)) as src:
-                t = pa.ipc.open_stream(src).read_all()
-            path.unlink()
-            t = sort_rows(unique_by_id(t), order, split_names)
-            if order == "id":
-                ranks = np.zeros(t.num_rows, dtype=np.int64)
-            else:
-                ranks = np.asarray(split_rank(t.column("split"), split_names)
-                                   .to_numpy(zero_copy_only=False), dtype=np.int64)
-            counts = np.bincount(ranks, minlength=n_files)
-            a = 0
-            for k, c in enumerate(counts):
-                if not c:
-                    continue
-                if k not in outs:
-                    outs[k] = pa.ipc.new_file(str(paths[k]), schema)
-                outs[k].write_table(t.slice(a, int(c)), max_chunksize=batch_rows(t))
-                a += int(c)
-            del t
-    finally:
-        for w in outs.values():
-            w.close()
-    tables = [open_mapped(paths[k]) for k in sorted(outs)]
-    return tag(pa.concat_tables(tables) if tables else schema.empty_table(), order, spill)
+    return sorted(writers)
 
 
 def batch_rows(table: pa.Table) -> int:
@@ -239,8 +267,9 @@ def batch_rows(table: pa.Table) -> int:
 
 
 def open_mapped(path: Path) -> pa.Table:
-    """An uncompressed Arrow IPC file as a table whose buffers are the mapped file."""
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    """An uncompressed Arrow IPC stream file as a table whose buffers are the mapped
+    file."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
 
 
 def filter_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
@@ -254,7 +283,7 @@ def filter_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
         return table.filter(pa.array(mask))
     path = Path(spill.decode()) / f"filtered-{uuid.uuid4().hex}.arrow"
     step = batch_rows(table)
-    with pa.ipc.new_file(str(path), table.schema) as w:
+    with pa.ipc.new_stream(str(path), table.schema) as w:
         for a in range(0, table.num_rows, step):
             part = table.slice(a, step)
             w.write_table(part.filter(pa.array(mask[a:a + part.num_rows])))

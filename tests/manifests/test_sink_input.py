@@ -200,3 +200,35 @@ def test_large_export_heap_is_bounded(tmp_path: Path) -> None:
     for split in ("train", "dev", "test"):
         a = (tmp_path / "out-mem" / split / "manifest.json").read_bytes()
         assert a == (tmp_path / "out-disk" / split / "manifest.json").read_bytes()
+
+
+def test_external_sort_edge_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dictionary columns whose dictionaries differ between parts, null ids, an empty
+    part, a part without ids, and more id ranges than files kept open at once."""
+    from speechmill.pipeline import sink_input
+
+    def part(name: str, ids: list, splits: list, **extra) -> Path:
+        cols = {"split": pa.array(splits, pa.string()).dictionary_encode(),
+                "topic": pa.array([f"t{len(name)}-{i}" for i in range(len(splits))])
+                .dictionary_encode(), **extra}
+        if ids is not None:
+            cols = {"id": pa.array(ids, pa.string()), **cols}
+        p = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table(cols), p)
+        return p
+
+    parts = [
+        part("a", [f"x{i:03d}" for i in range(40)] + [None], ["train", "dev"] * 20 + ["dev"]),
+        part("b", [], []),
+        part("cc", [f"x{i:03d}" for i in range(30, 70)] + [None], ["test"] * 41),
+        part("ddd", None, ["train", None]),
+    ]
+    monkeypatch.setattr(sink_input, "MAX_OPEN", 3)  # 12 ranges: parts read 4 times
+    for by_split in (True, False):
+        mem = read_sink_input(parts, by_split=by_split, max_rows=10**6, spill=tmp_path / "m")
+        ext = read_sink_input(parts, by_split=by_split, max_rows=8, spill=tmp_path / "x")
+        assert ext.to_pylist() == mem.to_pylist()
+        assert ext.schema.remove_metadata() == mem.schema.remove_metadata()
+        ids = [r["id"] for r in ext.to_pylist()]
+        assert ids.count(None) == 1 and len(ids) == 71
+    assert pa.types.is_dictionary(ext.schema.field("topic").type)

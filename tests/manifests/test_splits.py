@@ -94,3 +94,15 @@ def test_arrow_group_keys_match_rows_and_hours_sum_per_group() -> None:
     finally:
         splits.SLICE_ROWS = old
     assert got == {"spk:spk-1": 9.0, "rec:abc": 2.0, "rec:def": 4.0}
+
+
+def test_group_keys_of_non_string_columns_match_python() -> None:
+    import pyarrow as pa
+
+    from speechmill.manifests import splits
+
+    rows = [{"id": 1.0, "speaker": 0}, {"id": 2.5, "speaker": 7}, {"id": None, "speaker": None}]
+    t = pa.Table.from_pylist(rows)
+    assert splits.group_keys(t).to_pylist() == [splits.group_key(r) for r in rows]
+    b = pa.Table.from_pylist([{"id": "a-1", "speaker": True}, {"id": "b", "speaker": False}])
+    assert splits.group_keys(b).to_pylist() == ["spk:True", "rec:b"]
