@@ -55,9 +55,9 @@ class ExecutorSpec(BaseModel):
     stall_timeout_s: float = Field(900.0, gt=0, description="fail when nothing advances")
     progress: bool = True
     wave_rows: int = Field(
-        200_000, ge=1, description="input rows a stage holds in memory at once; a larger "
-        "input runs in waves of this many rows (each wave starts its workers anew), and "
-        "an export sorts it on disk in runs of this many rows")
+        200_000, ge=1, description="input rows a stage holds in memory at once where it "
+        "runs in waves (local executor; Ray after a worker died; each wave starts its "
+        "workers anew), and the rows an export sorts in memory (larger: on disk)")
 
 
 class StageSpec(BaseModel):

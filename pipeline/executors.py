@@ -115,6 +115,49 @@ def _one_row(cls: type[Stage], config: StageConfig, ctx: StageContext, data: byt
     return json.dumps(run_batch(stage, _from_ipc(data), RunStore(ctx.run_dir)))
 
 
+def read_group(items: list[tuple[Any, Any]], size: int, seconds: float | None
+               ) -> Iterator[pa.Table]:
+    """Worker side of a streamed stage: read one group of upstream units (part files,
+    or slices of a source's plan), keep the rows still to do, cut them into batches and
+    yield each as a block holding it IPC-encoded."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from speechmill.pipeline.records import concat
+
+    tables = []
+    for unit, keep in items:
+        t = unit if isinstance(unit, pa.Table) else pq.read_table(unit)
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.all():
+            t = t.filter(pa.array(keep))
+        tables.append(t)
+    t = concat(tables)
+    for b in batches_of(t, size, seconds):  # one block per batch: pools spread them
+        yield pa.table({"ipc": pa.array([_ipc(b)], pa.binary())})
+
+
+def _groups_source(groups: list[list[tuple[Any, Any]]], size: int,
+                   seconds: float | None) -> Any:
+    """A Ray Data datasource with one read task per group: reads run on the workers."""
+    import functools
+
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class _Groups(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None)
+            return [ReadTask(functools.partial(read_group, g, size, seconds), meta)
+                    for g in groups]
+
+    return _Groups()
+
+
 def _is_ray_failure(e: BaseException) -> bool:
     mod = type(e).__module__ or ""
     return mod.startswith("ray.") or "ray" in mod.split(".")[:1]
@@ -180,6 +223,70 @@ class RayExecutor:
         size = min(requested, fit) if requested else fit
         return max(1, min(size, n_batches))
 
+    def _map(self, ds: Any, cls: type[Stage], config: StageConfig, ctx: StageContext,
+             size: int, res: Resources) -> Any:
+        import ray.data
+
+        gpus = res.gpus if self.cluster_gpus > 0 else 0.0
+        common: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=res.cpus)
+        if res.memory_gb > 0:
+            common["memory"] = int(res.memory_gb * 2**30)
+        # bounded retries: a file that crashes its worker must not be retried forever
+        if cls.uses_model:
+            return ds.map_batches(
+                _ActorWorker,
+                fn_constructor_kwargs={"cls": cls, "config": config, "ctx": ctx},
+                compute=ray.data.ActorPoolStrategy(size=size),
+                num_gpus=gpus or None,
+                # a dead actor is not restarted (its constructor args may be gone); the
+                # rows of the failed batch are isolated instead
+                max_restarts=0,
+                **common,
+            )
+        return ds.map_batches(
+            _task_fn,
+            fn_kwargs={"cls": cls, "config": config, "ctx": ctx},
+            compute=ray.data.TaskPoolStrategy(size=size),
+            max_retries=2,
+            **common,
+        )
+
+    #: the runner may hand this executor a whole stage as groups of units (see
+    #: :meth:`run_streaming`) instead of waves of batches
+    streams = True
+
+    def run_streaming(self, cls: type[Stage], config: StageConfig, ctx: StageContext,
+                      groups: list[list[tuple[Any, Any]]], n_batches: int, batch_size: int,
+                      batch_seconds: float | None, on_stats: StatsFn,
+                      concurrency: int | None = None, resources: Resources | None = None
+                      ) -> bool:
+        """Run a whole stage as one Ray Data pipeline: read tasks on the workers read
+        the upstream parts (the driver sends only part paths and row masks), cut
+        batches, and one worker pool (one model load per actor) processes them all,
+        with Ray Data's backpressure. False when a worker died: the caller reruns what
+        is left in waves, which isolate the row that kills its worker."""
+        import ray.data
+
+        if not groups:
+            return True
+        res = resources or cls.resources
+        ds = ray.data.read_datasource(_groups_source(groups, batch_size, batch_seconds),
+                                      override_num_blocks=len(groups), num_cpus=0.25)
+        size = self.pool_size(cls, concurrency, max(1, n_batches), res)
+        ds = self._map(ds, cls, config, ctx, size, res)
+        try:
+            for row in ds.iter_rows():
+                on_stats(json.loads(row["stats"]))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            if not _is_ray_failure(e):
+                raise
+            log.warning("stage %s: a worker failed (%s); finishing in waves", ctx.stage_id,
+                        type(e).__name__)
+            return False
+        return True
+
     def run_stage(
         self,
         cls: type[Stage],
@@ -198,30 +305,7 @@ class RayExecutor:
         items = [{"ipc": _ipc(b)} for b in batches]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         size = self.pool_size(cls, concurrency, len(items), res)
-        gpus = res.gpus if self.cluster_gpus > 0 else 0.0
-        common: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=res.cpus)
-        if res.memory_gb > 0:
-            common["memory"] = int(res.memory_gb * 2**30)
-        # bounded retries: a file that crashes its worker must not be retried forever
-        if cls.uses_model:
-            ds = ds.map_batches(
-                _ActorWorker,
-                fn_constructor_kwargs={"cls": cls, "config": config, "ctx": ctx},
-                compute=ray.data.ActorPoolStrategy(size=size),
-                num_gpus=gpus or None,
-                # a dead actor is not restarted (its constructor args may be gone); the
-                # rows of the failed batch are isolated below instead
-                max_restarts=0,
-                **common,
-            )
-        else:
-            ds = ds.map_batches(
-                _task_fn,
-                fn_kwargs={"cls": cls, "config": config, "ctx": ctx},
-                compute=ray.data.TaskPoolStrategy(size=size),
-                max_retries=2,
-                **common,
-            )
+        ds = self._map(ds, cls, config, ctx, size, res)
         try:
             for row in ds.iter_rows():
                 on_stats(json.loads(row["stats"]))

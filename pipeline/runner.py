@@ -4,10 +4,13 @@ For each stage the runner counts its inputs (a source stage's plan, or the upstr
 stages' part files, read one at a time), marks the inputs the stage already consumed
 (outputs' ``parent_id`` and rejects' ``id`` in its own directory) and ids seen twice,
 runs the stage's optional ``prepare`` over the columns it declares, then hands the rest
-to the executor in batches, wave by wave (``executor.wave_rows`` rows at a time, so a
-stage never holds its whole input in memory), then finalises: optional dedup of output
-ids, ``metrics.json`` and ``_SUCCESS``. A stage with ``_SUCCESS`` is skipped, so
-rerunning a finished run does no work. Sinks (exports) get their whole input at once.
+to the executor: on Ray as one streamed pipeline whose read tasks read the parts on the
+workers (the driver sends part paths and row masks), otherwise (and on Ray after a
+worker died) in batches, wave by wave (``executor.wave_rows`` rows at a time, so a
+stage never holds its whole input in memory); then it finalises: optional dedup of
+output ids, ``metrics.json`` and ``_SUCCESS``. A stage with ``_SUCCESS`` is skipped, so
+rerunning a finished run does no work. Sinks (exports) get their whole input as one
+table, sorted on disk and memory-mapped when it is large (:mod:`.sink_input`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import platform
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -257,6 +259,31 @@ class StageInput:
         return concat([self._read(u, None if columns is None else list(columns))
                        for u in self.units])
 
+    def groups(self, target_rows: int) -> list[list[tuple[Any, Any]]]:
+        """The rows still to do as groups of ``(unit, mask)`` of about ``target_rows``
+        rows each (a part is never split; a source's plan is sliced): what read tasks
+        on workers read when a stage is streamed."""
+        out: list[list[tuple[Any, Any]]] = []
+        cur: list[tuple[Any, Any]] = []
+        n = 0
+        for unit, keep in zip(self.units, self.masks, strict=True):
+            if not keep.any():
+                continue
+            if isinstance(unit, pa.Table):  # a source's plan: slices of it
+                for a in range(0, unit.num_rows, target_rows):
+                    k = keep[a:a + target_rows]
+                    if k.any():
+                        out.append([(unit.slice(a, target_rows), k)])
+                continue
+            cur.append((unit, keep))
+            n += int(keep.sum())
+            if n >= target_rows:
+                out.append(cur)
+                cur, n = [], 0
+        if cur:
+            out.append(cur)
+        return out
+
     def waves(self, wave_rows: int) -> Iterator[pa.Table]:
         buf: list[pa.Table] = []
         n = 0
@@ -275,6 +302,10 @@ class StageInput:
                     buf, n = [], 0
         if buf:
             yield concat(buf)
+
+
+#: rows a read task of a streamed stage reads (whole upstream parts, so about this many)
+STREAM_GROUP_ROWS = 2048
 
 
 def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
@@ -366,11 +397,24 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                 prog.update(stats)
 
             try:
-                for wave in inp.waves(dag.spec.executor.wave_rows):
-                    batches = list(batches_of(wave, st.batch_size, st.batch_seconds))
-                    exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
-                                  concurrency=st.spec.concurrency, resources=st.resources)
-                    dog.tick()
+                streamed = False
+                if getattr(exe, "streams", False) and pending:
+                    # one pipeline for the whole stage; workers read the parts
+                    target = max(4 * st.batch_size, STREAM_GROUP_ROWS)
+                    streamed = exe.run_streaming(
+                        st.cls, st.config, ctx, inp.groups(target),
+                        n_batches=-(-pending // st.batch_size), batch_size=st.batch_size,
+                        batch_seconds=st.batch_seconds, on_stats=on_stats,
+                        concurrency=st.spec.concurrency, resources=st.resources)
+                    if not streamed:  # a worker died: what is left goes in waves
+                        inp = read_stage_input(dag, st, store, ctx)
+                if not streamed:
+                    for wave in inp.waves(dag.spec.executor.wave_rows):
+                        batches = list(batches_of(wave, st.batch_size, st.batch_seconds))
+                        exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
+                                      concurrency=st.spec.concurrency,
+                                      resources=st.resources)
+                        dog.tick()
             except KeyboardInterrupt:
                 if dog.fired:
                     raise StallError(
@@ -455,7 +499,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     scratch.rename(final)
     wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
     rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
-    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    reasons = _reason_counts(rejects)
     metrics: dict[str, Any] = {
         "stage": st.id,
         "uses": st.spec.uses,
@@ -528,6 +572,15 @@ def _dedup_outputs(st: PlannedStage, store: RunStore) -> None:
             p.unlink()
 
 
+def _reason_counts(rejects: pa.Table) -> dict[str, int]:
+    """Rejects per reason (Arrow ``value_counts``: no Python object per reject)."""
+    if not rejects.num_rows:
+        return {}
+    vc = pc.value_counts(rejects.column("reason"))
+    return {str(v): int(c) for v, c in zip(vc.field("values").to_pylist(),
+                                           vc.field("counts").to_pylist(), strict=True)}
+
+
 def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float
              ) -> dict[str, Any]:
     outs = store.read_outputs(st.id, ["id", "duration"])
@@ -537,7 +590,7 @@ def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float
     sec_in = inp.seconds_in
     if st.cls.is_source or not inp.has_duration:
         sec_in = sec_out + sec_rej
-    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    reasons = _reason_counts(rejects)
     return {
         "stage": st.id,
         "uses": st.spec.uses,

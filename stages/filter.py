@@ -151,27 +151,37 @@ class Filter(Stage):
 
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
-        per: dict[str, dict[str, float]] = {}
-        kept_s = 0.0
+        """Rows and hours per rule, aggregated with Arrow (no Python object per row)."""
+        import pyarrow.compute as pc
+
+        def dur(t: pa.Table) -> Any:
+            return pc.fill_null(t.column("duration").cast(pa.float64()), 0.0) \
+                if "duration" in t.column_names else pa.array(np.zeros(t.num_rows))
+
         if "filter_would_reject" in outputs.column_names:  # dry run
-            for reasons, dur in zip(outputs.column("filter_would_reject").to_pylist(),
-                                    outputs.column("duration").to_pylist(), strict=True):
-                for r in reasons or []:
-                    e = per.setdefault(r, {"rows": 0, "hours": 0.0})
-                    e["rows"] += 1
-                    e["hours"] += float(dur or 0.0) / 3600
-                if not reasons:
-                    kept_s += float(dur or 0.0)
+            col = outputs.column("filter_would_reject").combine_chunks() \
+                if outputs.num_rows else pa.array([], pa.list_(pa.string()))
+            d = dur(outputs)
+            parents = pc.list_parent_indices(col)
+            hits = pa.table({"reason": pc.list_flatten(col), "duration": pc.take(d, parents)})
+            n_rules = pc.fill_null(pc.list_value_length(col), 0)
+            kept_s = pc.sum(pc.filter(d, pc.equal(n_rules, 0))).as_py() or 0.0
             mode = "dry_run"
         else:
-            for r in rejects.select(["reason", "duration"]).to_pylist():
-                e = per.setdefault(r["reason"], {"rows": 0, "hours": 0.0})
-                e["rows"] += 1
-                e["hours"] += float(r["duration"] or 0.0) / 3600
-            if "duration" in outputs.column_names:
-                kept_s = float(sum(d or 0.0 for d in outputs.column("duration").to_pylist()))
+            hits = pa.table({"reason": rejects.column("reason"), "duration": dur(rejects)}) \
+                if rejects.num_rows else pa.table({"reason": pa.array([], pa.string()),
+                                                   "duration": pa.array([], pa.float64())})
+            kept_s = (pc.sum(dur(outputs)).as_py() or 0.0) if outputs.num_rows else 0.0
             mode = "filter"
-        return {"mode": mode, "hours_kept": kept_s / 3600,
+        per: dict[str, dict[str, float]] = {}
+        if hits.num_rows:
+            g = hits.group_by("reason", use_threads=False).aggregate(
+                [("reason", "count"), ("duration", "sum")])
+            for r, n, s in zip(g.column("reason").to_pylist(),
+                               g.column("reason_count").to_pylist(),
+                               g.column("duration_sum").to_pylist(), strict=True):
+                per[r] = {"rows": int(n), "hours": float(s or 0.0) / 3600}
+        return {"mode": mode, "hours_kept": float(kept_s) / 3600,
                 "rules": dict(sorted(per.items()))}
 
     @classmethod

@@ -14,6 +14,7 @@ import pytest
 from speechmill.pipeline.dag import loads
 from speechmill.pipeline.executors import LocalExecutor
 from speechmill.pipeline.runner import run
+from speechmill.pipeline.stage import Stage, StageConfig
 from speechmill.pipeline.store import RunStore
 
 
@@ -78,3 +79,58 @@ def test_interrupted_between_waves_resumes(tmp_path: Path,
     assert run(_dag(tmp_path, "waves", 3), progress=False).status == "succeeded"
     out = _out(tmp_path / "waves")
     assert out == _out(tmp_path / "one") and len({r["id"] for r in out}) == len(out) == 10
+
+
+class _CountingConfig(StageConfig):
+    marker_dir: str
+
+
+class _Counting(Stage):
+    """A model stage whose setup (the model load) leaves a marker file each time."""
+
+    name = "t_counting_model"
+    Config = _CountingConfig
+    uses_model = True
+
+    def setup(self) -> None:
+        import os
+        import uuid
+
+        d = Path(self.config.marker_dir)  # type: ignore[attr-defined]
+        (d / f"setup-{os.getpid()}-{uuid.uuid4().hex}").write_text("")
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"id": row["id"], "duration": row.get("duration")}
+
+
+@pytest.mark.ray
+def test_ray_streams_a_stage_through_one_pool(tmp_path: Path) -> None:
+    """On Ray, a stage larger than wave_rows is one pipeline: workers read the parts,
+    and the model loads once per actor for the whole stage, not once per wave."""
+    import sys
+
+    from ray import cloudpickle
+
+    from speechmill.pipeline import registry
+
+    registry.register(_Counting)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rows = pa.table({"id": [f"r{i:03d}" for i in range(40)], "duration": [1.0] * 40})
+    pq.write_table(rows, tmp_path / "rows.parquet", row_group_size=7)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    d = loads(f"""
+name: stream
+run_dir: {tmp_path / 'run'}
+executor: {{type: ray, num_cpus: 2, progress: false, wave_rows: 5, stall_timeout_s: 300}}
+stages:
+  - {{id: src, uses: read_parquet, batch_size: 3, with: {{paths: ["{tmp_path / 'rows.parquet'}"]}}}}
+  - {{id: m, uses: t_counting_model, needs: [src], batch_size: 2,
+      with: {{marker_dir: "{markers}"}}}}
+""")
+    assert run(d, progress=False).status == "succeeded"
+    out = RunStore(tmp_path / "run").read_outputs("m", ["id"]).column("id").to_pylist()
+    assert sorted(out) == [f"r{i:03d}" for i in range(40)]
+    # 40 rows in waves of 5 would have loaded the model 8 times; one pool loads it once
+    # per actor (2 CPUs: one actor, the other CPU reads and writes)
+    assert len(list(markers.iterdir())) == 1

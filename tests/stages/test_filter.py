@@ -103,3 +103,15 @@ def test_dry_run_keeps_everything_and_reports() -> None:
     assert s["rules"]["too_short"]["rows"] == 1
     assert s["rules"]["low_dnsmos"]["hours"] == pytest.approx(5.0 / 3600)
     assert s["hours_kept"] == pytest.approx(5.0 / 3600)
+
+
+def test_filter_summary_counts_rejects_per_rule() -> None:
+    rej = pa.table({"reason": ["too_short", "low_dnsmos", "too_short"],
+                    "duration": [1.0, 3600.0, None]})
+    s = Filter.summarize(pa.table({"id": ["a", "b"], "duration": [7200.0, None]}), rej)
+    assert s == {"mode": "filter", "hours_kept": pytest.approx(2.0),
+                 "rules": {"low_dnsmos": {"rows": 1, "hours": pytest.approx(1.0)},
+                           "too_short": {"rows": 2, "hours": pytest.approx(1 / 3600)}}}
+    empty = Filter.summarize(pa.table({"id": pa.array([], pa.string())}),
+                             pa.table({"reason": pa.array([], pa.string())}))
+    assert empty == {"mode": "filter", "hours_kept": 0.0, "rules": {}}
