@@ -261,13 +261,17 @@ class StageInput:
 
     def groups(self, target_rows: int) -> list[list[tuple[Any, Any]]]:
         """The rows still to do as groups of ``(unit, mask)`` of about ``target_rows``
-        rows each (a part is never split; a source's plan is sliced): what read tasks
-        on workers read when a stage is streamed."""
+        rows each: what read tasks on workers read when a stage is streamed. Small
+        parts are grouped; a part (or a source's plan) with more rows than that is
+        split by row masks, each read task keeping only its share."""
+        import numpy as np
+
         out: list[list[tuple[Any, Any]]] = []
         cur: list[tuple[Any, Any]] = []
         n = 0
         for unit, keep in zip(self.units, self.masks, strict=True):
-            if not keep.any():
+            todo = int(keep.sum())
+            if not todo:
                 continue
             if isinstance(unit, pa.Table):  # a source's plan: slices of it
                 for a in range(0, unit.num_rows, target_rows):
@@ -275,8 +279,15 @@ class StageInput:
                     if k.any():
                         out.append([(unit.slice(a, target_rows), k)])
                 continue
+            if todo > target_rows:  # one part, several read tasks
+                rows = np.flatnonzero(keep)
+                for a in range(0, len(rows), target_rows):
+                    k = np.zeros(len(keep), dtype=bool)
+                    k[rows[a:a + target_rows]] = True
+                    out.append([(unit, k)])
+                continue
             cur.append((unit, keep))
-            n += int(keep.sum())
+            n += todo
             if n >= target_rows:
                 out.append(cur)
                 cur, n = [], 0
@@ -306,6 +317,8 @@ class StageInput:
 
 #: rows a read task of a streamed stage reads (whole upstream parts, so about this many)
 STREAM_GROUP_ROWS = 2048
+#: read tasks a small streamed stage is cut into, at least
+STREAM_MIN_GROUPS = 32
 
 
 def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
@@ -400,7 +413,10 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                 streamed = False
                 if getattr(exe, "streams", False) and pending:
                     # one pipeline for the whole stage; workers read the parts
-                    target = max(4 * st.batch_size, STREAM_GROUP_ROWS)
+                    # ~2048 rows a read task; small stages in more, smaller tasks
+                    # (at least one batch each) so the pool has work to spread
+                    target = max(st.batch_size,
+                                 min(STREAM_GROUP_ROWS, -(-pending // STREAM_MIN_GROUPS)))
                     streamed = exe.run_streaming(
                         st.cls, st.config, ctx, inp.groups(target),
                         n_batches=-(-pending // st.batch_size), batch_size=st.batch_size,

@@ -134,3 +134,23 @@ stages:
     # 40 rows in waves of 5 would have loaded the model 8 times; one pool loads it once
     # per actor (2 CPUs: one actor, the other CPU reads and writes)
     assert len(list(markers.iterdir())) == 1
+
+
+def test_stream_groups_split_big_parts_and_join_small_ones(tmp_path: Path) -> None:
+    import numpy as np
+
+    from speechmill.pipeline.runner import StageInput
+
+    big = np.ones(100, dtype=bool)
+    big[::10] = False  # 90 rows to do
+    small = [np.ones(7, dtype=bool) for _ in range(5)]
+    inp = StageInput(units=["big", *[f"s{i}" for i in range(5)]], masks=[big, *small])
+    groups = inp.groups(30)
+    per_big = [k for g in groups for u, k in g if u == "big"]
+    assert len(per_big) == 3 and all(k.sum() == 30 for k in per_big)
+    assert (np.logical_or.reduce(per_big) == big).all() and sum(k.sum() for k in per_big) == 90
+    smalls = [g for g in groups if g[0][0] != "big"]
+    assert [len(g) for g in smalls] == [5] and sum(k.sum() for _, k in smalls[0]) == 35
+    plan = pa.table({"id": [f"p{i}" for i in range(10)]})
+    src = StageInput(units=[plan], masks=[np.array([True] * 9 + [False])])
+    assert [g[0][0].num_rows for g in src.groups(4)] == [4, 4, 2]
