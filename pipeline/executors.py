@@ -120,19 +120,10 @@ def read_group(items: list[tuple[Any, Any]], size: int, seconds: float | None
     """Worker side of a streamed stage: read one group of upstream units (part files,
     or slices of a source's plan), keep the rows still to do, cut them into batches and
     yield each as a block holding it IPC-encoded."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
     from speechmill.pipeline.records import concat
+    from speechmill.pipeline.store import read_unit
 
-    tables = []
-    for unit, keep in items:
-        t = unit if isinstance(unit, pa.Table) else pq.read_table(unit)
-        keep = np.asarray(keep, dtype=bool)
-        if not keep.all():
-            t = t.filter(pa.array(keep))
-        tables.append(t)
-    t = concat(tables)
+    t = concat([read_unit(unit, keep) for unit, keep in items])
     for b in batches_of(t, size, seconds):  # one block per batch: pools spread them
         yield pa.table({"ipc": pa.array([_ipc(b)], pa.binary())})
 
@@ -156,6 +147,19 @@ def _groups_source(groups: list[list[tuple[Any, Any]]], size: int,
                     for g in groups]
 
     return _Groups()
+
+
+def _drain(ds: Any, on_stats: StatsFn) -> Exception | None:
+    """Pass every batch's stats on as the pipeline yields them. Returns the Ray error
+    when a worker died (segfault, OOM kill) more often than retried; raises others."""
+    try:
+        for row in ds.iter_rows():
+            on_stats(json.loads(row["stats"]))
+    except Exception as e:
+        if not _is_ray_failure(e):
+            raise
+        return e
+    return None
 
 
 def _is_ray_failure(e: BaseException) -> bool:
@@ -273,19 +277,11 @@ class RayExecutor:
         ds = ray.data.read_datasource(_groups_source(groups, batch_size, batch_seconds),
                                       override_num_blocks=len(groups), num_cpus=0.25)
         size = self.pool_size(cls, concurrency, max(1, n_batches), res)
-        ds = self._map(ds, cls, config, ctx, size, res)
-        try:
-            for row in ds.iter_rows():
-                on_stats(json.loads(row["stats"]))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            if not _is_ray_failure(e):
-                raise
+        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats)
+        if failed is not None:
             log.warning("stage %s: a worker failed (%s); finishing in waves", ctx.stage_id,
-                        type(e).__name__)
-            return False
-        return True
+                        type(failed).__name__)
+        return failed is None
 
     def run_stage(
         self,
@@ -305,18 +301,11 @@ class RayExecutor:
         items = [{"ipc": _ipc(b)} for b in batches]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         size = self.pool_size(cls, concurrency, len(items), res)
-        ds = self._map(ds, cls, config, ctx, size, res)
-        try:
-            for row in ds.iter_rows():
-                on_stats(json.loads(row["stats"]))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a worker died (segfault, OOM kill) more often than retried
-            if not _is_ray_failure(e):
-                raise
+        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats)
+        if failed is not None:
             log.warning("stage %s: a worker failed (%s); isolating rows", ctx.stage_id,
-                        type(e).__name__)
-            self._isolate(cls, config, ctx, batches, on_stats, res, e)
+                        type(failed).__name__)
+            self._isolate(cls, config, ctx, batches, on_stats, res, failed)
 
     def _isolate(self, cls: type[Stage], config: StageConfig, ctx: StageContext,
                  batches: list[pa.Table], on_stats: StatsFn, res: Resources,

@@ -119,6 +119,33 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def first_copies(ids: Any, consumed: Any = None) -> Any:
+    """Bool mask over the id column ``ids``: the first row of each id (a null id counts
+    as one value) and, when given, not in ``consumed``. Arrow only (``is_in``, a stable
+    sort): no Python object per row."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = len(ids)
+    keep = np.ones(n, dtype=bool)
+    if n == 0:
+        return keep
+    if consumed is not None and len(consumed):
+        if isinstance(consumed, pa.ChunkedArray):
+            consumed = consumed.combine_chunks()
+        hit = pc.fill_null(pc.is_in(ids, value_set=consumed), False)
+        keep &= ~np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
+    if pc.count_distinct(ids, mode="all").as_py() < n:
+        idx = pc.sort_indices(ids)  # stable: the copies of an id keep their order
+        s = ids.take(idx)
+        same = pc.or_(pc.fill_null(pc.equal(s.slice(1), s.slice(0, n - 1)), False),
+                      pc.and_(pc.is_null(s.slice(1)), pc.is_null(s.slice(0, n - 1))))
+        dup = np.concatenate([[False], np.asarray(same.to_numpy(zero_copy_only=False),
+                                                  dtype=bool)])
+        keep[np.asarray(idx.to_numpy(zero_copy_only=False))[dup]] = False
+    return keep
+
+
 def total_seconds(table: pa.Table) -> float:
     if "duration" not in table.column_names or table.num_rows == 0:
         return 0.0

@@ -33,10 +33,21 @@ import pyarrow.compute as pc
 from speechmill.pipeline.dag import Dag, PlannedStage
 from speechmill.pipeline.errors import ConfigError, SpeechmillError, StallError
 from speechmill.pipeline.executors import LocalExecutor, RayExecutor, Watchdog, batches_of
-from speechmill.pipeline.records import REJECT_SCHEMA, concat, reject, total_seconds
+from speechmill.pipeline.records import (
+    REJECT_SCHEMA,
+    concat,
+    first_copies,
+    reject,
+    total_seconds,
+)
 from speechmill.pipeline.report import StageProgress, render_summary
 from speechmill.pipeline.stage import StageContext
-from speechmill.pipeline.store import RunStore, atomic_write_bytes, atomic_write_parquet
+from speechmill.pipeline.store import (
+    RunStore,
+    atomic_write_bytes,
+    atomic_write_parquet,
+    read_unit,
+)
 
 
 @dataclass
@@ -207,22 +218,21 @@ def _safe_argv(dag: Dag, argv: list[str] | None = None) -> list[str]:
 
 
 def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext) -> pa.Table:
-    if st.cls.is_source:
-        # the first attempt's plan is kept: a resume finishes exactly that work even if
-        # the sources changed meanwhile (new files, a feed that is down or has moved on)
-        plan_path = store.stage_dir(st.id) / "_plan.parquet"
-        if plan_path.exists():
-            import pyarrow.parquet as pq
+    """A source stage's plan. The first attempt's plan is kept: a resume finishes
+    exactly that work even if the sources changed meanwhile (new files, a feed that is
+    down or has moved on)."""
+    plan_path = store.stage_dir(st.id) / "_plan.parquet"
+    if plan_path.exists():
+        import pyarrow.parquet as pq
 
-            return pq.read_table(plan_path)
-        stage = st.cls(st.config, ctx)
-        try:
-            planned = stage.plan()
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot plan inputs: {e}", stage=st.id) from None
-        atomic_write_parquet(plan_path, planned)
-        return planned
-    return concat([store.read_outputs(n) for n in st.spec.needs])
+        return pq.read_table(plan_path)
+    stage = st.cls(st.config, ctx)
+    try:
+        planned = stage.plan()
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot plan inputs: {e}", stage=st.id) from None
+    atomic_write_parquet(plan_path, planned)
+    return planned
 
 
 @dataclass
@@ -242,21 +252,9 @@ class StageInput:
     def pending(self) -> int:
         return int(sum(int(m.sum()) for m in self.masks))
 
-    def _read(self, unit: Any, columns: list[str] | None = None) -> pa.Table:
-        if isinstance(unit, pa.Table):
-            if columns is None:
-                return unit
-            return unit.select([c for c in columns if c in unit.column_names])
-        import pyarrow.parquet as pq
-
-        if columns is None:
-            return pq.read_table(unit)
-        have = set(pq.read_schema(unit).names)
-        return pq.read_table(unit, columns=[c for c in columns if c in have])
-
     def read_all(self, columns: tuple[str, ...] | None) -> pa.Table:
         """Every input row (consumed ones too), only ``columns`` (None: all)."""
-        return concat([self._read(u, None if columns is None else list(columns))
+        return concat([read_unit(u, columns=None if columns is None else list(columns))
                        for u in self.units])
 
     def groups(self, target_rows: int) -> list[list[tuple[Any, Any]]]:
@@ -301,9 +299,7 @@ class StageInput:
         for unit, keep in zip(self.units, self.masks, strict=True):
             if not keep.any():
                 continue
-            t = self._read(unit)
-            if not keep.all():
-                t = t.filter(pa.array(keep))
+            t = read_unit(unit, keep)
             for a in range(0, t.num_rows, wave_rows):
                 piece = t.slice(a, wave_rows)
                 buf.append(piece)
@@ -336,7 +332,7 @@ def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
     chunks: list[pa.Array] = []
     sizes: list[int] = []
     for u in units:
-        t = inp._read(u, ["id", "duration"])
+        t = read_unit(u, columns=["id", "duration"])
         if t.num_rows and "id" not in t.column_names:
             raise SpeechmillError(f"stage {st.id!r}: its input has no 'id' column")
         if t.num_rows:
@@ -347,7 +343,7 @@ def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
             inp.has_duration = True
             inp.seconds_in += total_seconds(t)
     ids = pa.chunked_array(chunks, pa.string())
-    keep = first_unconsumed(ids, store.consumed_id_array(st.id))
+    keep = first_copies(ids, store.consumed_id_array(st.id))
     inp.repeated = len(ids) - (pc.count_distinct(ids, mode="all").as_py() if len(ids) else 0)
     del ids, chunks
     a = 0
@@ -355,29 +351,6 @@ def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
         inp.masks.append(keep[a:a + n])
         a += n
     return inp
-
-
-def first_unconsumed(ids: pa.ChunkedArray, consumed: pa.ChunkedArray) -> Any:
-    """Bool mask over ``ids``: not in ``consumed``, and the first row with its id (a
-    null id counts as one value)."""
-    import numpy as np
-
-    n = len(ids)
-    keep = np.ones(n, dtype=bool)
-    if n == 0:
-        return keep
-    if len(consumed):
-        hit = pc.fill_null(pc.is_in(ids, value_set=consumed.combine_chunks()), False)
-        keep &= ~np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
-    if pc.count_distinct(ids, mode="all").as_py() < n:
-        idx = pc.sort_indices(ids)  # stable: the copies of an id keep their order
-        s = ids.take(idx)
-        same = pc.or_(pc.fill_null(pc.equal(s.slice(1), s.slice(0, n - 1)), False),
-                      pc.and_(pc.is_null(s.slice(1)), pc.is_null(s.slice(0, n - 1))))
-        dup = np.concatenate([[False], np.asarray(same.to_numpy(zero_copy_only=False),
-                                                  dtype=bool)])
-        keep[np.asarray(idx.to_numpy(zero_copy_only=False))[dup]] = False
-    return keep
 
 
 def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,

@@ -89,14 +89,12 @@ def sort_rows(table: pa.Table, order: str, names: list[str]) -> pa.Table:
 
 def unique_by_id(t: pa.Table) -> pa.Table:
     """One row per id: the first in table order."""
-    if t.num_rows == 0 or pc.count_distinct(t.column("id")).as_py() == t.num_rows:
+    from speechmill.pipeline.records import first_copies
+
+    if t.num_rows == 0:
         return t
-    seen: set[Any] = set()
-    keep = []
-    for i in t.column("id").to_pylist():
-        keep.append(i not in seen)
-        seen.add(i)
-    return t.filter(pa.array(keep))
+    keep = first_copies(t.column("id"))
+    return t if keep.all() else t.filter(pa.array(keep))
 
 
 def tag(table: pa.Table, order: str, spill: Path | None = None) -> pa.Table:

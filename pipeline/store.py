@@ -117,14 +117,7 @@ class RunStore:
         return _read_parts([path], columns)
 
     def consumed_ids(self, stage_id: str) -> set[str]:
-        done: set[str] = set()
-        for p in self.output_parts(stage_id):
-            col = pq.read_table(p, columns=["parent_id"]).column("parent_id")
-            done.update(x for x in col.to_pylist() if x is not None)
-        for p in self.reject_parts(stage_id):
-            col = pq.read_table(p, columns=["id"]).column("id")
-            done.update(x for x in col.to_pylist() if x is not None)
-        return done
+        return {x for x in self.consumed_id_array(stage_id).to_pylist() if x is not None}
 
     def consumed_id_array(self, stage_id: str) -> pa.ChunkedArray:
         """:meth:`consumed_ids` as one Arrow string column (compact: no Python object
@@ -272,6 +265,23 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the lock
             self.fd = None
+
+
+def read_unit(unit: Path | pa.Table, keep: Any = None,
+              columns: list[str] | None = None) -> pa.Table:
+    """One unit of a stage's input (an upstream part file, or a source's plan table):
+    only ``columns`` it has (None: all), only the rows ``keep`` (a bool mask) marks."""
+    if isinstance(unit, pa.Table):
+        t = unit if columns is None else unit.select(
+            [c for c in columns if c in unit.column_names])
+    elif columns is None:
+        t = pq.read_table(unit)
+    else:
+        have = set(pq.read_schema(unit).names)
+        t = pq.read_table(unit, columns=[c for c in columns if c in have])
+    if keep is not None and not keep.all():
+        t = t.filter(pa.array(keep))
+    return t
 
 
 def as_string(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
