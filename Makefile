@@ -1,15 +1,32 @@
 # One command each: `make demo` and `make test` do all set-up on a fresh machine.
+# Installs come from uv.lock (every package of every extra, exact versions and hashes),
+# so a fresh machine gets exactly what CI tested. Refresh the lock with `make lock`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+UV_VERSION := 0.13.9
+TOOLS  := .tools
+UV     := $(TOOLS)/bin/uv
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install sysdeps demo test lint bench clean
+.PHONY: install sysdeps demo test lint lock lock-check bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,ml]"
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+
+# Fails (with the fix) when pyproject.toml changed and uv.lock was not refreshed.
+lock-check: $(UV)
+	@$(UV) lock --check --python $(PYTHON) -q || { echo "error: uv.lock is out of sync with pyproject.toml; refresh it with 'make lock' and commit uv.lock" >&2; exit 1; }
+
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(MAKE) --no-print-directory lock-check
+	$(UV) sync --locked --all-extras --python $(PYTHON) -q
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +45,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) sysdeps
+test: lock-check $(STAMP) sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
