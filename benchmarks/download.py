@@ -1,9 +1,10 @@
-"""Benchmark: the ``download`` stage's fetcher vs. a naive sequential ``requests`` loop.
+"""Benchmark: the ``download`` stage's fetcher vs. ``requests`` loops (sequential, pooled).
 
 Usage::
 
     python benchmarks/download.py --hosts 4 --files-per-host 16 --seconds 20 \\
-        --latency-ms 50 --kbps 2000 --per-host-concurrency 4 --threads 16 --executor local
+        --latency-ms 50 --kbps 2000 --per-host-concurrency 4 --threads 16 --executor local \\
+        --repeat 3
 
 What it does
 ------------
@@ -23,8 +24,12 @@ What it does
    headers (time to first byte) and then sends the body in 16 KiB pieces paced to at
    most ``--kbps`` kilobits/s, like a real, slowish server. URLs are listed round-robin
    over the hosts.
-3. **Baseline.** A plain sequential loop: ``requests.get(url).content`` written to a
-   file, one URL after another (a new connection each time, no fsync).
+3. **Baselines.** (a) A plain sequential loop: ``requests.get(url).content`` written to
+   a file, one URL after another (a new connection each time, no fsync). (b) The same
+   work on a ``concurrent.futures.ThreadPoolExecutor(--threads)``, the concurrency the
+   download stage uses, with one ``requests.Session`` per thread (keep-alive), no
+   per-host limits, no retries, no checks: what a careful script without speechmill
+   does.
 4. **Fetcher.** :class:`speechmill.stages.fetch.Fetcher` directly, with ``Fetcher.fetch``
    mapped over a ``ThreadPoolExecutor(--threads)``, under the stage's policy with
    ``--per-host-concurrency`` / ``--per-host-rps``. Each file is streamed into a
@@ -39,12 +44,15 @@ What it does
    ``wall_seconds`` from ``stages/download/metrics.json`` (planning, the executor run and
    commits).
 
+With ``--repeat N`` every phase runs N times (in turn: sequential, pool, fetcher,
+stage) and each row shows the median wall.
+
 Reading the numbers
 -------------------
 * ``files/s`` and ``MB/s`` (1 MB = 10^6 bytes of file content) are throughput over the
   row's wall time; every row moves the same files. Higher is better.
-* ``vs baseline`` is a row's throughput divided by the baseline's (= baseline wall / row
-  wall). With one request at a time, the baseline needs about
+* ``vs sequential`` / ``vs pool`` is a row's throughput divided by that baseline's (=
+  baseline wall / row wall). With one request at a time, the sequential loop needs about
   ``sum(latency + size / bandwidth)``: the "modelled serial time" line. The ceiling for
   speechmill is about ``min(threads, hosts x per_host_concurrency)`` requests at once
   (printed as "ideal speed-up"), lower if ``--per-host-rps`` caps request starts at
@@ -63,7 +71,8 @@ Reading the numbers
   commits and batch boundaries.
 * ``server max in flight`` is the most requests a server had open at once in each
   phase: for the fetcher and the local-executor stage it must not exceed
-  ``--per-host-concurrency``. ``requests`` above the file count mean retries.
+  ``--per-host-concurrency``; the thread pool has no per-host limit and may.
+  ``requests`` above the file count mean retries.
 * The per-host lines come from ``stage_summary.hosts`` in the stage's metrics.json:
   ``files/s`` and ``MB/s`` there are per *fetch slot* (files or bytes divided by the
   summed fetch seconds of that host's files), i.e. the speed of one connection, not the
@@ -81,6 +90,7 @@ import json
 import math
 import shutil
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -311,6 +321,39 @@ def run_baseline(urls: list[tuple[str, MediaFile]], out_dir: Path) -> dict[str, 
     return {"wall_seconds": wall, "ok": ok, "bytes": nbytes, "errors": errors}
 
 
+def run_pool_baseline(urls: list[tuple[str, MediaFile]], out_dir: Path,
+                      threads: int) -> dict[str, Any]:
+    """``session.get(url).content`` written to a file, on ``threads`` threads (one
+    ``requests.Session`` per thread)."""
+    import requests
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    local = threading.local()
+
+    def one(item: tuple[int, tuple[str, MediaFile]]) -> tuple[bool, int, str | None]:
+        i, (url, m) = item
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        try:
+            body = session.get(url, timeout=(10, 60)).content
+        except requests.RequestException as e:
+            return False, 0, f"{url}: {type(e).__name__}"
+        (out_dir / f"{i:05d}.mp3").write_bytes(body)
+        if hashlib.sha256(body).hexdigest() != m.sha256:
+            return False, len(body), f"{url}: wrong content ({len(body)} bytes)"
+        return True, len(body), None
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        results = list(ex.map(one, enumerate(urls)))
+    wall = time.perf_counter() - t0
+    return {"wall_seconds": wall, "ok": sum(r[0] for r in results),
+            "bytes": sum(r[1] for r in results),
+            "errors": [r[2] for r in results if r[2]]}
+
+
 def fetch_policy(args: argparse.Namespace) -> Any:
     from speechmill.stages.download import DownloadConfig
     from speechmill.stages.fetch import FetchPolicy
@@ -415,7 +458,8 @@ def report(args: argparse.Namespace, hosts: list[Host], media: list[MediaFile],
 
     n = len(media)
     total_bytes = sum(len(m.data) for m in media)
-    base, fet, stg = phases["baseline"], phases["fetcher"], phases["stage"]
+    base, pool = phases["baseline"], phases["pool"]
+    fet, stg = phases["fetcher"], phases["stage"]
     m = stg["metrics"]
     bps = args.kbps * 1000 / 8
     serial = sum(args.latency_ms / 1000 + (len(m_.data) / bps if bps else 0.0)
@@ -439,23 +483,32 @@ def report(args: argparse.Namespace, hosts: list[Host], media: list[MediaFile],
           f"per_host_concurrency) = {slots}")
     print()
     rows = [
-        ("baseline (sequential requests)", base["wall_seconds"]),
+        ("baseline: sequential requests", base["wall_seconds"]),
+        (f"baseline: requests, {args.threads} threads", pool["wall_seconds"]),
         (f"Fetcher on {args.threads} threads", fet["wall_seconds"]),
         ("download stage, whole run", stg["wall_seconds"]),
-        ("download stage, stage only", float(m["wall_seconds"])),
+        ("download stage, stage only", stg["stage_wall_seconds"]),
     ]
-    header = (f"{'':<32} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'vs baseline':>12}")
+    header = (f"{'':<34} {'wall s':>8} {'files/s':>9} {'MB/s':>8} {'vs sequential':>14} "
+              f"{'vs pool':>8}")
+    print(f"medians of {args.repeat} run(s)" if args.repeat > 1 else "one run")
     print(header)
     print("-" * len(header))
     base_fps = _rate(n, base["wall_seconds"])
+    pool_fps = _rate(n, pool["wall_seconds"])
     for label, wall in rows:
         fps = _rate(n, wall)
-        print(f"{label:<32} {wall:>8.2f} {fps:>9.2f} {_rate(total_bytes / 1e6, wall):>8.2f} "
-              f"{fps / base_fps:>11.2f}x")
+        print(f"{label:<34} {wall:>8.2f} {fps:>9.2f} {_rate(total_bytes / 1e6, wall):>8.2f} "
+              f"{fps / base_fps:>13.2f}x {fps / pool_fps:>7.2f}x")
+    if args.repeat > 1:
+        print("walls of each run: " + "; ".join(
+            f"{k} " + ", ".join(f"{w:.2f}" for w in phases[k]["walls"])
+            for k in ("baseline", "pool", "fetcher", "stage")))
     print()
-    print(f"files ok: baseline {base['ok']}/{n}, fetcher {fet['ok']}/{n}, stage "
-          f"{m['rows_out']} out / {m['rows_rejected']} rejected (status {stg['status']})")
-    for label, ph in (("baseline", base), ("fetcher", fet)):
+    print(f"files ok: sequential {base['ok']}/{n}, pool {pool['ok']}/{n}, fetcher "
+          f"{fet['ok']}/{n}, stage {m['rows_out']} out / {m['rows_rejected']} rejected "
+          f"(status {stg['status']})")
+    for label, ph in (("sequential", base), ("pool", pool), ("fetcher", fet)):
         for e in ph["errors"][:5]:
             print(f"  {label} error: {e}")
     if m["rows_rejected"]:
@@ -464,7 +517,7 @@ def report(args: argparse.Namespace, hosts: list[Host], media: list[MediaFile],
     for base_url in (h.server.base for h in hosts):
         cells = ", ".join(f"{ph} {loads[ph][base_url]['requests']}/"
                           f"{loads[ph][base_url]['max_in_flight']}"
-                          for ph in ("baseline", "fetcher", "stage"))
+                          for ph in ("baseline", "pool", "fetcher", "stage"))
         print(f"  {base_url}: {cells}")
     summary = m.get("stage_summary") or {}
     print("stage_summary.hosts (metrics.json):")
@@ -496,14 +549,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="CPUs for the embedded Ray (default: all)")
     ap.add_argument("--workdir", default="runs/bench-download",
                     help="media, downloaded files and the run dir go here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every phase this many times; rows show medians")
     ap.add_argument("--verbose", action="store_true", help="show the runner's summary")
     args = ap.parse_args(argv)
     if args.hosts < 1 or args.hosts > 254 or args.files_per_host < 1:
         ap.error("--hosts must be 1..254 and --files-per-host >= 1")
     if args.seconds <= 0 or args.latency_ms < 0 or args.kbps < 0 or args.per_host_rps < 0:
         ap.error("--seconds must be > 0; --latency-ms, --kbps, --per-host-rps >= 0")
-    if args.threads < 1 or args.per_host_concurrency < 1:
-        ap.error("--threads and --per-host-concurrency must be >= 1")
+    if args.threads < 1 or args.per_host_concurrency < 1 or args.repeat < 1:
+        ap.error("--threads, --per-host-concurrency and --repeat must be >= 1")
     args.workdir = str(Path(args.workdir).resolve())
     return args
 
@@ -514,25 +569,44 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     media = ensure_media(workdir / "media", args)
     hosts = start_servers(media, args)
-    phases: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     loads: dict[str, dict[str, dict[str, int]]] = {}
     try:
         urls = url_list(media, hosts)
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("baseline", lambda: run_baseline(urls, workdir / "baseline")),
+            ("pool", lambda: run_pool_baseline(urls, workdir / "pool", args.threads)),
             ("fetcher", lambda: run_fetcher(urls, workdir / "fetcher", args)),
             ("stage", lambda: run_stage(urls, workdir / "speechmill_run", args)),
         ]
-        for name, fn in steps:
-            reset_loads(hosts)
-            print(f"{name}: running ...", flush=True)
-            phases[name] = fn()
-            loads[name] = server_loads(hosts)
-            print(f"{name}: {phases[name]['wall_seconds']:.2f} s", flush=True)
+        for k in range(args.repeat):
+            for name, fn in steps:
+                reset_loads(hosts)
+                print(f"{name} ({k + 1}/{args.repeat}): running ...", flush=True)
+                res = fn()
+                if name == "stage":
+                    res["stage_wall_seconds"] = float(res["metrics"]["wall_seconds"])
+                runs.setdefault(name, []).append(res)
+                loads[name] = server_loads(hosts)  # the last run's
+                print(f"{name}: {res['wall_seconds']:.2f} s", flush=True)
     finally:
         for h in hosts:
             h.server.stop()
+    phases = {name: median_run(rs) for name, rs in runs.items()}
     report(args, hosts, media, phases, loads)
+
+
+def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last run's details with median walls (and every run's wall in ``walls``)."""
+    out = dict(rs[-1])
+    out["walls"] = [r["wall_seconds"] for r in rs]
+    out["wall_seconds"] = statistics.median(out["walls"])
+    if "stage_wall_seconds" in out:
+        out["stage_wall_seconds"] = statistics.median(r["stage_wall_seconds"] for r in rs)
+    if "ok" in out:  # the worst run's count and every run's errors
+        out["ok"] = min(r["ok"] for r in rs)
+        out["errors"] = [e for r in rs for e in r["errors"]]
+    return out
 
 
 if __name__ == "__main__":

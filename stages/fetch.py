@@ -18,7 +18,11 @@ Safety
     globally routable is refused (``private_address``) unless ``allow_private`` names the
     host, the address or a network containing it. Redirects are followed by hand and
     every hop is checked again. As a guard against DNS rebinding the peer address of the
-    actual connection is checked too (not when a proxy from the environment is used).
+    actual connection (plain or TLS) is checked too, as soon as the response headers are
+    in and before any body byte is read, redirect bodies included (not when a proxy from
+    the environment is used: the peer is then the proxy). The check fails closed: when
+    the peer address cannot be read the response is dropped unread (``unverified_peer``)
+    unless ``allow_private`` names the host.
     With ``sniff`` a body that starts like HTML, XML, JSON or plain text is refused
     (``not_audio``), and ``max_bytes`` bounds a body by its declared length and while
     streaming. File names are never derived from URLs: the caller picks ``dest``.
@@ -87,7 +91,7 @@ REASONS = frozenset({
     "bad_url", "blocked_host", "private_address", "not_found", "http_client_error",
     "rate_limited", "http_server_error", "timeout", "connection_error",
     "too_many_redirects", "redirect_loop", "truncated", "too_large", "not_audio",
-    "checksum_mismatch",
+    "checksum_mismatch", "unverified_peer",
 })
 #: reasons worth another attempt (after backoff / Retry-After)
 RETRYABLE = frozenset({
@@ -422,12 +426,44 @@ def _proxied(url: str) -> bool:
         return True  # unknown: do not second-guess the connection
 
 
+def _host_exempt(host: str, policy: FetchPolicy) -> bool:
+    """``allow_private`` names ``host`` (a name pattern, or an address it covers)."""
+    _, names = _exemptions(policy.allow_private)
+    if any(fnmatch.fnmatchcase(host, n) for n in names):
+        return True
+    ip = _parse_ip(host.strip("[]"))
+    return ip is not None and _exempt(host, ip, policy)
+
+
+def _response_sockets(resp: requests.Response) -> Iterator[Any]:
+    """The sockets a response may be read from (urllib3 2.x first, then the
+    http.client reader underneath), without raising."""
+    raw = resp.raw
+    for path in (("connection", "sock"), ("_connection", "sock"),
+                 ("_fp", "fp", "raw", "_sock")):
+        obj: Any = raw
+        for attr in path:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            yield obj
+            inner = getattr(obj, "socket", None)  # urllib3's SSLTransport (TLS in TLS)
+            if inner is not None:
+                yield inner
+
+
 def _peer_ip(resp: requests.Response) -> _IPAddress | None:
-    try:
-        sock = resp.raw.connection.sock  # type: ignore[union-attr]
-        return _parse_ip(str(sock.getpeername()[0]))
-    except Exception:
-        return None
+    """The address the response's connection is connected to (plain or TLS: an
+    ``ssl.SSLSocket`` answers ``getpeername`` too), or None when it cannot be read."""
+    for sock in _response_sockets(resp):
+        try:
+            ip = _parse_ip(str(sock.getpeername()[0]))
+        except Exception:  # noqa: BLE001 - closed, not a socket: try the next one
+            continue
+        if ip is not None:
+            return ip
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -776,11 +812,23 @@ class Fetcher:
                     delay = random.uniform(0, cap)
                 _sleep(delay)
 
-    def _send(self, url: str, headers: dict[str, str]) -> requests.Response:
+    def _send(self, url: str, headers: dict[str, str], host: str) -> requests.Response:
+        """GET ``url``, headers only. The peer check runs as requests' response hook:
+        after the headers and before anything reads the body (requests itself reads a
+        redirect's body right after the hooks)."""
         p = self.policy
+
+        def peer_hook(resp: requests.Response, **_: Any) -> None:
+            try:
+                self._check_peer(resp, host, url)
+            except FetchError:
+                resp.close()  # the connection goes away with its unread body
+                raise
+
         try:
             return _session().get(url, headers=headers, stream=True, allow_redirects=False,
-                                  timeout=(p.connect_timeout_s, p.read_timeout_s))
+                                  timeout=(p.connect_timeout_s, p.read_timeout_s),
+                                  hooks={"response": [peer_hook]})
         except requests.exceptions.ConnectTimeout as e:
             raise FetchError("timeout", f"connect timeout: {_short(e)}", url=url) from None
         except requests.exceptions.ReadTimeout as e:
@@ -795,9 +843,23 @@ class Fetcher:
             raise FetchError("connection_error", _short(e), url=url) from None
 
     def _check_peer(self, resp: requests.Response, host: str, url: str) -> None:
+        """Second SSRF layer (DNS rebinding): the connected address must be public or
+        exempt. Fails closed: an unreadable peer address is ``unverified_peer`` unless
+        ``allow_private`` names the host."""
         ip = _peer_ip(resp)
         kind = _private_kind(ip) if ip is not None else None
-        if kind and ip is not None and not _exempt(host, ip, self.policy) and not _proxied(url):
+        if ip is not None and kind is None:
+            return
+        if _proxied(url):
+            return  # the peer is the proxy, not the host
+        if ip is None:
+            if _host_exempt(host, self.policy):
+                return
+            raise FetchError("unverified_peer", f"cannot read the address {host} is "
+                             "connected to; response dropped unread (list the host in "
+                             "allow_private to skip this check)", status=resp.status_code,
+                             url=url)
+        if not _exempt(host, ip, self.policy):
             raise FetchError("private_address", f"{host} connected to {ip} ({kind}); "
                              "not in allow_private", status=resp.status_code, url=url)
 
@@ -817,9 +879,8 @@ class Fetcher:
             gate.acquire(p.per_host_concurrency, p.per_host_rps)
             t0 = time.monotonic()
             try:
-                resp = self._send(current, headers)
+                resp = self._send(current, headers, host)  # peer checked, body unread
                 try:
-                    self._check_peer(resp, host, current)
                     target = _session().get_redirect_target(resp)
                     if target is None:
                         yield resp, current, redirects

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -255,6 +256,28 @@ class FaultServer:
                 handler(req)
         except OSError:
             h.close_connection = True
+
+
+class TLSFaultServer(FaultServer):
+    """``FaultServer`` over HTTPS: ``ssl_context`` (a server-side context holding the
+    certificate, e.g. from ``trustme``) wraps the listening socket; the TLS handshake of
+    each connection runs in its handler thread, so a client that never completes one
+    cannot hold up the others. ``url()`` gives ``https://`` addresses."""
+
+    def __init__(self, routes: dict[str, Handler] | None, ssl_context: ssl.SSLContext,
+                 host: str = "127.0.0.1") -> None:
+        super().__init__(routes, host)
+        self._srv.socket = ssl_context.wrap_socket(self._srv.socket, server_side=True,
+                                                   do_handshake_on_connect=False)
+
+    @property
+    def base(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def url_as(self, name: str, path: str) -> str:
+        """``path`` on this server addressed by host name ``name`` (which the caller
+        makes resolve to this server)."""
+        return f"https://{name}:{self.port}{path}"
 
 
 # --------------------------------------------------------------------------------------
