@@ -11,7 +11,10 @@ built with Lhotse's own classes (``Recording``, ``SupervisionSegment``, ``MonoCu
   (``""`` for rows without a transcript, e.g. straight after ``standardize``),
   ``language``, ``speaker``, word alignment under ``alignment["word"]`` as
   ``AlignmentItem(symbol, start, duration, score=prob)``, and ``custom`` with
-  ``source_url``, ``parent_id``, ``split`` and ``scores``);
+  ``source_url``, ``parent_id``, ``split`` and ``scores``; synthetic turn rows (``tts``
+  output) add ``dialogue_id``, ``round``, ``role``, ``synthetic``, ``voice_id``,
+  ``voice_source``, ``tts_backend``, ``tts_version`` and the parsed provenance JSON
+  ``synth`` and ``text_source``);
 - one MonoCut per row (id = row id) over its recording, holding its supervision.
 
 Times follow Lhotse 1.33: a supervision's ``start`` is on the recording's timeline in
@@ -238,11 +241,22 @@ def _alignment(words: Any, base: float) -> dict[str, list[Any]] | None:
     return {"word": items} if items else None
 
 
+#: dialogue and provenance columns of synthetic turn rows (the ``tts`` stage's output)
+#: that go into ``custom`` when a row has them
+SYNTH_KEYS = ("dialogue_id", "round", "role", "synthetic", "voice_id", "voice_source",
+              "tts_backend", "tts_version")
+
+
 def _sup_custom(row: Mapping[str, Any]) -> dict[str, Any] | None:
     custom: dict[str, Any] = {}
-    for key in ("source_url", "parent_id", "split"):
+    for key in ("source_url", "parent_id", "split", *SYNTH_KEYS):
         if row.get(key) is not None:
             custom[key] = row[key]
+    if row.get("synthetic"):  # provenance JSON columns of synthetic rows, parsed
+        for key, name in (("synth", "synth"), ("source", "text_source")):
+            v = row.get(key)
+            if v is not None:
+                custom[name] = _json_col(v) or v
     scores = json_safe(scores_dict(row))
     scores = {k: v for k, v in scores.items() if v is not None}
     if scores:

@@ -2,8 +2,10 @@
 
 A sink over ``tokenize``'s output. One row per utterance: ``id``, ``split``, ``speaker``,
 ``language``, ``duration``, ``text``, ``text_ids`` (int32), ``codes`` (one list per
-codebook, int16 when every codebook fits, else int32), ``n_frames``, and the layout's
-own column:
+codebook, int16 when every codebook fits, else int32), ``n_frames``, the dialogue
+structure of synthesized turns when the input has it (``dialogue_id``, ``round``,
+``n_rounds``, ``role``, ``voice_id``, ``synthetic``, ``synth``), and the layout's own
+column:
 
 - ``plain``: nothing more; codes as the codec gave them.
 - ``speechgpt``: ``units``, SpeechGPT's unit string ``<sosp><u1><u2>...<eosp>`` over the
@@ -33,6 +35,9 @@ from speechmill.pipeline.records import reject
 from speechmill.pipeline.stage import SinkResult, Stage, StageConfig
 
 KEEP = ("id", "split", "speaker", "language", "duration", "text", "source_url")
+#: dialogue structure and provenance of synthesized turns, carried when the input has them
+DIALOGUE_KEEP = ("dialogue_id", "round", "n_rounds", "role", "voice_id", "synthetic",
+                 "synth")
 
 
 class ShardsConfig(StageConfig):
@@ -111,6 +116,8 @@ class Shards(Stage):
 
         has_codes = "codes" in inputs.column_names
         has_text = "text_ids" in inputs.column_names
+        self._extra = [inputs.schema.field(c) for c in DIALOGUE_KEEP
+                       if c in inputs.column_names]
         codec = self._identity(inputs, "audio_tokenizer") if has_codes else None
         text_tok = self._identity(inputs, "text_tokenizer") if has_text else None
         if inputs.num_rows:
@@ -193,6 +200,8 @@ class Shards(Stage):
                                   "require_text is set and the row has no text ids"))
             return None
         out = {k: r.get(k) for k in KEEP}
+        for f in getattr(self, "_extra", []):
+            out[f.name] = r.get(f.name)
         out["split"] = split if split is not None else r.get("split")
         out["text_ids"] = r.get("text_ids") if has_text else None
         out["codes"] = r.get("codes") if has_codes else None
@@ -213,6 +222,8 @@ class Shards(Stage):
                   pa.field("source_url", pa.string()),
                   pa.field("text_ids", pa.list_(pa.int32())), pa.field("codes", code_type),
                   pa.field("n_frames", pa.int32())]
+        fields += [pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type)
+                            else f.type) for f in getattr(self, "_extra", [])]
         if self.config.layout == "speechgpt":
             fields.append(pa.field("units", pa.string()))
         elif self.config.layout == "mini-omni":
