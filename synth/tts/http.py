@@ -1,0 +1,137 @@
+"""A small HTTP client for TTS servers: timeouts, retries with backoff that honour
+``Retry-After``, a per-backend concurrency limit, and API keys read from an environment
+variable that never reach a log, an error message or a result.
+
+Retried: connection errors, timeouts, 408/425/429 and 5xx answers. Other 4xx answers are
+permanent (the request is wrong: retrying cannot help) and fail at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from speechmill.pipeline.errors import ConfigError
+from speechmill.synth.tts.base import TTSError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """The wait before retry ``attempt`` (1-based): the server's ``Retry-After`` when it
+    gave one (capped), else exponential backoff with full jitter."""
+    if retry_after is not None:
+        return min(retry_after, cap)
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def api_key(env: str | None, *, required: bool, what: str) -> str | None:
+    """The key in ``$env`` (``ConfigError`` naming the variable, never its value)."""
+    if not env:
+        if required:
+            raise ConfigError(f"{what} needs an API key: set api_key_env to the name of an "
+                              "environment variable holding it", key="tts.api_key_env")
+        return None
+    val = os.environ.get(env)
+    if not val:
+        if required:
+            raise ConfigError(f"{what}: environment variable {env} is not set",
+                              key="tts.api_key_env")
+        return None
+    return val
+
+
+class HttpClient:
+    def __init__(self, base_url: str, *, key: str | None = None, timeout_s: float = 120.0,
+                 max_retries: int = 4, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 max_concurrency: int = 4) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._key = key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_concurrency = max_concurrency
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._local = threading.local()
+        self._stop = threading.Event()
+
+    def _session(self) -> Any:
+        import requests
+
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.trust_env = False  # no proxies from the environment for a configured server
+            if self._key:
+                s.headers["Authorization"] = f"Bearer {self._key}"
+            self._local.session = s
+        return s
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def post(self, path: str, **kw: Any) -> Any:
+        """POST with retries; the ``requests.Response`` of a 2xx answer, else
+        :class:`TTSError`. ``files`` values may be ``(name, bytes, type)`` tuples (they are
+        re-sent on every attempt)."""
+        import requests
+
+        url = self.url(path)
+        last = ""
+        retry_after: float | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
+                log.info("tts http: retry %d/%d of %s in %.1fs (%s)", attempt,
+                         self.max_retries, url, delay, last)
+                if self._stop.wait(delay):
+                    break
+            retry_after = None
+            with self._slots:
+                try:
+                    r = self._session().post(url, timeout=(min(10.0, self.timeout_s),
+                                                           self.timeout_s), **kw)
+                except (requests.ConnectionError, requests.Timeout) as e:
+                    last = f"{type(e).__name__}"
+                    continue
+                except requests.RequestException as e:
+                    raise TTSError(self.redact(f"POST {url}: {type(e).__name__}: {e}")) \
+                        from None
+            if 200 <= r.status_code < 300:
+                return r
+            body = self.redact(r.text[:300] if r.content else "")
+            last = f"HTTP {r.status_code}"
+            if r.status_code not in RETRY_STATUS:
+                raise TTSError(f"POST {url}: HTTP {r.status_code}: {body}")
+            retry_after = retry_after_seconds(r.headers.get("Retry-After"))
+        raise TTSError(f"POST {url}: gave up after {self.max_retries + 1} attempts ({last})")
+
+    def close(self) -> None:
+        self._stop.set()
