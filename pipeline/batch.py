@@ -5,6 +5,12 @@ from a whole-batch ``process`` is retried row by row so only the guilty row beco
 reject; an input row with neither an output nor a reject becomes a ``no_output`` reject;
 rejects are written before outputs, each part atomically, so a crash between the two
 writes leaves a state that resume completes without duplicates.
+
+Failures that are not a row's fault are never turned into rejects: an engine error or a
+full / read-only disk raised by the stage (:func:`~speechmill.pipeline.errors.is_fatal`)
+propagates, and so does a failed write of the batch's parts (as
+:class:`~speechmill.pipeline.errors.StoreError`). The returned stats count engine rejects
+by exception type (``errors``) for the stage's error budget.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from speechmill.pipeline.errors import StoreError, is_fatal
+from speechmill.pipeline.failures import error_counts
 from speechmill.pipeline.records import (
     REJECT_SCHEMA,
     concat,
@@ -41,7 +49,9 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
     sid = stage.ctx.stage_id
     try:
         result = stage.process(batch)
-    except Exception:
+    except Exception as e:
+        if is_fatal(e):
+            raise
         result = _row_by_row(stage, batch, traceback.format_exc(limit=2))
     outputs = conform(result.outputs) if result.outputs.num_columns else result.outputs
     rejects = _conform_rejects(result.rejects)
@@ -75,10 +85,14 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
         rejects = pa.concat_tables([rejects, extra])
 
     name = part_name(batch)
-    if rejects.num_rows:
-        store.write_rejects(sid, name, rejects)
-    if outputs.num_rows:
-        store.write_outputs(sid, name, outputs)
+    try:
+        if rejects.num_rows:
+            store.write_rejects(sid, name, rejects)
+        if outputs.num_rows:
+            store.write_outputs(sid, name, outputs)
+    except OSError as e:  # disk full, read-only, permission denied: stop, never reject
+        raise StoreError(f"cannot write to the run directory {str(store.root)!r}: "
+                         f"{type(e).__name__}: {e}", errno=e.errno) from e
     reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
     return {
         "rows_in": batch.num_rows,
@@ -88,6 +102,7 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
         "seconds_out": total_seconds(outputs),
         "seconds_rejected": _rejected_seconds(rejects),
         "reasons": dict(reasons),
+        "errors": error_counts(rejects),
         "busy_s": time.perf_counter() - t0,
     }
 
@@ -100,6 +115,8 @@ def _row_by_row(stage: Stage, batch: pa.Table, batch_error: str) -> StageResult:
         try:
             r = stage.process(one)
         except Exception as e:
+            if is_fatal(e):
+                raise
             row = one.to_pylist()[0]
             detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
             rejs.append(reject(row, stage.ctx.stage_id, "error", detail))

@@ -10,6 +10,7 @@ from typing import Any
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def _add_dag_args(p: argparse.ArgumentParser) -> None:
@@ -82,19 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         parser.print_help()
         return 0
-    from speechmill.pipeline.errors import ConfigError, SpeechmillError
+    from speechmill.pipeline.errors import ConfigError, SpeechmillError, StageFailedError
 
     try:
         return int(_dispatch(args) or 0)
     except ConfigError as e:
         print(f"speechmill: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except StageFailedError as e:
+        print(f"speechmill: run failed: {e}", file=sys.stderr)
+        if args.cmd == "run":
+            print("speechmill: the run directory keeps every committed batch; fix the cause "
+                  "and rerun the same command to resume (details: run.json)", file=sys.stderr)
+        return EXIT_FAILED
     except SpeechmillError as e:
         print(f"speechmill: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("speechmill: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        why = f" by {e.signal_name}" if hasattr(e, "signal_name") else ""
+        print(f"speechmill: interrupted{why}; committed batches are kept, rerun the same "
+              "command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug or an unexpected environment error: say it, exit 1
+        import traceback
+
+        traceback.print_exc()
+        print(f"speechmill: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _dispatch(args: argparse.Namespace) -> int:

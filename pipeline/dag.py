@@ -58,6 +58,11 @@ class ExecutorSpec(BaseModel):
         200_000, ge=1, description="input rows a stage holds in memory at once where it "
         "runs in waves (local executor; Ray after a worker died; each wave starts its "
         "workers anew), and the rows an export sorts in memory (larger: on disk)")
+    max_error_fraction: float = Field(
+        0.05, ge=0, le=1, description="error budget of every stage (a stage's own "
+        "`max_error_fraction` wins): the stage fails when more of its rows than this fail "
+        "with `error` / `worker_crash` (counted from 20 rows on; a stage whose every row "
+        "fails always fails)")
 
 
 class StageSpec(BaseModel):
@@ -71,6 +76,8 @@ class StageSpec(BaseModel):
     batch_seconds: float | None = Field(None, gt=0, description="audio seconds per batch")
     concurrency: int | None = Field(None, ge=1)
     resources: dict[str, float] | None = None
+    max_error_fraction: float | None = Field(
+        None, ge=0, le=1, description="this stage's error budget (default: the executor's)")
 
     @field_validator("needs", mode="before")
     @classmethod
@@ -208,6 +215,9 @@ def build(raw: dict[str, Any]) -> Dag:
         spec = DagSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, raw)) from None
+    from speechmill.pipeline.store import check_run_dir
+
+    check_run_dir(spec.run_dir)
 
     errors: list[str] = []
     ids: dict[str, StageSpec] = {}
@@ -256,6 +266,16 @@ def build(raw: dict[str, Any]) -> Dag:
 
     order = _toposort(spec.stages)
     stages = [planned[i] for i in order]
+    upstream: dict[str, set[str]] = {}
+    for s in stages:  # topological order: a stage's needs are done before it
+        upstream[s.id] = set(s.spec.needs).union(*(upstream[n] for n in s.spec.needs))
+        try:
+            s.cls.validate_dag(s.config, {u: (planned[u].cls, planned[u].config)
+                                          for u in sorted(upstream[s.id])})
+        except (ValueError, ConfigError) as e:
+            errors.append(f"stage {s.id!r}: {e}")
+    if errors:
+        raise ConfigError("invalid DAG:\n  " + "\n  ".join(errors))
     for s in stages:
         for need in sorted(s.spec.needs):
             planned[need].downstream.append(s.id)
@@ -264,19 +284,43 @@ def build(raw: dict[str, Any]) -> Dag:
     return Dag(spec=spec, stages=stages)
 
 
-def _fingerprint(s: PlannedStage, planned: dict[str, PlannedStage], legacy: bool) -> str:
-    """What a stage's outputs depend on: its ``uses``, the config keys that differ from
-    their defaults (so a release that adds a key, or a config that spells out a default,
-    keeps run directories resumable) and its upstream stages' fingerprints. ``legacy``:
-    the formula of 0.1, which hashed every key with its default."""
+def _fingerprint(s: PlannedStage, planned: dict[str, PlannedStage], legacy: bool,
+                 version: int | None = None) -> str:
+    """What a stage's outputs depend on: its ``uses``, its behaviour version
+    (:attr:`Stage.version`), the config keys that differ from their defaults (so a release
+    that adds a key, or a config that spells out a default, keeps run directories
+    resumable) and its upstream stages' fingerprints. ``legacy``: the formula of 0.1,
+    which hashed every key with its default. ``version``: hash this behaviour version
+    instead of the class's (to tell a version change from a config change)."""
     h = hashlib.sha256()
     h.update(s.spec.uses.encode())
+    v = s.cls.version if version is None else version
+    if v != 1:
+        # version 1 (every stage's first) adds nothing to the hash: run directories
+        # written before stages had versions keep their fingerprints and stay resumable,
+        # while a bumped version changes this stage's fingerprint and, through theirs,
+        # every downstream stage's
+        h.update(f"\x00version={v}".encode())
     dumped = s.config.model_dump(mode="json", exclude_defaults=not legacy)
     h.update(json.dumps(_fingerprint_view(dumped), sort_keys=True).encode())
     for need in sorted(s.spec.needs):
         up = planned[need]
         h.update((up.legacy_fingerprint if legacy else up.fingerprint).encode())
     return h.hexdigest()[:16]
+
+
+def written_by_version(dag: Dag, st: PlannedStage, fingerprint: str) -> int | None:
+    """The behaviour version of ``st`` that wrote a stage directory with ``fingerprint``,
+    when everything else (config, upstream) is the same and only the version differs;
+    None otherwise."""
+    planned = {s.id: s for s in dag.stages}
+    for v in range(1, max(st.cls.version, 1) + 100):
+        if v == st.cls.version:
+            continue
+        for legacy in (False, True):
+            if _fingerprint(st, planned, legacy=legacy, version=v) == fingerprint:
+                return v
+    return None
 
 
 def _toposort(specs: list[StageSpec]) -> list[str]:
@@ -370,7 +414,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             if len(parts) < 2:
                 raise ConfigError(f"--set {override!r}: expected {parts[0]}.KEY=VALUE")
             if parts[1] in ("batch_size", "batch_seconds", "concurrency", "needs", "uses",
-                            "resources"):
+                            "resources", "max_error_fraction"):
                 _set_path(st, parts[1:], value, override)
             else:
                 if not isinstance(st.get("with"), dict):

@@ -5,6 +5,15 @@ batch to the run store itself; the driver only receives small stats dicts, used 
 progress and the watchdog. The Ray executor runs model stages as an actor pool (the
 model loads once per actor in ``setup()``) and other stages as tasks, and sizes pools
 from the CPUs the cluster actually has, leaving room for the tasks around them.
+
+Failures that are not a row's fault never become rejects. Workers catch a ``setup()``
+that raises, a run store that cannot be written and engine errors, and return them as a
+``fatal`` stats entry (original type, message, traceback), which the driver raises as
+:class:`~speechmill.pipeline.errors.StageFailedError`. Of the exceptions Ray itself
+raises, only a dead worker process (crash, OOM kill, lost node or object) is retried: in
+waves, then row by row, where the row that still kills its worker becomes a
+``worker_crash`` reject; an application error that reaches the driver wrapped by Ray
+(:func:`ray_application_error`) fails the stage with the original type and message.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +31,8 @@ from typing import Any
 import pyarrow as pa
 
 from speechmill.pipeline.batch import run_batch
+from speechmill.pipeline.errors import StageFailedError
+from speechmill.pipeline.failures import fatal_info, stage_failed
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext
 from speechmill.pipeline.store import RunStore
 
@@ -69,11 +81,18 @@ class LocalExecutor:
         resources: Resources | None = None,
     ) -> None:
         store = RunStore(ctx.run_dir)
-        stage = cls(config, ctx)
-        stage.setup()
+        try:
+            stage = cls(config, ctx)
+            stage.setup()
+        except Exception as e:
+            raise stage_failed(ctx.stage_id, fatal_info(e, "setup")) from e
         try:
             for b in batches:
-                on_stats(run_batch(stage, b, store))
+                try:
+                    stats = run_batch(stage, b, store)
+                except Exception as e:  # fatal: run_batch rejects what is a row's fault
+                    raise stage_failed(ctx.stage_id, fatal_info(e, "batch")) from e
+                on_stats(stats)
         finally:
             stage.teardown()
 
@@ -84,35 +103,83 @@ class LocalExecutor:
         pass
 
 
+#: column of an IPC-encoded block that carries a read task's failure instead of rows
+_FATAL_COL = "__speechmill_fatal__"
+
+
+def _run_blocks(stage: Stage | None, fatal: dict[str, Any] | None, blocks: list[bytes],
+                store: RunStore) -> list[str]:
+    """Worker side: run each IPC-encoded batch; JSON stats per batch. A failure that is
+    not a row's fault (``setup()`` raised, the store cannot be written, an engine error)
+    ends the list as a ``fatal`` entry: the driver fails the stage with it."""
+    out: list[str] = []
+    for data in blocks:
+        if fatal is None:
+            t = _from_ipc(data)
+            if _FATAL_COL in t.column_names:  # the read task failed
+                fatal = json.loads(t.column(_FATAL_COL)[0].as_py())
+            else:
+                assert stage is not None
+                try:
+                    out.append(json.dumps(run_batch(stage, t, store)))
+                    continue
+                except Exception as e:
+                    fatal = fatal_info(e, "batch")
+        out.append(json.dumps({"fatal": fatal}))
+        break
+    return out
+
+
+def _set_up(cls: type[Stage], config: StageConfig, ctx: StageContext
+            ) -> tuple[Stage | None, dict[str, Any] | None]:
+    try:
+        return _stage_instance(cls, config, ctx), None
+    except Exception as e:
+        return None, fatal_info(e, "setup")
+
+
 class _ActorWorker:
-    """Ray Data callable class: one stage instance (and model) per actor."""
+    """Ray Data callable class: one stage instance (and model) per actor. A ``setup()``
+    that raises is reported with the first batch (not by dying: Ray would hide the
+    error's type in a traceback string)."""
 
     def __init__(self, cls: type[Stage], config: StageConfig, ctx: StageContext) -> None:
         _quiet_worker()
-        self.stage = cls(config, ctx)
-        self.stage.setup()
         self.store = RunStore(ctx.run_dir)
+        self.stage: Stage | None = None
+        self.fatal: dict[str, Any] | None = None
+        try:
+            self.stage = cls(config, ctx)
+            self.stage.setup()
+        except Exception as e:
+            self.fatal = fatal_info(e, "setup")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        stats = [json.dumps(run_batch(self.stage, _from_ipc(b), self.store))
-                 for b in batch.column("ipc").to_pylist()]
-        return pa.table({"stats": stats})
+        stats = _run_blocks(self.stage, self.fatal, batch.column("ipc").to_pylist(),
+                            self.store)
+        return pa.table({"stats": pa.array(stats, pa.string())})
 
 
 def _task_fn(batch: pa.Table, cls: type[Stage], config: StageConfig,
              ctx: StageContext) -> pa.Table:
     _quiet_worker()
-    stage = _stage_instance(cls, config, ctx)
-    store = RunStore(ctx.run_dir)
-    stats = [json.dumps(run_batch(stage, _from_ipc(b), store))
-             for b in batch.column("ipc").to_pylist()]
-    return pa.table({"stats": stats})
+    stage, fatal = _set_up(cls, config, ctx)
+    stats = _run_blocks(stage, fatal, batch.column("ipc").to_pylist(), RunStore(ctx.run_dir))
+    return pa.table({"stats": pa.array(stats, pa.string())})
 
 
 def _one_row(cls: type[Stage], config: StageConfig, ctx: StageContext, data: bytes) -> str:
     _quiet_worker()
-    stage = _stage_instance(cls, config, ctx)
-    return json.dumps(run_batch(stage, _from_ipc(data), RunStore(ctx.run_dir)))
+    stage, fatal = _set_up(cls, config, ctx)
+    return _run_blocks(stage, fatal, [data], RunStore(ctx.run_dir))[0]
+
+
+def _deliver(stats_json: str, on_stats: StatsFn, stage_id: str) -> None:
+    """Driver side: pass a batch's stats on, or fail the stage with a worker's fatal."""
+    stats = json.loads(stats_json)
+    if "fatal" in stats:
+        raise stage_failed(stage_id, stats["fatal"])
+    on_stats(stats)
 
 
 def read_group(items: list[tuple[Any, Any]], size: int, seconds: float | None
@@ -123,7 +190,12 @@ def read_group(items: list[tuple[Any, Any]], size: int, seconds: float | None
     from speechmill.pipeline.records import concat
     from speechmill.pipeline.store import read_unit
 
-    t = concat([read_unit(unit, keep) for unit, keep in items])
+    try:
+        t = concat([read_unit(unit, keep) for unit, keep in items])
+    except Exception as e:  # e.g. an unreadable upstream part: the stage cannot go on
+        info = json.dumps(fatal_info(e, "read"))
+        yield pa.table({"ipc": pa.array([_ipc(pa.table({_FATAL_COL: [info]}))], pa.binary())})
+        return
     for b in batches_of(t, size, seconds):  # one block per batch: pools spread them
         yield pa.table({"ipc": pa.array([_ipc(b)], pa.binary())})
 
@@ -149,22 +221,93 @@ def _groups_source(groups: list[list[tuple[Any, Any]]], size: int,
     return _Groups()
 
 
-def _drain(ds: Any, on_stats: StatsFn) -> Exception | None:
+def _drain(ds: Any, on_stats: StatsFn, stage_id: str) -> Exception | None:
     """Pass every batch's stats on as the pipeline yields them. Returns the Ray error
-    when a worker died (segfault, OOM kill) more often than retried; raises others."""
+    when a worker process died (segfault, OOM kill, lost node) more often than retried;
+    raises :class:`StageFailedError` for a worker's fatal or an application error."""
+    rows = iter(ds.iter_rows())
     try:
-        for row in ds.iter_rows():
-            on_stats(json.loads(row["stats"]))
-    except Exception as e:
-        if not _is_ray_failure(e):
-            raise
-        return e
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return None
+            except Exception as e:
+                app = ray_application_error(e)
+                if app is None:
+                    return e
+                raise StageFailedError(stage_id, f"{app[0]}: {app[1]}", cause_type=app[0],
+                                       cause=app[1]) from e
+            _deliver(row["stats"], on_stats, stage_id)
+    finally:
+        # stop the pipeline now (Ray Data shuts its executor down when the iterator
+        # closes): left running after a failure, its thread keeps scheduling work until
+        # Ray shuts down, and then even starts a new local Ray instance
+        close = getattr(rows, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+_EXC_LINE_RE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+_RAY_WRAPPERS = ("UserCodeException", "RayTaskError", "RaySystemError", "SystemException")
+
+
+def _exception_from_traceback(text: str) -> tuple[str, str] | None:
+    """(type, message) of the application's exception in a remote traceback's text: the
+    outermost exception of a chain that is not one of Ray's wrappers."""
+    sections = re.split(r"\n\s*(?:The above exception was the direct cause|During handling "
+                        r"of the above exception)", _ANSI_RE.sub("", text))
+    for section in reversed(sections):
+        lines = section.strip().splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            m = _EXC_LINE_RE.match(lines[i])
+            if m and not lines[i].startswith(" "):
+                typ = m.group(1).rsplit(".", 1)[-1]
+                if not typ.startswith(_RAY_WRAPPERS):
+                    return typ, "\n".join([m.group(2), *lines[i + 1:]]).strip()
+                break
     return None
 
 
-def _is_ray_failure(e: BaseException) -> bool:
-    mod = type(e).__module__ or ""
-    return mod.startswith("ray.") or "ray" in mod.split(".")[:1]
+def ray_application_error(e: BaseException) -> tuple[str, str] | None:
+    """None when ``e`` means a worker process died (crash, OOM kill, lost node or
+    object: worth retrying, and a row that still kills its worker alone is a
+    ``worker_crash`` reject); else the application error's original (type, message):
+    a task's exception (Ray wraps it in ``RayTaskError``, Ray Data in a
+    ``UserCodeException`` whose original survives only as traceback text), an actor
+    whose constructor raised, or any other error (not retried)."""
+    import ray.exceptions as rx
+
+    system = (rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
+              rx.OutOfMemoryError, rx.LocalRayletDiedError, rx.ActorUnavailableError,
+              rx.RaySystemError, rx.TaskCancelledError, rx.ObjectStoreFullError)
+    for _ in range(8):  # RayTaskError may wrap a system failure of a task it waited on
+        if isinstance(e, system):
+            return None
+        if isinstance(e, rx.RayActorError):
+            if not getattr(e, "actor_init_failed", False):
+                return None  # the actor's process died
+            text = str(e).split("creation task,", 1)[-1]
+            return _exception_from_traceback(text) or (type(e).__name__, str(e)[:2000])
+        if isinstance(e, rx.RayTaskError):
+            cause = e.cause
+            if isinstance(cause, rx.UserCodeException) or not isinstance(cause, Exception):
+                # (the subclass Ray makes to also be the cause's type forwards attribute
+                # lookups to the cause: read the traceback text through str())
+                text = e.__dict__.get("traceback_str") or str(e)
+                return (_exception_from_traceback(text)
+                        or (type(cause).__name__, str(cause)[:2000]))
+            if isinstance(cause, rx.RayError):
+                e = cause
+                continue
+            return type(cause).__name__, str(cause)
+        mod = type(e).__module__ or ""
+        if mod.startswith("ray.data") and type(e).__name__ == "SystemException":
+            return None  # Ray Data's own failure around a dead worker
+        return type(e).__name__, str(e)
+    return type(e).__name__, str(e)
 
 
 def _quiet_worker() -> None:
@@ -277,7 +420,7 @@ class RayExecutor:
         ds = ray.data.read_datasource(_groups_source(groups, batch_size, batch_seconds),
                                       override_num_blocks=len(groups), num_cpus=0.25)
         size = self.pool_size(cls, concurrency, max(1, n_batches), res)
-        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats)
+        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats, ctx.stage_id)
         if failed is not None:
             log.warning("stage %s: a worker failed (%s); finishing in waves", ctx.stage_id,
                         type(failed).__name__)
@@ -301,21 +444,20 @@ class RayExecutor:
         items = [{"ipc": _ipc(b)} for b in batches]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         size = self.pool_size(cls, concurrency, len(items), res)
-        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats)
+        failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats, ctx.stage_id)
         if failed is not None:
             log.warning("stage %s: a worker failed (%s); isolating rows", ctx.stage_id,
                         type(failed).__name__)
-            self._isolate(cls, config, ctx, batches, on_stats, res, failed)
+            self._isolate(cls, config, ctx, batches, on_stats, res)
 
     def _isolate(self, cls: type[Stage], config: StageConfig, ctx: StageContext,
-                 batches: list[pa.Table], on_stats: StatsFn, res: Resources,
-                 error: Exception) -> None:
+                 batches: list[pa.Table], on_stats: StatsFn, res: Resources) -> None:
         """Rerun each row not yet committed as its own task; a row whose task still dies
-        becomes a ``worker_crash`` reject instead of failing the run."""
+        becomes a ``worker_crash`` reject (counted in the stage's error budget) instead
+        of failing the run. An application error fails the stage."""
         import ray
 
         from speechmill.pipeline.batch import part_name
-        from speechmill.pipeline.errors import SpeechmillError
         from speechmill.pipeline.records import reject, rejects_table
 
         store = RunStore(ctx.run_dir)
@@ -325,7 +467,6 @@ class RayExecutor:
         one = ray.remote(_one_row).options(num_cpus=res.cpus, max_retries=0)
         limit = self.pool_size(cls, None, max(len(rows), 1), res)
         pending: dict[Any, pa.Table] = {}
-        failed = 0
         todo = list(rows)
         while todo or pending:
             while todo and len(pending) < limit:
@@ -335,21 +476,29 @@ class RayExecutor:
             ref = ready[0]
             r = pending.pop(ref)
             try:
-                on_stats(json.loads(ray.get(ref)))
-            except Exception as e:  # this row kills its worker
-                failed += 1
+                out = ray.get(ref)
+            except Exception as e:
+                app = ray_application_error(e)
+                if app is not None:
+                    raise StageFailedError(ctx.stage_id, f"{app[0]}: {app[1]}",
+                                           cause_type=app[0], cause=app[1]) from e
+                # this row kills its worker even alone
                 row = r.to_pylist()[0]
+                typ = type(e).__name__
                 rej = rejects_table([reject(row, ctx.stage_id, "worker_crash",
-                                            f"{type(e).__name__}: {str(e)[:500]}")])
-                store.write_rejects(ctx.stage_id, part_name(r), rej)
+                                            f"{typ}: {str(e)[:500]}")])
+                try:
+                    store.write_rejects(ctx.stage_id, part_name(r), rej)
+                except OSError as w:
+                    raise StageFailedError(
+                        ctx.stage_id, f"cannot write to the run directory "
+                        f"{str(store.root)!r}: {type(w).__name__}: {w}") from w
                 on_stats({"rows_in": 1, "rows_out": 0, "rows_rejected": 1,
                           "seconds_in": float(row.get("duration") or 0.0),
-                          "reasons": {"worker_crash": 1}})
-        if rows and failed == len(rows) and failed >= 3:
-            raise SpeechmillError(
-                f"stage {ctx.stage_id!r}: every one of {failed} rows failed even alone; "
-                f"this is not bad input but the stage or environment: {error}"
-            ) from error
+                          "reasons": {"worker_crash": 1},
+                          "errors": {typ: [1, row["id"]]}})
+                continue
+            _deliver(out, on_stats, ctx.stage_id)
 
     def close(self) -> None:
         import ray
@@ -393,12 +542,12 @@ class Watchdog:
         self.last = time.monotonic()
 
     def _loop(self) -> None:
-        import _thread
+        from speechmill.pipeline.signals import watchdog_interrupt_main
 
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
             if time.monotonic() - self.last > self.timeout_s and not self._stop.is_set():
                 self.fired = True
-                _thread.interrupt_main()
+                watchdog_interrupt_main()
                 return
 
 

@@ -11,6 +11,15 @@ stage never holds its whole input in memory); then it finalises: optional dedup 
 output ids, ``metrics.json`` and ``_SUCCESS``. A stage with ``_SUCCESS`` is skipped, so
 rerunning a finished run does no work. Sinks (exports) get their whole input as one
 table, sorted on disk and memory-mapped when it is large (:mod:`.sink_input`).
+
+A stage fails loudly instead of finishing with rows it could not process: a fatal error
+(``setup()`` raised, the run directory cannot be written) stops it at once, and so does
+its error budget (``max_error_fraction`` of rows rejected as ``error`` /
+``worker_crash``, see :mod:`.failures`), checked as batch stats arrive and at the end.
+Every committed batch stays; when the stage runs again, the rows it rejected with those
+engine reasons are retried (their rejects removed first), so a rerun after the fix
+completes without duplicates. SIGINT / SIGTERM mark the run ``interrupted``
+(:mod:`.signals`).
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from speechmill.pipeline.dag import Dag, PlannedStage
+from speechmill.pipeline.dag import Dag, PlannedStage, written_by_version
 from speechmill.pipeline.errors import ConfigError, SpeechmillError, StallError
 from speechmill.pipeline.executors import LocalExecutor, RayExecutor, Watchdog, batches_of
+from speechmill.pipeline.failures import ENGINE_REASONS, ErrorBudget
 from speechmill.pipeline.records import (
     REJECT_SCHEMA,
     concat,
@@ -41,6 +51,7 @@ from speechmill.pipeline.records import (
     total_seconds,
 )
 from speechmill.pipeline.report import StageProgress, render_summary
+from speechmill.pipeline.signals import GracefulSignals, RunInterrupted
 from speechmill.pipeline.stage import StageContext
 from speechmill.pipeline.store import (
     RunStore,
@@ -89,13 +100,34 @@ def make_executor(dag: Dag, executor: str | None = None, ray_address: str | None
 
 
 def check_resumable(dag: Dag, store: RunStore) -> None:
-    """Fail fast when a stage's config changed since its outputs were written."""
+    """Fail fast when a stage's config or behaviour version changed since its outputs
+    were written. A stage that committed nothing (say its ``setup()`` failed on a wrong
+    model path) may change freely: its directory is cleared and it starts afresh."""
+    import shutil
+
     for st in dag.stages:
         fp = store.read_fingerprint(st.id)
         if fp is not None and fp == st.legacy_fingerprint != st.fingerprint:
             store.write_fingerprint(st.id, st.fingerprint)  # same config, newer formula
             continue
+        if (fp is not None and fp != st.fingerprint and not store.is_done(st.id)
+                and not store.output_parts(st.id) and not store.reject_parts(st.id)):
+            for d in (store.stage_dir(st.id), store.media_dir(st.id)):
+                shutil.rmtree(d, ignore_errors=True)
+            if st.cls.is_sink:
+                shutil.rmtree(sink_dir(store, st), ignore_errors=True)
+            continue
         if fp is not None and fp != st.fingerprint:
+            old = written_by_version(dag, st, fp)
+            if old is not None:
+                raise ConfigError(
+                    f"its behaviour version changed: {str(store.stage_dir(st.id))!r} was "
+                    f"written by version {old} of stage {st.spec.uses!r}, this speechmill "
+                    f"has version {st.cls.version}; rerun with --restart-from {st.id} to "
+                    "redo it and everything after it with the new behaviour (or use a new "
+                    "run directory)",
+                    stage=st.id,
+                )
             raise ConfigError(
                 f"its config changed since {str(store.stage_dir(st.id))!r} was written; "
                 f"use a new run directory, or --restart-from {st.id} to redo it and "
@@ -161,10 +193,18 @@ def run(
         }
         store.write_run(info)
         exe = None
+
+        def force_exit(signal_name: str) -> None:  # a second signal: exit at once
+            info.update(status="interrupted", ended_at=_now(),
+                        error=f"interrupted by {signal_name} (second signal: exited at once)")
+            store.write_run(info)
+
+        signals = GracefulSignals(on_force=force_exit).install()
         try:
             pending_stages = [s for s in dag.stages if not store.is_done(s.id)]
             if pending_stages:
                 exe = make_executor(dag, executor, ray_address)
+                signals.install()  # ray.init replaces the driver's SIGTERM handler
                 info["executor"] = exe.describe()
                 store.write_run(info)
                 console.print(f"[bold]{dag.name}[/] -> {store.root}  ({exe.describe()})")
@@ -178,21 +218,27 @@ def run(
                                console=console)
                 result.stages.append({**m, "state": "done"})
             result.status = "succeeded"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             result.status = "interrupted"
-            result.error = "interrupted"
+            result.error = str(e) if isinstance(e, RunInterrupted) else "interrupted"
             raise
         except BaseException as e:
             result.status = "failed"
             result.error = f"{type(e).__name__}: {e}"
+            tb = getattr(e, "traceback", None)  # a worker's, for a StageFailedError
+            if tb:
+                info["error_traceback"] = str(tb)[-4000:]
             raise
         finally:
             info.update(status=result.status, ended_at=_now())
             if result.error:
                 info["error"] = result.error[:2000]
             store.write_run(info)
-            if exe is not None:
-                exe.close()
+            try:
+                if exe is not None:
+                    exe.close()  # stops the workers
+            finally:
+                signals.restore()
     render_summary(result.stages, console=console, run_dir=str(store.root))
     return result
 
@@ -361,6 +407,10 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
     store.write_fingerprint(st.id, st.fingerprint)
     store.clear_scratch(st.id)  # spools/temp files a killed attempt left behind
+    retry = clear_engine_failures(store, st.id)
+    if retry:
+        console.print(f"  {st.id}: retrying {retry} rows that failed with errors in an "
+                      "earlier attempt")
     t0 = time.monotonic()
     inp = read_stage_input(dag, st, store, ctx)
     if st.cls.has_prepare():
@@ -375,12 +425,17 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
         console=console, enabled=show,
     )
     timeout = dag.spec.executor.stall_timeout_s
+    budget = ErrorBudget(st.id, max_error_fraction(dag, st),
+                         already=inp.rows_in - inp.repeated - pending,
+                         total=inp.rows_in - inp.repeated)
     try:
         with prog, Watchdog(timeout, st.id) as dog:
 
             def on_stats(stats: dict[str, Any]) -> None:
                 dog.tick()
                 prog.update(stats)
+                budget.add(stats)
+                budget.check()  # stops the stage once the budget is exceeded beyond doubt
 
             try:
                 streamed = False
@@ -414,6 +469,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                 raise
     finally:
         wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
+    budget.check(final=True)
     if st.cls.unique_output_ids:
         _dedup_outputs(st, store)
     metrics = _metrics(st, inp, store, wall)
@@ -430,6 +486,36 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
         for line in st.cls.summary_lines(summary):
             console.print(f"    {line}")
     return metrics
+
+
+def max_error_fraction(dag: Dag, st: PlannedStage) -> float:
+    """The stage's error budget: its own ``max_error_fraction``, else the executor's."""
+    own = st.spec.max_error_fraction
+    return dag.spec.executor.max_error_fraction if own is None else own
+
+
+def clear_engine_failures(store: RunStore, stage_id: str) -> int:
+    """Remove the stage's rejects with engine reasons (``error``, ``worker_crash``) so
+    their rows run again: they failed because of the stage or its environment (often
+    what made the last attempt fail), not because of the row. Each reject part is
+    rewritten atomically (or removed when nothing is left), so an interruption here is
+    harmless. Returns how many rows will be retried."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for part in store.reject_parts(stage_id):
+        reasons = pq.read_table(part, columns=["reason"]).column("reason")
+        engine = pc.is_in(reasons, value_set=pa.array(ENGINE_REASONS, pa.string()))
+        bad = int(pc.sum(pc.fill_null(engine, False)).as_py() or 0)
+        if not bad:
+            continue
+        n += bad
+        if bad == len(reasons):
+            part.unlink()
+        else:
+            t = pq.read_table(part)
+            atomic_write_parquet(part, t.filter(pc.invert(pc.fill_null(engine, False))))
+    return n
 
 
 def sink_dir(store: RunStore, st: PlannedStage) -> Path:

@@ -6,7 +6,10 @@ worker, calls :meth:`Stage.setup` once, then :meth:`Stage.process` on batches. A
 maps an input table to outputs plus rejects: every input row ends in at least one output
 row (whose ``parent_id`` is the input's ``id``) or exactly one reject row. Per-row
 problems are rejects, never exceptions; the engine isolates a row whose processing
-raises and turns it into a reject with reason ``error``.
+raises and turns it into a reject with reason ``error``. What is no row's fault stops the
+stage instead: a ``setup()`` that raises, a full or read-only disk, a
+:class:`~speechmill.pipeline.errors.SpeechmillError` (e.g. a missing model); and so do
+too many ``error`` rows (the stage's ``max_error_fraction``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.records import conform, reject, rejects_table
 
 
@@ -112,6 +116,11 @@ class Stage:
     #: a sink that reads the run directory itself (the report) needs no input table:
     #: ``needs`` then only orders it after its upstream stages
     reads_inputs: ClassVar[bool] = True
+    #: behaviour version: bump it when a change to the stage makes it produce different
+    #: outputs for the same input and config (a fixed bug, a new score); it is part of the
+    #: stage's resume fingerprint, so a run directory written by an older version is not
+    #: silently mixed with new outputs (the run stops and offers ``--restart-from``)
+    version: ClassVar[int] = 1
     #: rows per batch unless the DAG sets ``batch_size``
     default_batch_size: ClassVar[int] = 4
     #: audio seconds per batch (model stages), unless the DAG sets ``batch_seconds``
@@ -125,6 +134,13 @@ class Stage:
     @classmethod
     def validate_config(cls, config: StageConfig) -> None:  # noqa: B027 - optional hook
         """Cross-field checks that need more than pydantic; raise ValueError naming the key."""
+
+    @classmethod
+    def validate_dag(cls, config: StageConfig,  # noqa: B027 - optional hook
+                     upstream: dict[str, tuple[type[Stage], StageConfig]]) -> None:
+        """Checks that need the rest of the DAG: ``upstream`` maps the id of every stage
+        this one depends on (directly or not) to its (class, config). Raise ValueError
+        naming the key; called once every stage's own config is valid."""
 
     #: the input columns :meth:`prepare` reads (``None``: all); the engine reads only
     #: these over the whole input, so a big input never has to fit in memory at once
@@ -211,7 +227,9 @@ class Stage:
             out = self.process_row(row)
         except Reject as r:
             return RowOutcome(reject=reject(row, self.ctx.stage_id, r.reason, r.detail))
-        except Exception as e:  # one row's failure never kills the run
+        except Exception as e:  # one row's failure never kills the run...
+            if is_fatal(e):  # ...but a full disk or an engine error is not the row's
+                raise
             detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
             return RowOutcome(reject=reject(row, self.ctx.stage_id, "error", detail))
         rows = [out] if isinstance(out, dict) else list(out)

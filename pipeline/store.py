@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -27,8 +28,32 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speechmill.pipeline.errors import RunLockedError
+from speechmill.pipeline.errors import ConfigError, RunLockedError
 from speechmill.pipeline.records import REJECT_SCHEMA, concat
+
+# s3://..., gs://..., abfs://..., file://... and fsspec chains (simplecache::s3://...)
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a location by URL (``s3://bucket/run``) rather than a local path."""
+    return bool(_URL_RE.match(os.fspath(path)))
+
+
+def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Refuse a run directory the store cannot write to.
+
+    Only local (or mounted shared POSIX) paths are supported: a URL such as
+    ``s3://bucket/run`` used to be taken as a relative path (a directory named ``s3:``
+    under the working directory), so the data silently stayed on the local disk.
+    """
+    if is_url(run_dir):
+        scheme = re.split(r"://|::", os.fspath(run_dir), maxsplit=1)[0]
+        raise ConfigError(
+            f"{os.fspath(run_dir)!r} is a {scheme}:// URL; run directories on object "
+            "storage are not supported yet: use a local path or a shared filesystem every "
+            "node mounts (e.g. an s3 bucket mounted with mountpoint-s3 or s3fs-fuse)",
+            key="run_dir")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -64,6 +89,7 @@ class RunStore:
     """One run directory (a local or shared POSIX path)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        check_run_dir(root)
         self.root = Path(root)
 
     # -- layout ----------------------------------------------------------------------
@@ -267,11 +293,20 @@ class RunLock:
             self.fd = None
 
 
-def read_unit(unit: Path | pa.Table, keep: Any = None,
+def read_unit(unit: Path | str | pa.Table, keep: Any = None,
               columns: list[str] | None = None) -> pa.Table:
     """One unit of a stage's input (an upstream part file, or a source's plan table):
-    only ``columns`` it has (None: all), only the rows ``keep`` (a bool mask) marks."""
-    if isinstance(unit, pa.Table):
+    only ``columns`` it has (None: all), only the rows ``keep`` (a bool mask) marks.
+    A part named by URL (``s3://...``) is read with ranged reads through fsspec
+    (credentials from the environment)."""
+    if isinstance(unit, str) and is_url(unit):
+        import fsspec
+
+        with fsspec.open(unit, "rb").open() as f:
+            pf = pq.ParquetFile(f)
+            t = pf.read(columns=None if columns is None else
+                        [c for c in columns if c in pf.schema_arrow.names])
+    elif isinstance(unit, pa.Table):
         t = unit if columns is None else unit.select(
             [c for c in columns if c in unit.column_names])
     elif columns is None:
@@ -314,3 +349,383 @@ def _read_parts(parts: list[Path], columns: list[str] | None) -> pa.Table:
             have = set(pq.read_schema(p).names)
             tables.append(pq.read_table(p, columns=[c for c in columns if c in have]))
     return concat(tables)
+
+
+# -- run directories on object storage (s3://, gs://, abfs://) -------------------------
+#
+# Not reachable from a DAG yet (``check_run_dir`` refuses URL run dirs): the runner, the
+# media-writing stages and the sinks still build local paths from ``store.root``. What is
+# here is the store's half, tested against an S3 server: parts, rejects, markers, metrics
+# and the lock with commit semantics that hold on object stores.
+
+LOCK_TTL_S = 120.0  # a lease not renewed for this long may be taken over
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and in-filesystem path for ``url``. Credentials come from the
+    environment (the filesystem's own chain: ``AWS_*``, instance roles, ...) or from
+    ``storage_options``; neither is ever written to the run directory."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _is_precondition_failed(e: BaseException) -> bool:
+    # s3fs: FileExistsError for If-None-Match, OSError "...pre-conditions..." for If-Match
+    return isinstance(e, FileExistsError) or "pre-condition" in str(e).lower() \
+        or "PreconditionFailed" in str(e)
+
+
+def open_store(root: str | os.PathLike[str],
+               storage_options: dict[str, Any] | None = None) -> RunStore:
+    """The store for ``root``: a local :class:`RunStore`, or an :class:`ObjectRunStore` for a
+    URL (what the runner and its workers are to call once URL run dirs are enabled)."""
+    if is_url(root):
+        return ObjectRunStore(os.fspath(root), storage_options)
+    return RunStore(root)
+
+
+class ObjectRunStore(RunStore):
+    """A run directory under an fsspec URL (``s3://bucket/prefix``).
+
+    Commit semantics (what makes resume correct without rename):
+
+    - every object is written whole: parquet parts are written to a local temp file and
+      uploaded with one PUT (multipart above the filesystem's threshold, which the store
+      makes visible only when the upload completes), so a reader sees a complete part or
+      none; there are no temp objects, and listings also skip dot-names and ``*.tmp``
+      (what a tool copying a local run dir up may leave);
+    - ``_SUCCESS`` and ``metrics.json`` are written after the stage's last part;
+    - listings bypass fsspec's listing cache, so resume sees what other processes wrote.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        if not is_url(root):
+            raise ConfigError(f"{root!r} is not a URL", key="run_dir")
+        self.url = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.base = open_fs(self.url, self.storage_options)
+        self.root = self.url  # type: ignore[assignment]
+        self._protocol = self.url.split("://", 1)[0] if "://" in self.url else ""
+
+    # -- layout (fs paths without the protocol; ``to_url`` adds it) -----------------------
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def to_url(self, fs_path: str) -> str:
+        return f"{self._protocol}://{fs_path}" if self._protocol else fs_path
+
+    def stage_dir(self, stage_id: str) -> str:  # type: ignore[override]
+        return self._p("stages", stage_id)
+
+    def rejects_dir(self, stage_id: str) -> str:  # type: ignore[override]
+        return self._p("stages", stage_id, "rejects")
+
+    def media_dir(self, stage_id: str) -> str:  # type: ignore[override]
+        return self._p("media", stage_id)
+
+    def scratch_dir(self) -> Path:
+        """A local cache for files being made before upload ($TMPDIR/speechmill/<hash>)."""
+        import hashlib
+        import tempfile
+
+        h = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        d = Path(tempfile.gettempdir()) / "speechmill" / h
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _list_parts(self, d: str) -> list[str]:
+        self.fs.invalidate_cache(d)
+        try:
+            names = self.fs.ls(d, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            leaf = n.rstrip("/").rsplit("/", 1)[-1]
+            if leaf.startswith("part-") and leaf.endswith(".parquet"):
+                out.append(self.to_url(n.rstrip("/")))
+        return sorted(out)
+
+    def output_parts(self, stage_id: str) -> list[str]:  # type: ignore[override]
+        return self._list_parts(self.stage_dir(stage_id))
+
+    def reject_parts(self, stage_id: str) -> list[str]:  # type: ignore[override]
+        return self._list_parts(self.rejects_dir(stage_id))
+
+    # -- writing: whole objects ---------------------------------------------------------
+    def put_file(self, local: str | os.PathLike[str], fs_path: str) -> str:
+        """Upload a finished local file as one object; returns its URL."""
+        self.fs.put_file(os.fspath(local), fs_path)
+        return self.to_url(fs_path)
+
+    def put_dir(self, local: str | os.PathLike[str], fs_path: str) -> str:
+        """Upload a finished local directory (an export, media) file by file; files
+        written last locally (``_SUCCESS``, ``metrics.json``) are uploaded last."""
+        root = Path(local)
+        files = sorted((p for p in root.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name in ("_SUCCESS", "metrics.json"), str(p)))
+        for p in files:
+            self.fs.put_file(str(p), f"{fs_path}/{p.relative_to(root).as_posix()}")
+        return self.to_url(fs_path)
+
+    def _put_bytes(self, fs_path: str, data: bytes) -> None:
+        self.fs.pipe_file(fs_path, data)
+
+    def local_media_dir(self, stage_id: str) -> Path:
+        """Where a stage writes media for this run before :meth:`write_outputs` uploads it."""
+        return self.scratch_dir() / "media" / stage_id
+
+    def _upload_media(self, table: pa.Table) -> pa.Table:
+        """Upload the local media files a batch's rows name (under :meth:`local_media_dir`)
+        to ``RUN_DIR/media/...`` and put their URLs in the rows; the local copies go.
+        Called before the part is written, so a committed part never names a missing
+        object (a kill in between leaves orphan objects that the rerun overwrites)."""
+        prefix = str(self.scratch_dir() / "media") + os.sep
+        for i in range(table.num_columns):
+            col = table.column(i)
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                continue
+            vals = col.to_pylist()
+            if not any(isinstance(v, str) and v.startswith(prefix) for v in vals):
+                continue
+            out = []
+            for v in vals:
+                if isinstance(v, str) and v.startswith(prefix):
+                    rel = Path(v[len(prefix):]).as_posix()
+                    url = self.put_file(v, self._p("media", rel))
+                    Path(v).unlink(missing_ok=True)
+                    out.append(url)
+                else:
+                    out.append(v)
+            table = table.set_column(i, table.field(i), pa.array(out, col.type))
+        return table
+
+    def _put_parquet(self, fs_path: str, table: pa.Table) -> None:
+        tmp = self.scratch_dir() / f".{uuid.uuid4().hex}.parquet.tmp"
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            self.fs.put_file(str(tmp), fs_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_outputs(self, stage_id: str, name: str, table: pa.Table) -> str:  # type: ignore[override]
+        path = f"{self.stage_dir(stage_id)}/part-{name}.parquet"
+        self._put_parquet(path, self._upload_media(table))
+        return self.to_url(path)
+
+    def write_rejects(self, stage_id: str, name: str, table: pa.Table) -> str:  # type: ignore[override]
+        path = f"{self.rejects_dir(stage_id)}/part-{name}.parquet"
+        self._put_parquet(path, table)
+        return self.to_url(path)
+
+    def clear_scratch(self, stage_id: str) -> None:
+        """Nothing to remove in the bucket (no temp objects); the local cache is per run."""
+        import shutil
+
+        shutil.rmtree(self.scratch_dir() / "tmp" / stage_id, ignore_errors=True)
+
+    # -- reading: ranged reads, never a whole copy ------------------------------------------
+    def _read(self, paths: list[str], columns: list[str] | None) -> pa.Table:
+        tables = []
+        for p in paths:
+            with self.fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                cols = None if columns is None else [
+                    c for c in columns if c in pf.schema_arrow.names]
+                tables.append(pf.read(columns=cols))
+        return concat(tables)
+
+    def read_outputs(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
+        return self._read(self.output_parts(stage_id), columns)
+
+    def read_rejects(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
+        t = self._read(self.reject_parts(stage_id), columns)
+        if t.num_columns == 0:
+            e = REJECT_SCHEMA.empty_table()
+            return e if columns is None else e.select(columns)
+        return t
+
+    def read_outputs_part(self, path: str, columns: list[str] | None) -> pa.Table:  # type: ignore[override]
+        return self._read([path], columns)
+
+    def consumed_id_array(self, stage_id: str) -> pa.ChunkedArray:
+        cols = []
+        for parts, name in ((self.output_parts(stage_id), "parent_id"),
+                            (self.reject_parts(stage_id), "id")):
+            for p in parts:
+                with self.fs.open(p, "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    if name not in pf.schema_arrow.names:
+                        continue
+                    cols.extend(as_string(pf.read(columns=[name]).column(name)).chunks)
+        return pa.chunked_array(cols, pa.string())
+
+    def count_rows(self, stage_id: str) -> tuple[int, int]:
+        def n(paths: list[str]) -> int:
+            total = 0
+            for p in paths:
+                with self.fs.open(p, "rb") as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            return total
+        return n(self.output_parts(stage_id)), n(self.reject_parts(stage_id))
+
+    # -- markers and metrics: small whole objects ---------------------------------------------
+    def _get(self, fs_path: str) -> bytes | None:
+        self.fs.invalidate_cache(fs_path)
+        try:
+            return self.fs.cat_file(fs_path)
+        except FileNotFoundError:
+            return None
+
+    def is_done(self, stage_id: str) -> bool:
+        return self._get(f"{self.stage_dir(stage_id)}/_SUCCESS") is not None
+
+    def mark_done(self, stage_id: str) -> None:
+        self._put_bytes(f"{self.stage_dir(stage_id)}/_SUCCESS", b"")
+
+    def read_fingerprint(self, stage_id: str) -> str | None:
+        b = self._get(f"{self.stage_dir(stage_id)}/_fingerprint")
+        return None if b is None else b.decode().strip()
+
+    def write_fingerprint(self, stage_id: str, fp: str) -> None:
+        self._put_bytes(f"{self.stage_dir(stage_id)}/_fingerprint", fp.encode())
+
+    def read_metrics(self, stage_id: str) -> dict[str, Any] | None:
+        b = self._get(f"{self.stage_dir(stage_id)}/metrics.json")
+        return None if b is None else json.loads(b)
+
+    def write_metrics(self, stage_id: str, metrics: dict[str, Any]) -> None:
+        self._put_bytes(f"{self.stage_dir(stage_id)}/metrics.json",
+                        (json.dumps(metrics, indent=2) + "\n").encode())
+
+    def add_wall_seconds(self, stage_id: str, seconds: float) -> float:
+        p = f"{self.stage_dir(stage_id)}/_wall_seconds"
+        b = self._get(p)
+        total = (float(b) if b else 0.0) + seconds
+        self._put_bytes(p, f"{total:.3f}".encode())
+        return total
+
+    def read_run(self) -> dict[str, Any] | None:
+        b = self._get(self._p("run.json"))
+        return None if b is None else json.loads(b)
+
+    def write_run(self, info: dict[str, Any]) -> None:
+        self._put_bytes(self._p("run.json"), (json.dumps(info, indent=2) + "\n").encode())
+
+    def lock(self, ttl_s: float = LOCK_TTL_S) -> ObjectRunLock:  # type: ignore[override]
+        return ObjectRunLock(self, ttl_s=ttl_s)
+
+
+class ObjectRunLock:
+    """A lease object ``RUN_DIR/run.lock`` (owner, host, pid, expiry) for object stores.
+
+    Created with a conditional PUT (S3 ``If-None-Match: *``): of two runs starting on the
+    same prefix exactly one creates it, the other is refused. The holder renews it every
+    ``ttl_s / 3`` from a thread, each renewal a PUT with ``If-Match`` on the ETag it last
+    wrote, so a run that lost its lease notices (``lost`` is set). A run that died without
+    releasing leaves an object whose expiry passes after ``ttl_s``; the next run takes it
+    over with ``If-Match`` on that stale ETag, so of two runs taking over one wins.
+
+    Stores: AWS S3 honours both conditions (``If-None-Match`` since Aug 2024, ``If-Match``
+    on PUT since Nov 2024), as does moto (tested); where the filesystem cannot send them
+    (not s3fs) the lock falls back to check-then-write, which narrows but does not close
+    the race between two runs started at the same moment.
+    """
+
+    def __init__(self, store: ObjectRunStore, ttl_s: float = LOCK_TTL_S) -> None:
+        self.store = store
+        self.fs = store.fs
+        self.path = store._p("run.lock")
+        self.ttl_s = ttl_s
+        self.owner = uuid.uuid4().hex
+        self.etag: str | None = None
+        self.lost = False
+        self._stop: Any = None
+        self._thread: Any = None
+        self._conditional = type(self.fs).__module__.startswith("s3fs")
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "pid": os.getpid(),
+                           "host": socket.gethostname(), "since": now,
+                           "expires": now + self.ttl_s}).encode()
+
+    def _put(self, **cond: str) -> str | None:
+        if self._conditional:
+            out = self.fs.pipe_file(self.path, self._body(), **cond)
+            return (out or {}).get("ETag")
+        if cond.get("mode") == "create" and self.store._get(self.path) is not None:
+            raise FileExistsError(self.path)
+        self.fs.pipe_file(self.path, self._body())
+        return None
+
+    def _refused(self, other: dict[str, Any]) -> RunLockedError:
+        left = float(other.get("expires", 0)) - time.time()
+        return RunLockedError(
+            f"run directory {self.store.url!r} is in use by pid {other.get('pid')} on "
+            f"{other.get('host')} (lease {self.store.to_url(self.path)!r} expires in "
+            f"{max(0.0, left):.0f} s unless renewed)")
+
+    def __enter__(self) -> ObjectRunLock:
+        for _ in range(3):
+            try:
+                self.etag = self._put(mode="create")
+                break
+            except Exception as e:
+                if not _is_precondition_failed(e):
+                    raise
+            self.fs.invalidate_cache(self.path)
+            try:
+                info = self.fs.info(self.path)
+                other = json.loads(self.fs.cat_file(self.path) or b"{}")
+            except FileNotFoundError:
+                continue  # released meanwhile: try to create again
+            except json.JSONDecodeError:
+                other = {}
+            if float(other.get("expires", 0)) > time.time():
+                raise self._refused(other)
+            try:  # expired lease: take it over, only if nobody else did first
+                self.etag = self._put(IfMatch=info.get("ETag", "")) if self._conditional \
+                    else self._put()
+                break
+            except Exception as e:
+                if not _is_precondition_failed(e):
+                    raise
+                continue
+        else:
+            raise RunLockedError(f"could not lock {self.store.to_url(self.path)!r}")
+        self._start_renewal()
+        return self
+
+    def _start_renewal(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def renew() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    cond = {"IfMatch": self.etag} if self._conditional and self.etag else {}
+                    self.etag = self._put(**cond)
+                except Exception:  # taken over, or the store is unreachable
+                    self.lost = True
+                    return
+
+        self._thread = threading.Thread(target=renew, name="speechmill-lease", daemon=True)
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+        if self.lost:
+            return  # someone else holds it now: leave their lease alone
+        try:
+            self.fs.invalidate_cache(self.path)
+            other = json.loads(self.fs.cat_file(self.path) or b"{}")
+            if other.get("owner") == self.owner:
+                self.fs.rm_file(self.path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass

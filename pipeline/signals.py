@@ -1,0 +1,96 @@
+"""Graceful interruption of a run: SIGINT (Ctrl-C) and SIGTERM (``kill``, schedulers).
+
+The first signal raises :class:`KeyboardInterrupt` in the main thread: the runner stops
+the stage (the executor's workers with it), keeps every batch already committed, marks
+the run ``interrupted`` in ``run.json`` and the command exits with 130; rerunning it
+resumes. A second signal while that clean-up runs exits at once (still 130; committed
+batches are safe either way, each part is written whole or not at all).
+
+The stall watchdog interrupts the main thread through the same SIGINT handler
+(:func:`watchdog_interrupt_main`); that is not a user's signal and is not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+EXIT_INTERRUPTED = 130
+
+_watchdog = threading.Event()
+
+
+def watchdog_interrupt_main() -> None:
+    """Interrupt the main thread for the stall watchdog (not counted as a user signal)."""
+    import _thread
+
+    _watchdog.set()
+    _thread.interrupt_main()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run received SIGINT or SIGTERM (``signal_name``)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name = signal_name
+
+
+class GracefulSignals:
+    """Handlers for SIGINT and SIGTERM for the duration of a run (main thread only).
+
+    ``on_force(signal_name)`` runs (best effort) before a second signal exits the process.
+    Call :meth:`install` again after a library replaced the handlers (``ray.init`` sets
+    its own SIGTERM handler)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_force: Callable[[str], None] | None = None) -> None:
+        self.on_force = on_force
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> GracefulSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current is not self._handle:
+                self._old.setdefault(sig, current)
+                signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def __enter__(self) -> GracefulSignals:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and _watchdog.is_set():
+            _watchdog.clear()
+            raise KeyboardInterrupt("stall watchdog")
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            try:
+                sys.stderr.write(f"\nspeechmill: interrupted by {name} (a second signal): "
+                                 "exiting now; committed batches are kept, rerun the same "
+                                 "command to resume\n")
+                sys.stderr.flush()
+                if self.on_force is not None:
+                    self.on_force(name)
+            finally:
+                os._exit(EXIT_INTERRUPTED)
+        self.received = name
+        raise RunInterrupted(name)
