@@ -147,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "validate" or args.dry_run:
         _print_plan(d, console)
         if args.cmd == "run":
+            _print_estimates(d, console)
             console.print("dry run: nothing executed")
         return 0
     from speechmill.pipeline.runner import run
@@ -155,6 +156,27 @@ def _run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None, restart=args.restart_from,
         console=console)
     return 0
+
+
+def _print_estimates(d: Any, console: Any) -> None:
+    """``--dry-run``: what stages that pay per request (LLM sources) would send, before
+    anything is spent. A stage opts in with a ``dry_run(config, run_dir, stage_id)``
+    classmethod returning a dict (requests, tokens, estimated cost, cache hits)."""
+    for st in d.stages:
+        fn = getattr(st.cls, "dry_run", None)
+        if fn is None:
+            continue
+        est = fn(st.config, run_dir=d.run_dir, stage_id=st.id)
+        cost = est.get("cost_usd")
+        worst = est.get("cost_usd_max")
+        money = ("cost unknown (no price for the model: set llm.prices)" if cost is None
+                 else f"~${cost:.4f} (at most ${worst:.4f})" if worst is not None
+                 else f"~${cost:.4f}")
+        console.print(
+            f"estimate {st.id}: {est.get('requests', 0)} requests "
+            f"({est.get('cached', 0)} already cached), "
+            f"{est.get('prompt_tokens', 0)} prompt + {est.get('completion_tokens', 0)} "
+            f"completion tokens, {money}")
 
 
 def _print_plan(d: Any, console: Any) -> None:
@@ -203,6 +225,11 @@ def _status(args: argparse.Namespace) -> int:
     if info.get("error"):
         console.print(f"error: {info['error']}")
     console.print(summary_table(rows, title=f"stages of {args.run_dir}"))
+    from rich.markup import escape
+
+    for r in rows:
+        for line in r.get("summary_lines") or []:
+            console.print(f"  {r['stage']}: {escape(line)}")
     return 0
 
 

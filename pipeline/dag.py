@@ -38,6 +38,14 @@ from speechmill.pipeline.stage import Resources, Stage, StageConfig
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_RE = re.compile(
+    r"(api_?key|(^|_)token($|_)|secret|password|passwd|credential|(^|_)auth($|_|orization)|"
+    r"private_?key|access_?key|account_?key|conn(ection)?_?str|^key$|_key$|-key$|cookie|"
+    r"^storage_options$|^headers$|^client_kwargs$)",
+    re.I,
+)
+# Keys the resume fingerprint ignores. Broader than what is redacted (it is the pattern
+# 0.2 used for both), so fingerprints of existing run directories stay the same.
+_FINGERPRINT_SKIP_RE = re.compile(
     r"(api_?key|token|secret|password|passwd|credential|auth|private|access_?key|"
     r"account_?key|conn(ection)?_?str|^key$|_key$|-key$|cookie|^storage_options$|"
     r"^headers$|^client_kwargs$)",
@@ -301,7 +309,8 @@ def _fingerprint(s: PlannedStage, planned: dict[str, PlannedStage], legacy: bool
         # while a bumped version changes this stage's fingerprint and, through theirs,
         # every downstream stage's
         h.update(f"\x00version={v}".encode())
-    dumped = s.config.model_dump(mode="json", exclude_defaults=not legacy)
+    dumped = _drop_runtime_keys(s.config,
+                                s.config.model_dump(mode="json", exclude_defaults=not legacy))
     h.update(json.dumps(_fingerprint_view(dumped), sort_keys=True).encode())
     for need in sorted(s.spec.needs):
         up = planned[need]
@@ -468,9 +477,27 @@ def redact(obj: Any, key: str = "") -> Any:
     return obj
 
 
+def _drop_runtime_keys(model: Any, dumped: Any) -> Any:
+    """Leave out of ``dumped`` the keys a config model lists in its ``fingerprint_exclude``
+    ClassVar (runtime knobs such as an LLM client's concurrency, rate limits or budget:
+    they never change outputs, so a resume with a bigger budget is the same work), at any
+    depth of nested config models."""
+    from pydantic import BaseModel
+
+    if not isinstance(model, BaseModel) or not isinstance(dumped, dict):
+        return dumped
+    skip = getattr(type(model), "fingerprint_exclude", frozenset())
+    out = {}
+    for k, v in dumped.items():
+        if k in skip:
+            continue
+        out[k] = _drop_runtime_keys(getattr(model, k, None), v)
+    return out
+
+
 def _fingerprint_view(obj: Any, key: str = "") -> Any:
     """Config as hashed for resume checks: credentials may rotate between attempts."""
-    if is_secret_key(key) or key == "storage_options":
+    if (key and _FINGERPRINT_SKIP_RE.search(key)) or key == "storage_options":
         return None
     if isinstance(obj, dict):
         return {k: _fingerprint_view(v, str(k)) for k, v in obj.items()}

@@ -157,9 +157,11 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     info = store.read_run() or {}
     dag_file = Path(run_dir) / "dag.yaml"
     stage_ids: list[str] = []
+    uses: dict[str, str] = {}
     if dag_file.exists():
         raw = yaml.safe_load(dag_file.read_text()) or {}
         stage_ids = [s["id"] for s in raw.get("stages", [])]
+        uses = {s["id"]: str(s.get("uses", "")) for s in raw.get("stages", [])}
     elif (Path(run_dir) / "stages").is_dir():
         stage_ids = sorted(p.name for p in (Path(run_dir) / "stages").iterdir())
     rows = []
@@ -181,5 +183,18 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                         if k in m})
             if m.get("output_dir"):  # a sink: its rows are in its export, not in parts
                 row["rows_out"] = m.get("rows_out", outs)
+            if m.get("stage_summary") and uses.get(sid):
+                row["summary_lines"] = _summary_lines(uses[sid], m["stage_summary"])
         rows.append(row)
     return info, rows
+
+
+def _summary_lines(uses: str, summary: dict[str, Any]) -> list[str]:
+    """The stage's own readable lines for its ``stage_summary`` (LLM requests and cost,
+    hosts of a crawl, ...); none when the stage is not installed here."""
+    from speechmill.pipeline import registry
+
+    try:
+        return list(registry.get(uses).summary_lines(summary))
+    except Exception:  # an unknown/uninstalled stage: the table still shows its counts
+        return []

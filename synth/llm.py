@@ -55,7 +55,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -120,6 +120,9 @@ class LLMConfig(BaseModel):
     """Where and how to ask an LLM. Stages embed it as their ``llm`` key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: runtime knobs that never change an answer: not part of the resume fingerprint, so
+    #: a stage stopped by its budget resumes with a bigger one
+    fingerprint_exclude: ClassVar[frozenset[str]] = RUNTIME_KEYS
 
     base_url: str | None = Field(
         None, description="OpenAI-compatible API base URL; default $OPENAI_BASE_URL, "

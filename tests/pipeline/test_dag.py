@@ -220,3 +220,21 @@ def test_fingerprint_ignores_defaults_spelled_out_or_added(tmp_path: Path,
     assert c.stage("std").legacy_fingerprint != a.stage("std").legacy_fingerprint
     d = dagmod.loads(good(tmp_path), overrides=["std.brand_new_knob=8"])
     assert d.stage("std").fingerprint != a.stage("std").fingerprint
+
+
+def test_redaction_hides_credentials_but_not_look_alike_settings() -> None:
+    from speechmill.pipeline.dag import REDACTED, redact
+
+    cfg = {"llm": {"api_key": "sk-1", "max_tokens": 256, "tokens_per_minute": 9000,
+                   "max_total_tokens": 10},
+           "hf_token": "hf_x", "token": "t", "auth_token": "a", "token_env": "HF_TOKEN",
+           "text_tokenizer": "whisper", "allow_private": ["127.0.0.1"], "author": "me",
+           "private_key": "pk", "storage_options": {"key": "AK", "secret": "SK"}}
+    out = redact(cfg)
+    assert out["llm"] == {"api_key": REDACTED, "max_tokens": 256, "tokens_per_minute": 9000,
+                          "max_total_tokens": 10}
+    for k in ("hf_token", "token", "auth_token", "token_env", "private_key",
+              "storage_options"):
+        assert out[k] == REDACTED, k
+    for k in ("text_tokenizer", "allow_private", "author"):
+        assert out[k] == cfg[k], k

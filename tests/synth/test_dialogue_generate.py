@@ -233,9 +233,6 @@ def test_budget_stops_the_stage(tmp_path: Path) -> None:
         assert len({r["dialogue_id"] for r in store.read_outputs("gen").to_pylist()}) == 12
 
 
-@pytest.mark.xfail(strict=True, reason="needs the engine to leave LLM runtime keys "
-                   "(speechmill.synth.llm.RUNTIME_KEYS: budgets, limits, retries) out of "
-                   "the stage fingerprint")
 def test_budget_resume_with_bigger_budget(tmp_path: Path) -> None:
     prices = {"fake-model": {"input_per_1m": 1000.0, "output_per_1m": 1000.0}}
     with FakeLLM() as srv:
@@ -322,3 +319,37 @@ def test_ray_workers_share_claims_and_ledger(tmp_path: Path) -> None:
     assert len({p.name.rsplit("-", 2)[1] for p in ledgers}) >= 2  # pids: several workers
     assert sum(json.loads(p.read_text())["requests"] for p in ledgers) == 24
     assert_key_nowhere(tmp_path / "run", r.stdout, r.stderr)
+
+
+def test_cli_dry_run_estimates_cost_and_sends_nothing(tmp_path: Path) -> None:
+    """`speechmill run --dry-run` prints requests, tokens and cost; the server sees none."""
+    with FakeLLM() as srv:
+        d = dag_dict(tmp_path / "run", srv, count=12, topics=["tea", "trains"], llm={
+            "prices": {"fake-model": {"input_per_1m": 1.0, "output_per_1m": 2.0}}})
+        dag = tmp_path / "dag.yaml"
+        dag.write_text(yaml.safe_dump(d))
+        env = {**os.environ, KEY_ENV: KEY}
+        r = subprocess.run([sys.executable, "-m", "speechmill.pipeline.cli", "run", str(dag),
+                            "--dry-run"], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "estimate gen: 12 requests (0 already cached)" in r.stdout
+        assert "~$" in r.stdout and "at most $" in r.stdout
+        assert srv.chat_requests() == 0
+        assert KEY not in r.stdout + r.stderr
+
+
+def test_status_shows_requests_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from speechmill.pipeline.cli import main
+
+    with FakeLLM() as srv:
+        d = dag_dict(tmp_path / "run", srv, count=4, topics=["tea"], llm={
+            "prices": {"fake-model": {"input_per_1m": 1.0, "output_per_1m": 2.0}}})
+        res, _ = run_dag(d)
+        assert res.status == "succeeded"
+        sent = srv.chat_requests()
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("gen:") and "request" in x)
+    assert f"{sent} request" in line and "$" in line, line
