@@ -3,12 +3,19 @@
 The ``transcribe`` stage handles rows, batching and rejects; an adapter only loads one
 model (through :func:`speechmill.pipeline.models.resolve`) and turns 16 kHz mono float32
 audio into an :class:`AsrResult`. Both backends fill the same fields.
+
+``language_prob`` is a measurement: the probability of the language the model detected.
+When no detection ran (an English-only model, or a fixed ``language``) it is ``None``,
+never a made-up 1.0. :func:`is_multilingual` tells, from a model's own files and without
+loading it, whether it can detect languages at all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +23,9 @@ import numpy as np
 from speechmill.pipeline.models import ModelSpec, Resolved, resolve
 
 SAMPLE_RATE = 16000
+#: vocabulary size of Whisper's multilingual models (51865; 51866 for large-v3); the
+#: English-only models have 51864. Both libraries decide multilinguality this way.
+MULTILINGUAL_VOCAB = 51865
 
 
 @dataclass
@@ -92,7 +102,7 @@ class FasterWhisper:
         return AsrResult(
             text=" ".join(s.text.strip() for s in segs).strip(),
             language=info.language,
-            language_prob=float(info.language_probability),
+            language_prob=_measured(info),
             words=words,
             avg_logprob=_weighted([(s.avg_logprob, d) for s, d in dur]),
             compression_ratio=_weighted([(s.compression_ratio, d) for s, d in dur]),
@@ -146,7 +156,7 @@ class FasterWhisper:
             dur = [(sg, max(sg.end - sg.start, 1e-3)) for sg in b]
             out.append(AsrResult(
                 text=" ".join(sg.text.strip() for sg in b).strip(), language=info.language,
-                language_prob=float(info.language_probability), words=words,
+                language_prob=_measured(info), words=words,
                 avg_logprob=_weighted([(sg.avg_logprob, d) for sg, d in dur]),
                 compression_ratio=_weighted([(sg.compression_ratio, d) for sg, d in dur]),
                 no_speech_prob=_weighted([(sg.no_speech_prob, d) for sg, d in dur]),
@@ -179,9 +189,7 @@ class OpenAIWhisper:
             lang = max(probs, key=probs.get)
             lang_prob = float(probs[lang])
         elif lang is None:
-            lang, lang_prob = "en", 1.0
-        else:
-            lang_prob = 1.0
+            lang = "en"  # English-only model: nothing was detected, nothing measured
         out: dict[str, Any] = self.model.transcribe(
             audio, language=lang, beam_size=opts.beam_size if opts.beam_size > 1 else None,
             temperature=tuple(opts.temperature),
@@ -210,7 +218,45 @@ class OpenAIWhisper:
         )
 
 
+def _measured(info: Any) -> float | None:
+    """faster-whisper's language probability, or None where it detected nothing (it
+    reports 1 for an English-only model or a given language; ``all_language_probs`` is
+    set only when detection ran)."""
+    if getattr(info, "all_language_probs", None) is None:
+        return None
+    return float(info.language_probability)
+
+
 BACKENDS = {"faster-whisper": FasterWhisper, "whisper": OpenAIWhisper}
+
+
+def is_multilingual(backend: str, location: str) -> bool | None:
+    """Whether the model at ``location`` (a resolved local path) is multilingual, read from
+    its own files without loading it: the size of a CTranslate2 directory's vocabulary
+    (``vocabulary.json`` or ``vocabulary.txt``), an openai-whisper checkpoint's
+    ``dims.n_vocab``. None: cannot tell (not a local model, unknown layout)."""
+    p = Path(location)
+    try:
+        if backend == "faster-whisper" and p.is_dir():
+            if (p / "vocabulary.json").is_file():
+                n = len(json.loads((p / "vocabulary.json").read_text(encoding="utf-8")))
+            elif (p / "vocabulary.txt").is_file():
+                with open(p / "vocabulary.txt", encoding="utf-8") as f:
+                    n = sum(1 for _ in f)
+            else:
+                return None
+            return n >= MULTILINGUAL_VOCAB
+        if backend == "whisper" and p.is_file():
+            import torch
+
+            try:  # mmap: the dims without reading gigabytes of weights
+                ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # a checkpoint in torch's legacy (non-zip) format
+                ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            return int(ckpt["dims"]["n_vocab"]) >= MULTILINGUAL_VOCAB
+    except Exception:  # unreadable or not a Whisper model: setup will say what is wrong
+        return None
+    return None
 
 
 def load_backend(spec: ModelSpec, offline: bool = False, cpu_threads: int = 0) -> AsrBackend:

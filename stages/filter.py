@@ -7,6 +7,13 @@ rate inside Q1-1.5*IQR..Q3+1.5*IQR). ``dry_run: true`` keeps every row and recor
 ``filter_would_reject`` what each rule would drop, with counts and hours per rule in
 ``metrics.json`` (``stage_summary``), so thresholds can be tuned before dropping.
 
+A score that was not measured is null (e.g. ``lid_prob`` from an English-only model or a
+fixed ``language``: no language detection ran). A rule never judges a null score: the row
+is not rejected by that rule, its output row lists the rule in ``filter_unmeasured``, and
+the summary counts such rows per rule under ``unmeasured``. Validation refuses language
+rules (``allowed_languages``, ``min_language_prob``) whose upstream ``transcribe`` cannot
+measure them (an English-only model; a fixed ``language`` for ``min_language_prob``).
+
 The per-file speaking-rate rule needs every segment of a file at once: the engine's
 ``prepare`` pass computes each file's quartiles over the whole input before any batch
 (files are keyed by the recording id, the part of a segment id before the first ``-``).
@@ -26,8 +33,19 @@ from speechmill.pipeline.records import recording_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageContext
 
 RULES = ("too_short", "too_long", "clipping", "low_bandwidth", "low_snr", "low_dnsmos",
-         "too_few_chars", "language_not_allowed", "lid_mismatch", "hallucination",
-         "low_asr_confidence", "speaking_rate_outlier")
+         "too_few_chars", "language_not_allowed", "low_language_prob", "lid_mismatch",
+         "hallucination", "low_asr_confidence", "speaking_rate_outlier")
+#: score rules: (config key of a threshold, the score it reads); a row whose scores are
+#: null for every configured threshold of a rule is unmeasured for that rule
+RULE_SCORES: dict[str, tuple[tuple[str, str], ...]] = {
+    "clipping": (("max_clipping_ratio", "clipping_ratio"),),
+    "low_bandwidth": (("min_bandwidth_hz", "bandwidth_hz"),),
+    "low_snr": (("min_snr_db", "snr_db"),),
+    "low_dnsmos": (("min_dnsmos_ovrl", "dnsmos_ovrl"),),
+    "low_language_prob": (("min_language_prob", "lid_prob"),),
+    "low_asr_confidence": (("min_asr_avg_logprob", "asr_avg_logprob"),
+                           ("min_word_prob", "asr_mean_word_prob")),
+}
 
 
 class FilterConfig(StageConfig):
@@ -35,6 +53,11 @@ class FilterConfig(StageConfig):
     max_duration_s: float | None = Field(30.0, gt=0, description="Emilia: 30 s")
     min_chars: int | None = Field(1, ge=0, description="characters of text (no spaces)")
     allowed_languages: list[str] = Field(default_factory=list, description="ASR language")
+    min_language_prob: float | None = Field(
+        None, ge=0, le=1, description="ASR language-ID probability (scores.lid_prob); needs "
+        "a multilingual model detecting the language. Null lid_prob: not judged, counted "
+        "as unmeasured"
+    )
     require_lid_agreement: bool = Field(True, description="text LID must match ASR language")
     lid_min_chars: int = Field(
         20, ge=0, description="text LID is trusted only on transcripts this long"
@@ -68,6 +91,17 @@ class Filter(Stage):
     config: FilterConfig
 
     prepare_columns = ("id", "scores")
+
+    @classmethod
+    def validate_dag(cls, config: StageConfig,
+                     upstream: dict[str, tuple[type[Stage], StageConfig]]) -> None:
+        """Language rules need an upstream stage that measures what they read."""
+        assert isinstance(config, FilterConfig)
+        for sid, (up_cls, up_cfg) in upstream.items():
+            check = getattr(up_cls, "check_language_rules", None)
+            if check is not None:
+                check(up_cfg, allowed_languages=config.allowed_languages,
+                      min_language_prob=config.min_language_prob, upstream_id=sid)
 
     @classmethod
     def prepare(cls, config: StageConfig, inputs: pa.Table,
@@ -114,6 +148,7 @@ class Filter(Stage):
         if c.allowed_languages and lang not in c.allowed_languages:
             out.append(("language_not_allowed",
                         f"language {lang} not in {','.join(c.allowed_languages)}"))
+        _min(out, "low_language_prob", "lid_prob", sc.get("lid_prob"), c.min_language_prob)
         if (c.require_lid_agreement and row.get("lid_agrees") is False
                 and n_chars >= c.lid_min_chars):
             out.append(("lid_mismatch",
@@ -138,16 +173,28 @@ class Filter(Stage):
                         "of its file"))
         return out
 
+    def unmeasured(self, row: dict[str, Any]) -> list[str]:
+        """The configured score rules that could not judge ``row``: their scores are null
+        (or NaN), so the row passes them unjudged."""
+        sc = row.get("scores") or {}
+        out = []
+        for rule, checks in RULE_SCORES.items():
+            scores = [key for attr, key in checks if getattr(self.config, attr) is not None]
+            if scores and not any(_finite(sc.get(k)) for k in scores):
+                out.append(rule)
+        return out
+
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         fails = self.verdicts(row)
         if self.config.dry_run:
             return {**row, "parent_id": row["id"],
-                    "filter_would_reject": [r for r, _ in fails]}
+                    "filter_would_reject": [r for r, _ in fails],
+                    "filter_unmeasured": self.unmeasured(row)}
         if fails:
             raise Reject(*fails[0])
-        return {**row, "parent_id": row["id"]}
+        return {**row, "parent_id": row["id"], "filter_unmeasured": self.unmeasured(row)}
 
-    summary_columns = ("id", "duration", "filter_would_reject")
+    summary_columns = ("id", "duration", "filter_would_reject", "filter_unmeasured")
 
     @classmethod
     def summarize(cls, outputs: pa.Table, rejects: pa.Table) -> dict[str, Any] | None:
@@ -173,16 +220,15 @@ class Filter(Stage):
                                                    "duration": pa.array([], pa.float64())})
             kept_s = (pc.sum(dur(outputs)).as_py() or 0.0) if outputs.num_rows else 0.0
             mode = "filter"
-        per: dict[str, dict[str, float]] = {}
-        if hits.num_rows:
-            g = hits.group_by("reason", use_threads=False).aggregate(
-                [("reason", "count"), ("duration", "sum")])
-            for r, n, s in zip(g.column("reason").to_pylist(),
-                               g.column("reason_count").to_pylist(),
-                               g.column("duration_sum").to_pylist(), strict=True):
-                per[r] = {"rows": int(n), "hours": float(s or 0.0) / 3600}
+        unmeasured = pa.table({"reason": pa.array([], pa.string()),
+                               "duration": pa.array([], pa.float64())})
+        if "filter_unmeasured" in outputs.column_names and outputs.num_rows:
+            col = outputs.column("filter_unmeasured").combine_chunks()
+            if not pa.types.is_null(col.type):
+                unmeasured = pa.table({"reason": pc.list_flatten(col), "duration": pc.take(
+                    dur(outputs), pc.list_parent_indices(col))})
         return {"mode": mode, "hours_kept": float(kept_s) / 3600,
-                "rules": dict(sorted(per.items()))}
+                "rules": _per_reason(hits), "unmeasured": _per_reason(unmeasured)}
 
     @classmethod
     def summary_lines(cls, summary: dict[str, Any]) -> list[str]:
@@ -190,7 +236,27 @@ class Filter(Stage):
         lines = [f"hours kept: {summary['hours_kept']:.3f}"]
         for rule, e in summary.get("rules", {}).items():
             lines.append(f"{rule}: {verb} {int(e['rows'])} segments, {e['hours']:.3f} h")
+        for rule, e in summary.get("unmeasured", {}).items():
+            what = "/".join(key for _, key in RULE_SCORES.get(rule, ()))
+            lines.append(f"{rule}: {int(e['rows'])} segments not judged ({what} not "
+                         "measured)")
         return lines
+
+
+def _per_reason(hits: pa.Table) -> dict[str, dict[str, float]]:
+    """{reason: {rows, hours}} of a (reason, duration) table, sorted by reason."""
+    per: dict[str, dict[str, float]] = {}
+    if hits.num_rows:
+        g = hits.group_by("reason", use_threads=False).aggregate(
+            [("reason", "count"), ("duration", "sum")])
+        for r, n, s in zip(g.column("reason").to_pylist(), g.column("reason_count").to_pylist(),
+                           g.column("duration_sum").to_pylist(), strict=True):
+            per[r] = {"rows": int(n), "hours": float(s or 0.0) / 3600}
+    return dict(sorted(per.items()))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _min(out: list[tuple[str, str]], reason: str, key: str, value: float | None,

@@ -71,6 +71,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, StreamResampler, decode
+from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.models import (
     ModelNotFoundError,
     ModelSpec,
@@ -462,6 +463,8 @@ def _guarded(stage: Stage, row: dict[str, Any], fn: Any, *args: Any
     except Reject as r:
         return None, RowOutcome(reject=stage.reject_row(row, r.reason, r.detail))
     except Exception as e:
+        if is_fatal(e):  # a full disk or an engine error is no row's fault
+            raise
         detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         return None, RowOutcome(reject=stage.reject_row(row, "error", detail))
 

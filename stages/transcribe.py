@@ -8,24 +8,39 @@ segment becomes an output row with id ``{audio_id}-{start_ms:08d}-{end_ms:08d}``
 
 Every output carries ``text``, ``language``, ``words`` (word, start, end, prob; seconds
 from the segment start) and ``scores`` with ``lid_prob``, ``asr_avg_logprob``,
-``asr_compression_ratio`` and ``asr_no_speech_prob``. Language rules reject a segment
-(``language_not_allowed``, ``low_language_prob``); a segment without text is rejected as
-``empty_text``; a file where VAD finds no speech is rejected as ``no_speech``.
+``asr_compression_ratio`` and ``asr_no_speech_prob``. ``lid_prob`` is the detected
+language's probability, or null where no detection ran (an English-only model, or a
+fixed ``language``). Language rules reject a segment (``language_not_allowed``,
+``low_language_prob``); a segment without text is rejected as ``empty_text``; a file
+where VAD finds no speech is rejected as ``no_speech``.
+
+Language rules here or in a downstream ``filter`` need a model that detects languages:
+validation reads the model's own files (its vocabulary size, see
+:func:`speechmill.stages.asr.is_multilingual`; never its name) and refuses an allow-list
+or a ``min_language_prob`` with an English-only model, and a ``min_language_prob`` with a
+fixed ``language``. A model that is not on this machine yet is not inspected (nothing is
+downloaded to validate; setup resolves it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
-from speechmill.pipeline.models import ModelSpec
+from speechmill.pipeline.models import ModelNotFoundError, ModelSpec, resolve
 from speechmill.pipeline.records import recording_id, rejects_table, segment_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
-from speechmill.stages.asr import SAMPLE_RATE, AsrResult, DecodeOptions, load_backend
+from speechmill.stages.asr import (
+    SAMPLE_RATE,
+    AsrResult,
+    DecodeOptions,
+    is_multilingual,
+    load_backend,
+)
 
 VAD_WINDOW_S = 300.0
 
@@ -42,7 +57,10 @@ class TranscribeConfig(StageConfig):
     )
     language: str | None = Field(None, description="fixed language; None: detect")
     allowed_languages: list[str] = Field(default_factory=list, description="empty: any")
-    min_language_prob: float = Field(0.0, ge=0, le=1)
+    min_language_prob: float = Field(
+        0.0, ge=0, le=1, description="reject segments whose detected language is less "
+        "likely (needs a multilingual model and no fixed `language`)"
+    )
     beam_size: int = Field(5, ge=1)
     temperature: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     condition_on_previous_text: bool = False
@@ -77,17 +95,67 @@ class Transcribe(Stage):
     default_batch_size = 32
     default_batch_seconds = 600.0
 
+    #: 2: lid_prob is null where no language detection ran (was 1.0)
+    version: ClassVar[int] = 2
+
     config: TranscribeConfig
 
     @classmethod
     def validate_config(cls, config: StageConfig) -> None:
         assert isinstance(config, TranscribeConfig)
-        english_only = (config.model_path is None and config.model.endswith(".en"))
-        if config.batched and config.language is None and not english_only:
-            raise ValueError("key 'with.batched': batched decoding needs `language` (it "
-                             "detects one language for the whole batch)")
         if config.batched and config.backend != "faster-whisper":
             raise ValueError("key 'with.batched': only the faster-whisper backend batches")
+        if config.batched and config.language is None:
+            multilingual = cls.multilingual(config)
+            if multilingual is None:  # not local: judge by the name until setup loads it
+                multilingual = config.model_path is not None or not config.model.endswith(
+                    ".en")
+            if multilingual:
+                raise ValueError("key 'with.batched': batched decoding needs `language` "
+                                 "(it detects one language for the whole batch)")
+        cls.check_language_rules(config, config.allowed_languages,
+                                 config.min_language_prob or None)
+
+    @classmethod
+    def multilingual(cls, config: TranscribeConfig) -> bool | None:
+        """Whether the configured model detects languages, read from its files; None when
+        it is not on this machine (resolving never downloads here)."""
+        spec = ModelSpec(backend=config.backend, name=None if config.model_path else config.model,
+                         path=config.model_path, device=config.device,
+                         compute_type=config.compute_type)
+        try:
+            location = resolve(spec, offline=True).location
+        except ModelNotFoundError:
+            return None
+        return is_multilingual(config.backend, location)
+
+    @classmethod
+    def check_language_rules(cls, config: StageConfig, allowed_languages: list[str],
+                             min_language_prob: float | None,
+                             upstream_id: str | None = None) -> None:
+        """Raise ValueError (naming the key) when a language rule, here or in a downstream
+        stage (``upstream_id`` is then this stage's id), reads what this configuration
+        cannot measure."""
+        assert isinstance(config, TranscribeConfig)
+        keys = [k for k, v in (("allowed_languages", allowed_languages),
+                               ("min_language_prob", min_language_prob)) if v]
+        if not keys:
+            return
+        where = "" if upstream_id is None else f" of upstream stage {upstream_id!r}"
+        if cls.multilingual(config) is False:
+            model = config.model_path or config.model
+            named = " and ".join(f"'with.{k}'" for k in keys)
+            raise ValueError(
+                f"key {named}: model {model!r}{where} is English-only (read from its "
+                "vocabulary): it labels every segment 'en' and measures no language "
+                "probability, so a language rule cannot work. Use a multilingual model "
+                "(e.g. small, large-v3) or drop the rule (annotate's text LID and filter's "
+                "lid_mismatch catch foreign speech)")
+        if config.language is not None and min_language_prob:
+            raise ValueError(
+                f"key 'with.min_language_prob': `language` is fixed to "
+                f"{config.language!r}{where}, so no language is detected and no language "
+                "probability is measured; drop the rule or the fixed language")
 
     def setup(self) -> None:
         c = self.config

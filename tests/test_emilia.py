@@ -30,8 +30,7 @@ def _cmd(run_dir: Path, repo: Path) -> list[str]:
         # the random test model cannot separate: every file takes the pass-through path
         # after the model's music/speech pre-check (recorded as separated: false)
         "separate.skip_below_music_ratio=1000000000",
-        "segment.min_s=1.0", "transcribe.allowed_languages=[en]",
-        "transcribe.min_language_prob=0", "annotate.lid_languages=[en,es,fr,de]",
+        "segment.min_s=1.0", "annotate.lid_languages=[en,es,fr,de]",
         "filter.min_duration_s=1.0", "filter.min_dnsmos_ovrl=2.0",
         "standardize.sample_rate=16000",
     ]
@@ -74,6 +73,9 @@ def test_emilia_dag_resumes_after_sigkill(tmp_path: Path) -> None:
     assert any(reason == "no_speech" for _, _, reason in rejected)  # the tone
     seps = RunStore(tmp_path / "ref").read_outputs("separate").to_pylist()
     assert seps and all(s["separated"] is False and s["music_ratio"] is not None for s in seps)
+    # the default ASR model (tiny.en) detects no language: lid_prob is null, never 1.0
+    asr = RunStore(tmp_path / "ref").read_outputs("transcribe").to_pylist()
+    assert asr and all(r["language"] == "en" and r["scores"]["lid_prob"] is None for r in asr)
 
     crash = tmp_path / "crash"
     proc = subprocess.Popen(_cmd(crash, repo), env=env, stdout=subprocess.DEVNULL,

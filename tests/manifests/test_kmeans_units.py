@@ -33,6 +33,16 @@ def _blobs(seed: int = 0, n_per: int = 300, k: int = 6, d: int = 5):
     return x[perm].astype(np.float32), truth[perm], centers
 
 
+def _assert_bijection(lab: np.ndarray, truth: np.ndarray, k: int) -> None:
+    """The found labels and the true groups correspond one to one: k distinct labels,
+    k distinct groups, and k distinct (label, group) pairs (so no label spans two groups
+    and no group is split over two labels)."""
+    pairs = set(zip(lab.tolist(), truth.tolist(), strict=True))
+    assert len(set(lab.tolist())) == k, sorted(set(lab.tolist()))
+    assert len(set(truth.tolist())) == k
+    assert len(pairs) == k, sorted(pairs)
+
+
 # -- k-means ------------------------------------------------------------------------------
 
 
@@ -57,8 +67,7 @@ def test_kmeans_recovers_separated_blobs():
         c = fit_kmeans(x, 6, seed=seed, iters=50)
         lab = assign(x, c)
         # each found cluster is exactly one true blob (a bijection)
-        pairs = set(zip(lab.tolist(), truth.tolist(), strict=True))
-        assert len(pairs) == 6
+        _assert_bijection(lab, truth, 6)
         # and each centroid sits at a blob centre
         dist = np.linalg.norm(c[:, None, :] - centers[None], axis=2).min(axis=1)
         assert dist.max() < 0.5
@@ -70,7 +79,7 @@ def test_kmeans_large_offset_and_float64_input():
     x, truth, _ = _blobs(seed=5, k=4)
     x64 = x.astype(np.float64) + 1e4
     lab = assign(x64, fit_kmeans(x64, 4, seed=0))
-    assert len(set(zip(lab.tolist(), truth.tolist(), strict=True))) == 4
+    _assert_bijection(lab, truth, 4)
 
 
 def test_kmeans_empty_clusters_and_too_few_frames():
@@ -79,7 +88,7 @@ def test_kmeans_empty_clusters_and_too_few_frames():
     c = fit_kmeans(x, 5, seed=0)
     assert np.all(np.isfinite(c))
     lab = assign(x, c)
-    assert len(set(zip(lab.tolist(), np.repeat([0, 1, 2], 20).tolist(), strict=True))) == 3
+    _assert_bijection(lab, np.repeat([0, 1, 2], 20), 3)
     with pytest.raises(ValueError, match="at least k=10"):
         fit_kmeans(x[:5], 10)
     with pytest.raises(ValueError, match="NaN"):

@@ -1,14 +1,55 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 
 from speechmill.manifests.splits import assign_splits
 from speechmill.pipeline.dag import load as load_dag
+from speechmill.pipeline.records import conform, content_id, segment_id
 from speechmill.pipeline.runner import run
+from tests.conversation_factory import SENTENCES, synthesize
 from tests.manifests.conftest import dag_with
+
+#: Piper's joe voice played back at these speeds (pitch and tempo scaled together) makes
+#: six speakers that do not depend on eSpeak NG
+SPEEDS = (0.8, 0.88, 0.96, 1.04, 1.12, 1.2)
+
+
+def _multi_speaker_segments(d: Path, recordings_per_speaker: int = 2,
+                            per_recording: int = 2) -> pa.Table:
+    """Segment rows over FLAC recordings of six speakers, each speaker in several
+    recordings (so keeping a speaker in one split is more than keeping a file in one)."""
+    import soxr
+
+    d.mkdir(parents=True, exist_ok=True)
+    sr = 16000
+    rows, k = [], 0
+    for spk, speed in enumerate(SPEEDS):
+        for r in range(recordings_per_speaker):
+            pieces, spans, t = [np.zeros(int(0.3 * sr), np.float32)], [], 0.3
+            for _ in range(per_recording):
+                text = SENTENCES[k % len(SENTENCES)]
+                k += 1
+                x = soxr.resample(synthesize("piper:joe", text, sample_rate=sr), sr,
+                                  round(sr / speed)).astype(np.float32)
+                spans.append((t, t + len(x) / sr, text))
+                pieces += [x, np.zeros(int(0.4 * sr), np.float32)]
+                t += len(x) / sr + 0.4
+            path = d / f"spk{spk}-rec{r}.flac"
+            sf.write(path, np.concatenate(pieces), sr, subtype="PCM_16")
+            rid = content_id(hashlib.sha256(path.read_bytes()).hexdigest())
+            rows += [{"id": segment_id(rid, a, b), "parent_id": segment_id(rid, a, b),
+                      "audio_path": str(path), "offset": round(a, 3),
+                      "duration": round(b - a, 3), "sample_rate": sr, "channels": 1,
+                      "speaker": f"spk-joe-x{speed}", "language": "en", "text": text}
+                     for a, b, text in spans]
+    return conform(pa.Table.from_pylist(rows))
 
 
 def test_assign_is_speaker_disjoint_sized_and_deterministic() -> None:
@@ -50,9 +91,10 @@ def test_split_never_empty_when_asked_even_if_speakers_are_big() -> None:
 
 
 @pytest.mark.parametrize("executor", ["local"])
-def test_split_stage_in_a_dag(tmp_path: Path, segments_dir, executor: str) -> None:
-    d, seg = segments_dir
-    dag = dag_with(tmp_path, d / "segments.parquet", """
+def test_split_stage_in_a_dag(tmp_path: Path, executor: str) -> None:
+    seg = _multi_speaker_segments(tmp_path / "audio")
+    pq.write_table(seg, tmp_path / "segments.parquet")
+    dag = dag_with(tmp_path, tmp_path / "segments.parquet", """
   - id: split
     uses: split
     needs: [src]
@@ -63,12 +105,15 @@ def test_split_stage_in_a_dag(tmp_path: Path, segments_dir, executor: str) -> No
     out = pq.read_table(sorted((tmp_path / "run/stages/split").glob("part-*.parquet")))
     assert out.num_rows == seg.num_rows
     by_spk: dict[str, set[str]] = {}
-    for spk, s in zip(out.column("speaker").to_pylist(), out.column("split").to_pylist(),
-                      strict=True):
+    files: dict[str, set[str]] = {}
+    for spk, s, path in zip(out.column("speaker").to_pylist(),
+                            out.column("split").to_pylist(),
+                            out.column("audio_path").to_pylist(), strict=True):
         by_spk.setdefault(spk, set()).add(s)
-    assert all(len(v) == 1 for v in by_spk.values())  # no speaker in two splits
-    if len(by_spk) >= 3:
-        assert {next(iter(v)) for v in by_spk.values()} == {"train", "dev", "test"}
+        files.setdefault(spk, set()).add(path)
+    assert len(by_spk) == len(SPEEDS) and all(len(f) == 2 for f in files.values())
+    assert all(len(v) == 1 for v in by_spk.values()), by_spk  # no speaker in two splits
+    assert {next(iter(v)) for v in by_spk.values()} == {"train", "dev", "test"}
 
 
 def test_arrow_group_keys_match_rows_and_hours_sum_per_group() -> None:

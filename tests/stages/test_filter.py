@@ -52,6 +52,8 @@ def reasons(f: Filter, r: dict[str, Any]) -> list[str]:
          {"scores": {"clipping_ratio": 0.0101}}, "clipping"),
         ({"min_bandwidth_hz": 4000}, {"scores": {"bandwidth_hz": 4000.0}},
          {"scores": {"bandwidth_hz": 3999.0}}, "low_bandwidth"),
+        ({"min_language_prob": 0.8}, {"scores": {"lid_prob": 0.8}},
+         {"scores": {"lid_prob": 0.79}}, "low_language_prob"),
     ],
 )
 def test_rule_boundaries(cfg, ok_row, bad_row, reason) -> None:
@@ -111,7 +113,52 @@ def test_filter_summary_counts_rejects_per_rule() -> None:
     s = Filter.summarize(pa.table({"id": ["a", "b"], "duration": [7200.0, None]}), rej)
     assert s == {"mode": "filter", "hours_kept": pytest.approx(2.0),
                  "rules": {"low_dnsmos": {"rows": 1, "hours": pytest.approx(1.0)},
-                           "too_short": {"rows": 2, "hours": pytest.approx(1 / 3600)}}}
+                           "too_short": {"rows": 2, "hours": pytest.approx(1 / 3600)}},
+                 "unmeasured": {}}
     empty = Filter.summarize(pa.table({"id": pa.array([], pa.string())}),
                              pa.table({"reason": pa.array([], pa.string())}))
-    assert empty == {"mode": "filter", "hours_kept": 0.0, "rules": {}}
+    assert empty == {"mode": "filter", "hours_kept": 0.0, "rules": {}, "unmeasured": {}}
+
+
+def test_unmeasured_scores_are_never_judged_and_are_counted() -> None:
+    """A null score (lid_prob of an English-only model) neither passes nor fails its rule
+    silently: the row is kept by that rule, marked, and counted in the summary."""
+    cfg = dict(min_language_prob=0.8, min_snr_db=10.0, speaking_rate_iqr=False,
+               min_asr_avg_logprob=None, min_word_prob=None)
+    f = make(**cfg)
+    measured = row(id="rec1-00000000-00005000", scores={"lid_prob": 0.95})
+    low = row(id="rec2-00000000-00005000", scores={"lid_prob": 0.5})
+    null = row(id="rec3-00000000-00004000", duration=4.0,
+               scores={"lid_prob": None, "snr_db": None})
+    nan = row(id="rec4-00000000-00006000", duration=6.0, scores={"lid_prob": float("nan")})
+    missing = row(id="rec5-00000000-00005000")  # no lid_prob at all (no ASR upstream)
+    outs = {r["id"]: f.run_row(r) for r in (measured, low, null, nan, missing)}
+    assert outs[low["id"]].reject["reason"] == "low_language_prob"
+    assert outs[low["id"]].reject["detail"] == "lid_prob 0.50 < 0.8"
+    kept = {k: o.outputs[0] for k, o in outs.items() if o.reject is None}
+    assert set(kept) == {measured["id"], null["id"], nan["id"], missing["id"]}
+    assert kept[measured["id"]]["filter_unmeasured"] == []
+    assert kept[null["id"]]["filter_unmeasured"] == ["low_snr", "low_language_prob"]
+    assert kept[nan["id"]]["filter_unmeasured"] == ["low_language_prob"]
+    assert kept[missing["id"]]["filter_unmeasured"] == ["low_language_prob"]
+    rejects = pa.Table.from_pylist([outs[low["id"]].reject])
+    s = Filter.summarize(pa.Table.from_pylist(list(kept.values())), rejects)
+    assert s["rules"] == {"low_language_prob": {"rows": 1, "hours": pytest.approx(5 / 3600)}}
+    assert s["unmeasured"] == {
+        "low_language_prob": {"rows": 3, "hours": pytest.approx(15 / 3600)},
+        "low_snr": {"rows": 1, "hours": pytest.approx(4 / 3600)}}
+    lines = Filter.summary_lines(s)
+    assert "low_language_prob: 3 segments not judged (lid_prob not measured)" in lines
+    # a dry run marks the same rows and counts them the same way
+    d = make(dry_run=True, **cfg)
+    rows = [d.run_row(r).outputs[0] for r in (measured, low, null, nan, missing)]
+    assert [r["filter_would_reject"] for r in rows] == [[], ["low_language_prob"], [], [], []]
+    ds = Filter.summarize(pa.Table.from_pylist(rows), rejects.slice(0, 0))
+    assert ds["unmeasured"] == s["unmeasured"]
+    # rules that are off never count as unmeasured; the confidence rule is measured by
+    # either of its scores
+    assert make(speaking_rate_iqr=False, min_dnsmos_ovrl=None, max_clipping_ratio=None,
+                min_asr_avg_logprob=None, min_word_prob=None).unmeasured(null) == []
+    conf = make(min_dnsmos_ovrl=None, max_clipping_ratio=None)
+    assert conf.unmeasured(null) == ["low_asr_confidence"]
+    assert conf.unmeasured(row(scores={"asr_mean_word_prob": 0.9})) == []

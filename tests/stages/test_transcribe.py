@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from whisper.normalizers import EnglishTextNormalizer
+from whisper.tokenizer import LANGUAGES
 
 from speechmill.pipeline.demo_data import SENTENCES, synthesize
 from speechmill.pipeline.models import ModelNotFoundError, ModelSpec, resolve
@@ -49,6 +50,9 @@ def test_wer_on_recorded_english(asr: Transcribe) -> None:
         assert o["words"][-1]["end"] <= o["duration"] + 0.5
         assert set(o["scores"]) >= {"lid_prob", "asr_avg_logprob", "asr_compression_ratio",
                                     "asr_no_speech_prob"}
+        # tiny.en detects no language: the probability was not measured, so it is null
+        assert o["scores"]["lid_prob"] is None
+        assert o["scores"]["asr_avg_logprob"] < 0
     wer = jiwer.wer(refs, hyps)
     print(f"tiny.en WER on pytest-audioeval English samples: {wer:.3f}")
     assert wer <= 0.10
@@ -160,6 +164,7 @@ def test_openai_whisper_backend_loads_a_checkpoint(tmp_path: Path) -> None:
         (o,) = out.outputs
         assert o["language"] == "en" and isinstance(o["text"], str)
         assert o["asr_model"].startswith("whisper:")
+        assert o["scores"]["lid_prob"] is None  # fixed language: nothing detected
 
 
 def test_model_resolution_order(tmp_path: Path, monkeypatch) -> None:
@@ -202,6 +207,7 @@ def test_batched_decoding_matches_sequential(asr: Transcribe, tmp_path: Path) ->
     assert wer <= 0.05
     for k, r in got.items():
         assert r["words"] and r["words"][-1]["end"] <= r["duration"] + 0.5, k
+        assert r["scores"]["lid_prob"] is None, k  # English-only model: not measured
 
 
 def test_batched_needs_a_language(tmp_path: Path) -> None:
@@ -217,3 +223,134 @@ stages:
 """
     with pytest.raises(ConfigError, match=r"stage 't'.*with.batched"):
         dagmod.loads(text)
+
+
+# -- language ID: measured only where a detection ran; rules need a model that can ----------
+
+
+@pytest.fixture(scope="module")
+def multilingual_ct2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random multilingual faster-whisper model (vocabulary 51865)."""
+    from tests.stages.whisper_models import make_multilingual_ct2
+
+    return make_multilingual_ct2(tmp_path_factory.mktemp("ml-ct2"))
+
+
+def test_multilingual_model_measures_lid_prob_only_when_it_detects(
+        multilingual_ct2: Path, tmp_path: Path) -> None:
+    from speechmill.stages.asr import DecodeOptions, FasterWhisper, is_multilingual
+
+    assert is_multilingual("faster-whisper", str(multilingual_ct2)) is True
+    tiny = resolve(ModelSpec(backend="faster-whisper", name="tiny.en"), offline=True)
+    assert is_multilingual("faster-whisper", tiny.location) is False
+    fw = FasterWhisper(ModelSpec(backend="faster-whisper", path=str(multilingual_ct2),
+                                 device="cpu"), offline=True, cpu_threads=2)
+    assert fw.model.model.is_multilingual  # CTranslate2 agrees with the vocabulary size
+    audio = sf.read(speech_samples(("fr",))[0], dtype="float32")[0]
+    fast = dict(beam_size=1, temperature=(0.0,), word_timestamps=False)
+    detected = fw.transcribe(audio, DecodeOptions(**fast))
+    assert detected.language_prob is not None and 0.0 < detected.language_prob <= 1.0
+    assert detected.language in LANGUAGES
+    fixed = fw.transcribe(audio, DecodeOptions(language="fr", **fast))
+    assert fixed.language == "fr" and fixed.language_prob is None
+    (batched,) = fw.transcribe_batch([audio], DecodeOptions(language="fr", **fast))
+    assert batched is None or batched.language_prob is None
+    # through the stage: the row's lid_prob is the detection's probability
+    st = Transcribe(TranscribeConfig(model_path=str(multilingual_ct2), device="cpu",
+                                     beam_size=1, temperature=[0.0], word_timestamps=False),
+                    StageContext("t", str(tmp_path), offline=True))
+    st.setup()
+    out = st.run_row(_row(speech_samples(("fr",))[0]))
+    print("random multilingual model:", out.reject or [(o["language"], o["scores"]["lid_prob"])
+                                                        for o in out.outputs])
+    rows = out.outputs if out.reject is None else []
+    assert out.reject is None or out.reject["reason"] == "empty_text"
+    for o in rows:
+        assert o["scores"]["lid_prob"] == pytest.approx(detected.language_prob, abs=1e-6)
+
+
+def test_openai_whisper_lid_prob(tmp_path: Path) -> None:
+    from speechmill.stages.asr import DecodeOptions, OpenAIWhisper, is_multilingual
+    from tests.stages.whisper_models import make_openai_whisper_checkpoint
+
+    en = make_openai_whisper_checkpoint(tmp_path / "en.pt", multilingual=False)
+    ml = make_openai_whisper_checkpoint(tmp_path / "ml.pt", multilingual=True)
+    assert is_multilingual("whisper", str(en)) is False
+    assert is_multilingual("whisper", str(ml)) is True
+    audio = sf.read(speech_samples(("en",))[0], dtype="float32")[0]
+    opts = DecodeOptions(beam_size=1, temperature=(0.0,), word_timestamps=False)
+    res = OpenAIWhisper(ModelSpec(backend="whisper", path=str(en), device="cpu"),
+                        offline=True).transcribe(audio, opts)
+    assert res.language == "en" and res.language_prob is None  # English-only: no detection
+    model = OpenAIWhisper(ModelSpec(backend="whisper", path=str(ml), device="cpu"),
+                          offline=True)
+    assert model.model.is_multilingual
+    res = model.transcribe(audio, opts)
+    assert res.language in LANGUAGES and 0.0 < res.language_prob <= 1.0
+
+
+def _dag(tmp_path: Path, transcribe: str, filter_: str = "{}") -> str:
+    return f"""
+name: lid
+run_dir: {tmp_path / 'run'}
+stages:
+  - {{id: i, uses: ingest, with: {{inputs: ["{tmp_path}"]}}}}
+  - {{id: t, uses: transcribe, needs: i, with: {transcribe}}}
+  - {{id: a, uses: annotate, needs: t}}
+  - {{id: f, uses: filter, needs: a, with: {filter_}}}
+"""
+
+
+def test_language_rules_need_a_multilingual_model(tmp_path: Path, monkeypatch,
+                                                  multilingual_ct2: Path) -> None:
+    """Validation reads the model (its vocabulary), not its name: an English-only model
+    under a multilingual-looking name is refused, a multilingual one named ``*.en`` is
+    not; the filter's language rules are checked against the transcribe upstream."""
+    from speechmill.pipeline import dag as dagmod
+    from speechmill.pipeline.errors import ConfigError
+
+    tiny = resolve(ModelSpec(backend="faster-whisper", name="tiny.en"), offline=True)
+    models = tmp_path / "models" / "faster-whisper"
+    models.mkdir(parents=True)
+    (models / "large-v3").symlink_to(tiny.location)  # English-only, whatever its name
+    (models / "mine.en").symlink_to(multilingual_ct2)  # multilingual, whatever its name
+    monkeypatch.setenv("SPEECHMILL_MODELS", str(tmp_path / "models"))
+
+    def refused(transcribe: str, filter_: str, stage: str, key: str,
+                why: str = "is English-only (read from its vocabulary)") -> str:
+        with pytest.raises(ConfigError) as e:
+            dagmod.loads(_dag(tmp_path, transcribe, filter_))
+        msg = str(e.value)
+        assert f"stage {stage!r}: key 'with.{key}'" in msg and why in msg, msg
+        return msg
+
+    refused("{allowed_languages: [en]}", "{}", "t", "allowed_languages")  # tiny.en
+    refused("{min_language_prob: 0.5}", "{}", "t", "min_language_prob")
+    refused("{model: large-v3, allowed_languages: [en, de]}", "{}", "t", "allowed_languages")
+    msg = refused("{}", "{allowed_languages: [en]}", "f", "allowed_languages")
+    assert "upstream stage 't'" in msg and "tiny.en" in msg
+    refused("{model: large-v3}", "{min_language_prob: 0.8}", "f", "min_language_prob")
+    fixed = "`language` is fixed to 'fr'"  # a fixed language: nothing detected
+    refused(f"{{model_path: '{multilingual_ct2}', language: fr, min_language_prob: 0.5}}",
+            "{}", "t", "min_language_prob", fixed)
+    refused(f"{{model_path: '{multilingual_ct2}', language: fr}}",
+            "{min_language_prob: 0.5}", "f", "min_language_prob", fixed)
+    # a multilingual model: every rule is accepted, here and downstream
+    ok = dagmod.loads(_dag(tmp_path, "{model: mine.en, allowed_languages: [en, fr], "
+                                     "min_language_prob: 0.8}",
+                           "{allowed_languages: [en], min_language_prob: 0.9}"))
+    assert ok.stage("f").config.min_language_prob == 0.9
+    dagmod.loads(_dag(tmp_path, f"{{model_path: '{multilingual_ct2}'}}",
+                      "{allowed_languages: [en]}"))
+    # a model that is not on this machine is not inspected (nothing downloads to validate)
+    dagmod.loads(_dag(tmp_path, "{model: medium, allowed_languages: [en]}",
+                      "{min_language_prob: 0.5}"))
+    # openai-whisper checkpoints: dims.n_vocab decides
+    from tests.stages.whisper_models import make_openai_whisper_checkpoint
+
+    en = make_openai_whisper_checkpoint(tmp_path / "en.pt", multilingual=False)
+    ml = make_openai_whisper_checkpoint(tmp_path / "ml.pt", multilingual=True)
+    refused(f"{{backend: whisper, model_path: '{en}'}}", "{allowed_languages: [en]}",
+            "f", "allowed_languages")
+    dagmod.loads(_dag(tmp_path, f"{{backend: whisper, model_path: '{ml}', "
+                                "allowed_languages: [en]}", "{allowed_languages: [en]}"))
