@@ -18,6 +18,8 @@ Public helpers:
 * :data:`SENTENCES` -- the sentence pool.
 * :func:`synthesize` -- one trimmed, normalised clip of one voice (cached).
 * :func:`make_conversation` -- write a conversation WAV and return its turns.
+* :func:`make_sentence_conversation` -- the same with turns of one to three separately
+  spoken sentences and short pauses between them; returns turns with their sentences.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["SENTENCES", "VOICES", "espeak_available", "make_conversation", "synthesize"]
+__all__ = ["SENTENCES", "VOICES", "Sentence", "SpokenTurn", "espeak_available",
+           "make_conversation", "make_sentence_conversation", "synthesize"]
 
 #: Voice specs, ``"piper:<name>"`` or ``"espeak:<voice>+<variant>"``; speaker ``i`` of a
 #: conversation uses ``VOICES[i]`` (unless ``voices`` is given). The speaker label in the
@@ -288,3 +292,86 @@ def make_conversation(path: Path, n_speakers: int = 2, n_turns: int = 12, seed: 
     turns = [(s / sample_rate, (s + len(c)) / sample_rate, labels[spk])
              for s, (spk, c) in zip(starts, clips, strict=True)]
     return sorted(turns)
+
+
+class Sentence(NamedTuple):
+    """One sentence of a :class:`SpokenTurn`: seconds in the file, speaker label, text."""
+
+    start: float
+    end: float
+    speaker: str
+    text: str
+
+
+class SpokenTurn(NamedTuple):
+    """A ground-truth turn: its span, speaker label, text and sentences."""
+
+    start: float
+    end: float
+    speaker: str
+    text: str
+    sentences: tuple[Sentence, ...]
+
+
+def make_sentence_conversation(path: Path, n_speakers: int = 2, n_turns: int = 8,
+                               seed: int = 0, sample_rate: int = 16000,
+                               sentences: tuple[int, int] = (1, 3),
+                               pause_s: tuple[float, float] = (0.3, 0.8),
+                               gap_s: tuple[float, float] = (0.3, 1.2),
+                               voices: Sequence[str] | None = None,
+                               cache_dir: Path | None = None) -> list[SpokenTurn]:
+    """Write a conversation WAV (PCM_16 mono) whose turns hold several sentences.
+
+    Like :func:`make_conversation`, but each turn holds ``sentences[0]..sentences[1]``
+    sentences (distinct within the conversation), each synthesised on its own (at the
+    turn's speaking rate) and separated by ``pause_s`` seconds of silence -- the short
+    pauses a diarizer's VAD splits turns at. Consecutive turns are by different speakers
+    and ``gap_s`` seconds apart. Returns the turns, sorted by start, with their sentences'
+    exact spans and texts (the text of a turn is its sentences joined by spaces).
+    """
+    voices = tuple(voices) if voices is not None else VOICES
+    if not 1 <= n_speakers <= len(voices):
+        raise ValueError(f"n_speakers must be in 1..{len(voices)}")
+    lo_n, hi_n = sentences
+    if not 1 <= lo_n <= hi_n or n_turns * hi_n > len(SENTENCES):
+        raise ValueError(f"sentences must be 1 <= lo <= hi with n_turns * hi <= "
+                         f"{len(SENTENCES)}")
+    rng = np.random.default_rng(seed)
+    order = _speaker_order(rng, n_speakers, n_turns)
+    pool = [int(i) for i in rng.permutation(len(SENTENCES))]
+    labels = [v.partition(":")[2] for v in voices]
+    pieces: list[tuple[int, int, str, np.ndarray]] = []  # (turn, speaker, text, clip)
+    pauses: list[float] = []  # silence before each piece
+    for t, spk in enumerate(order):
+        voice = voices[spk]
+        rates = _PIPER_RATES if voice.startswith("piper:") else _ESPEAK_RATES
+        rate = rates[int(rng.integers(len(rates)))]
+        for k in range(int(rng.integers(lo_n, hi_n + 1))):
+            text = SENTENCES[pool.pop()]
+            # silence before the sentence: lead-in, pause inside a turn, or turn gap
+            lo, hi = (0.3, 0.6) if not pieces else pause_s if k else gap_s
+            pauses.append(float(rng.uniform(lo, hi)))
+            pieces.append((t, spk, text, synthesize(voice, text, sample_rate, rate,
+                                                    cache_dir)))
+    total = sum(int(p * sample_rate) + len(c) for p, (*_, c) in zip(pauses, pieces,
+                                                                    strict=True))
+    tail = int(rng.uniform(0.4, 0.7) * sample_rate)
+    mix = np.zeros(total + tail, dtype=np.float32)
+    pos = 0
+    spans: list[tuple[int, int]] = []
+    for p, (*_, clip) in zip(pauses, pieces, strict=True):
+        pos += int(p * sample_rate)
+        mix[pos: pos + len(clip)] = clip
+        spans.append((pos, pos + len(clip)))
+        pos += len(clip)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, mix, sample_rate, subtype="PCM_16")
+    turns: list[SpokenTurn] = []
+    for t, spk in enumerate(order):
+        sents = tuple(Sentence(a / sample_rate, b / sample_rate, labels[spk], text)
+                      for (a, b), (tt, _, text, _) in zip(spans, pieces, strict=True)
+                      if tt == t)
+        turns.append(SpokenTurn(sents[0].start, sents[-1].end, labels[spk],
+                                " ".join(s.text for s in sents), sents))
+    return turns
