@@ -30,7 +30,7 @@ What it does
    download stage uses, with one ``requests.Session`` per thread (keep-alive), no
    per-host limits, no retries, no checks: what a careful script without speechmill
    does.
-4. **Fetcher.** :class:`speechmill.stages.fetch.Fetcher` directly, with ``Fetcher.fetch``
+4. **Fetcher.** :class:`speechmill.stages.download_fetch.Fetcher` directly, with ``Fetcher.fetch``
    mapped over a ``ThreadPoolExecutor(--threads)``, under the stage's policy with
    ``--per-host-concurrency`` / ``--per-host-rps``. Each file is streamed into a
    ``.part``, hashed, fsynced and renamed (the directory fsynced too).
@@ -356,7 +356,7 @@ def run_pool_baseline(urls: list[tuple[str, MediaFile]], out_dir: Path,
 
 def fetch_policy(args: argparse.Namespace) -> Any:
     from speechmill.stages.download import DownloadConfig
-    from speechmill.stages.fetch import FetchPolicy
+    from speechmill.stages.download_fetch import FetchPolicy
 
     c = DownloadConfig(urls=["http://127.0.0.1/x.mp3"])  # the stage's defaults
     return FetchPolicy(
@@ -372,7 +372,7 @@ def fetch_policy(args: argparse.Namespace) -> Any:
 def run_fetcher(urls: list[tuple[str, MediaFile]], out_dir: Path,
                 args: argparse.Namespace) -> dict[str, Any]:
     """``Fetcher.fetch`` on a thread pool, one destination file per URL."""
-    from speechmill.stages.fetch import Fetcher, FetchError
+    from speechmill.stages.download_fetch import Fetcher, FetchError
 
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 It ignores its input rows (``needs:`` only orders it after the stages it reports on) and
 writes ``report.json``, the PNG plots and a self-contained ``index.html`` for the run
-directory into ``RUN_DIR/report/<stage id>/`` (see :mod:`speechmill.pipeline.dataset_report`;
+directory into ``RUN_DIR/report/<stage id>/`` (see :mod:`speechmill.manifests.dataset_report`;
 ``speechmill report RUN_DIR`` writes the same files into ``RUN_DIR/report/cli/``)::
 
   - id: report
@@ -46,7 +46,7 @@ class Report(Stage):
     output_root: ClassVar[str] = "report"
 
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
-        from speechmill.pipeline.dataset_report import build_report
+        from speechmill.manifests.dataset_report import build_report
 
         cfg: ReportConfig = self.config  # type: ignore[assignment]
         rep = build_report(
@@ -70,6 +70,15 @@ class Report(Stage):
                 "notes": rep["notes"],
             },
         )
+
+    @classmethod
+    def build(cls, run_dir: str, out_dir: str | Path, *, atomic: bool, **kw: Any
+              ) -> dict[str, Any]:
+        """The dataset report of ``run_dir`` (used by ``speechmill report``, which finds
+        this stage through the registry: the engine imports no concrete stage)."""
+        from speechmill.manifests.dataset_report import build_report, build_report_atomic
+
+        return (build_report_atomic if atomic else build_report)(run_dir, out_dir, **kw)
 
     @classmethod
     def summary_lines(cls, summary: dict[str, Any]) -> list[str]:

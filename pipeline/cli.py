@@ -239,16 +239,17 @@ def _report(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.run_dir):
         print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
         return EXIT_CONFIG
-    from speechmill.pipeline.dataset_report import build_report, build_report_atomic
+    from speechmill.pipeline import registry
 
+    report_stage: Any = registry.get("report")  # the `report` sink builds it
     kw = dict(stage=args.stage, top_n=args.top_n, bins=args.bins, scheduler=args.scheduler,
               ray_address=args.ray_address)
     if args.out:  # a folder the user named: written into, never deleted
         out = Path(args.out)
-        rep = build_report(args.run_dir, out, **kw)
+        rep = report_stage.build(args.run_dir, out, atomic=False, **kw)
     else:
         out = Path(args.run_dir) / "report" / "cli"
-        rep = build_report_atomic(args.run_dir, out, **kw)
+        rep = report_stage.build(args.run_dir, out, atomic=True, **kw)
     from rich.markup import escape
 
     def hrs(h: float) -> str:

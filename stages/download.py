@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from speechmill.pipeline.audio import MEDIA_EXTENSIONS, AudioError, is_url, probe
 from speechmill.pipeline.records import content_id, key_id, rejects_table
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
-from speechmill.stages.fetch import sha256_file
+from speechmill.stages.download_fetch import sha256_file
 
 PLAN_COLUMNS = [
     "id", "source_url", "kind", "plan_error", "title", "published", "feed_title",
@@ -125,7 +125,7 @@ class Download(Stage):
 
     # -- shared ------------------------------------------------------------------------
     def _policy(self) -> Any:
-        from speechmill.stages.fetch import FetchPolicy
+        from speechmill.stages.download_fetch import FetchPolicy
 
         c = self.config
         return FetchPolicy(
@@ -140,14 +140,14 @@ class Download(Stage):
         )
 
     def setup(self) -> None:
-        from speechmill.stages.fetch import Fetcher
+        from speechmill.stages.download_fetch import Fetcher
 
         self.fetcher = Fetcher(self._policy())
         self._ytdlp_lock = threading.Lock()
 
     # -- plan ----------------------------------------------------------------------------
     def plan(self) -> pa.Table:
-        from speechmill.stages.feeds import normalize_url
+        from speechmill.stages.download_feeds import normalize_url
 
         rows: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
@@ -198,12 +198,12 @@ class Download(Stage):
         )
 
     def _read_list(self, path: str) -> list[dict[str, Any]]:
-        from speechmill.stages.feeds import read_url_list
+        from speechmill.stages.download_feeds import read_url_list
 
         kind = Path(urlsplit(path).path).suffix.lower().lstrip(".") or "txt"
         kind = kind if kind in ("txt", "csv", "tsv", "jsonl") else "txt"
         if urlsplit(path).scheme.lower() in ("http", "https"):
-            from speechmill.stages.fetch import Fetcher, FetchError
+            from speechmill.stages.download_fetch import Fetcher, FetchError
 
             try:
                 data, _ = Fetcher(self._policy()).get_bytes(path)
@@ -229,8 +229,8 @@ class Download(Stage):
         return out
 
     def _plan_feed(self, feed: str, add: Any, rows: list[dict[str, Any]]) -> None:
-        from speechmill.stages.feeds import parse_feed
-        from speechmill.stages.fetch import Fetcher, FetchError
+        from speechmill.stages.download_feeds import parse_feed
+        from speechmill.stages.download_fetch import Fetcher, FetchError
 
         try:
             if is_url(feed):
@@ -308,7 +308,7 @@ class Download(Stage):
         raise Reject("bad_url", f"unknown kind {kind!r}")
 
     def _dest(self, url: str, ext_hint: str = "") -> Path:
-        from speechmill.stages.feeds import normalize_url, safe_filename
+        from speechmill.stages.download_feeds import normalize_url, safe_filename
 
         parts = urlsplit(url)
         with contextlib.suppress(Exception):
@@ -322,7 +322,7 @@ class Download(Stage):
         return self.ctx.media_dir / host / f"{h}{ext}"
 
     def _http(self, row: dict[str, Any]) -> dict[str, Any]:
-        from speechmill.stages.fetch import FetchError
+        from speechmill.stages.download_fetch import FetchError
 
         url = row["source_url"]
         dest = self._dest(url)
@@ -429,7 +429,7 @@ class Download(Stage):
         """All media of one page/playlist through yt-dlp, audio only."""
         import yt_dlp
 
-        from speechmill.stages.fetch import FetchError, check_url
+        from speechmill.stages.download_fetch import FetchError, check_url
 
         page = row["source_url"]
         try:
@@ -476,7 +476,7 @@ class Download(Stage):
                 if not path.exists() and media_url and entry.get("protocol") in ("http", "https"):
                     # a plain file: our fetcher (SSRF guard on every hop, Range resume,
                     # per-host limits, sniffing) instead of yt-dlp's downloader
-                    from speechmill.stages.fetch import FetchError as _FE
+                    from speechmill.stages.download_fetch import FetchError as _FE
 
                     try:
                         self.fetcher.fetch(media_url, path)

@@ -1,4 +1,4 @@
-"""Feed parsing, URL normalisation, safe file names and URL lists (speechmill.stages.feeds)."""
+"""Feed parsing, URL normalisation, safe file names and URL lists (speechmill.stages.download_feeds)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from speechmill.stages.feeds import (
+from speechmill.stages.download_feeds import (
     FeedItem,
     normalize_url,
     parse_feed,

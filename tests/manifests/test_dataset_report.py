@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from speechmill.manifests.dataset_report import build_report, source_of
 from speechmill.manifests.report import Report, ReportConfig
 from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline import registry
 from speechmill.pipeline.cli import main
-from speechmill.pipeline.dataset_report import build_report, source_of
 from speechmill.pipeline.records import conform, rejects_table
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
@@ -404,7 +404,7 @@ def test_many_speakers_are_bounded_in_json(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from speechmill.pipeline import dataset_report as dr
+    from speechmill.manifests import dataset_report as dr
 
     run_dir = tmp_path / "run"
     d = run_dir / "stages" / "segments"

@@ -1,4 +1,4 @@
-"""stages/fetch.py against a fault-injecting HTTP server on 127.0.0.1 (tests/http_faults.py)."""
+"""stages/download_fetch.py against a fault-injecting HTTP server on 127.0.0.1 (tests/http_faults.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import pytest_audioeval
 
-from speechmill.stages import fetch as fetchmod
-from speechmill.stages.fetch import (
+from speechmill.stages import download_fetch as fetchmod
+from speechmill.stages.download_fetch import (
     REASONS,
     Fetcher,
     FetchError,

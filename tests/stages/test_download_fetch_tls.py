@@ -21,8 +21,8 @@ import pytest
 import pytest_audioeval
 import trustme
 
-from speechmill.stages import fetch as fetchmod
-from speechmill.stages.fetch import Fetcher, FetchError, FetchPolicy, check_url
+from speechmill.stages import download_fetch as fetchmod
+from speechmill.stages.download_fetch import Fetcher, FetchError, FetchPolicy, check_url
 from tests.http_faults import TLSFaultServer, default_routes, redirect_route
 
 AUDIO = (pathlib.Path(pytest_audioeval.__path__[0]) / "samples/audio/en/counting.wav").read_bytes()
