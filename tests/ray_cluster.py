@@ -1,0 +1,129 @@
+"""A real multi-node Ray cluster on this machine, started with the `ray` CLI.
+
+Each node is a real raylet (``ray start --head`` + ``ray start --address=...``) with its
+own CPUs, GPUs and custom resources, bound to 127.0.0.1. Teardown kills exactly this
+cluster's processes (never ``ray stop``, which would kill every Ray on the machine,
+including other tests' embedded ones). Ray 2.60 turns on token auth for ``ray start
+--head``: drivers need ``RAY_AUTH_MODE=token`` (set in :meth:`LocalCluster.env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pids_matching(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and int(d.name) != os.getpid():
+            out.append(int(d.name))
+    return out
+
+
+class LocalCluster:
+    """``LocalCluster().start()`` -> address; ``add_node(...)``; ``kill_node(i)``; ``stop()``."""
+
+    def __init__(self) -> None:
+        # short path: Ray's unix sockets live under it (108-byte limit)
+        self.temp_dir = tempfile.mkdtemp(prefix="smray", dir="/tmp")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[dict] = []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def _ray_start(self, args: list[str]) -> None:
+        cmd = [RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+               "--object-store-memory=200000000", *args]
+        r = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=240)
+        if r.returncode != 0:
+            raise RuntimeError(f"ray start failed ({r.returncode}): {r.stdout[-2000:]}"
+                               f"{r.stderr[-2000:]}")
+
+    def start(self, cpus: float = 1, gpus: float = 0, resources: str = "{}") -> str:
+        self._ray_start(["--head", f"--port={self.port}", f"--num-cpus={cpus:g}",
+                         f"--num-gpus={gpus:g}", f"--resources={resources}",
+                         f"--temp-dir={self.temp_dir}", "--include-dashboard=false"])
+        self.nodes.append({"manager_port": None, "head": True})
+        return self.address
+
+    def add_node(self, cpus: float = 1, gpus: float = 0, resources: str = "{}") -> int:
+        mp, op = _free_port(), _free_port()
+        self._ray_start([f"--address={self.address}", f"--num-cpus={cpus:g}",
+                         f"--num-gpus={gpus:g}", f"--resources={resources}",
+                         f"--node-manager-port={mp}", f"--object-manager-port={op}"])
+        self.nodes.append({"manager_port": mp, "head": False})
+        self.wait_nodes(len(self.nodes))
+        return len(self.nodes) - 1
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
+                "print(sum(1 for x in ray.nodes() if x['Alive']))")
+        deadline = time.time() + timeout
+        while True:
+            r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(),
+                               capture_output=True, text=True, timeout=120)
+            alive = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
+            if alive >= n:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"cluster has {alive} live nodes, wanted {n}: {r.stderr}")
+            time.sleep(1)
+
+    def raylet_pids(self, i: int) -> list[int]:
+        node = self.nodes[i]
+        if node["head"]:
+            return [p for p in _pids_matching(self.temp_dir) if p in _pids_matching("raylet")
+                    and not any(p in _pids_matching(f"node_manager_port={n['manager_port']}")
+                                for n in self.nodes if not n["head"])]
+        return _pids_matching(f"node_manager_port={node['manager_port']}")
+
+    def kill_node(self, i: int) -> list[int]:
+        """SIGKILL node ``i``'s raylet, as a preempted spot instance would lose it."""
+        pids = self.raylet_pids(i)
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        return pids
+
+    def stop(self) -> None:
+        for _ in range(3):
+            pids = _pids_matching(self.temp_dir)
+            for n in self.nodes:
+                if n["manager_port"]:
+                    pids += _pids_matching(f"node_manager_port={n['manager_port']}")
+            if not pids:
+                break
+            for p in set(pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+            time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
