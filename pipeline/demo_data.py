@@ -31,17 +31,28 @@ FORMATS = [
 ]
 
 
-# two more speakers when eSpeak NG is installed (apt-get install espeak-ng): the demo's
-# speaker linking and speaker-disjoint splits then have several voices to work with
-GUESTS = [("en-us+f3", "guest_f3"), ("en-gb+m3", "guest_m3")]
+# more speakers when eSpeak NG is installed (apt-get install espeak-ng): the demo's
+# speaker linking, speaker-disjoint splits and the voice bank of dialogue synthesis then
+# have several voices to work with (seven guests + joe: after dev and test take one
+# speaker each, the bank still gets five or more). The variants and pitches (0-99) were
+# picked to be mutually distinct for the GE2E speaker encoder that links speakers (cosine
+# <= 0.72 between any two of them and joe, under link_speakers' 0.75) and to score DNSMOS
+# OVRL >= 2.6; many other variants are nearly the same voice to it, or score lower.
+GUESTS = [("en+edward", 20, "guest_edward"), ("en-us+f3", 80, "guest_f3"),
+          ("en-us+klatt2", 20, "guest_klatt2"), ("en+max", 50, "guest_max"),
+          ("en+iven", 50, "guest_iven"), ("en+Lee", 50, "guest_lee"),
+          ("en+f2", 20, "guest_f2")]
+# each guest file is two sentences (6-9 s: long enough for a voice prompt)
 GUEST_SENTENCES = [
-    "Thanks for having me on the show, it is great to be here today.",
-    "I started recording audio books when I was still at university.",
-    "Most of our listeners tune in during their morning commute.",
+    ("Thanks for having me on the show, it is great to be here today.",
+     "I started recording audio books when I was still at university."),
+    ("Most of our listeners tune in during their morning commute.",
+     "We try to keep every episode shorter than half an hour."),
 ]
 
 
-def synthesize_espeak(text: str, voice: str, wpm: int = 160) -> tuple[np.ndarray, int]:
+def synthesize_espeak(text: str, voice: str, wpm: int = 160,
+                      pitch: int | None = None) -> tuple[np.ndarray, int]:
     import subprocess
     import tempfile
 
@@ -52,7 +63,8 @@ def synthesize_espeak(text: str, voice: str, wpm: int = 160) -> tuple[np.ndarray
         raise RuntimeError("espeak-ng is not installed")
     with tempfile.TemporaryDirectory(prefix="speechmill-espeak-") as tmp:
         out = Path(tmp) / "out.wav"
-        subprocess.run([exe, "-v", voice, "-s", str(wpm), "-w", str(out), text],
+        pitch_args = [] if pitch is None else ["-p", str(pitch)]
+        subprocess.run([exe, "-v", voice, "-s", str(wpm), *pitch_args, "-w", str(out), text],
                        check=True, capture_output=True, timeout=60)
         audio, sr = sf.read(out, dtype="float32", always_2d=True)
     return audio.mean(axis=1), int(sr)
@@ -138,13 +150,16 @@ def write_demo_data(out_dir: str | Path) -> list[Path]:
         write_audio(p, x, sr, writer, ch)
         written.append(p)
     if shutil.which("espeak-ng"):
-        for voice, stem in GUESTS:
-            for j, text in enumerate(GUEST_SENTENCES):
-                speech, vsr = synthesize_espeak(text, voice, 150 + 10 * j)
-                x = np.concatenate([np.zeros(vsr // 4, np.float32), speech * 0.5,
-                                    np.zeros(vsr // 4, np.float32)])
+        for voice, pitch, stem in GUESTS:
+            for j, pair in enumerate(GUEST_SENTENCES):
+                pause = np.zeros(6400, np.float32)  # 0.4 s
+                parts: list[np.ndarray] = [np.zeros(4000, np.float32)]
+                for k, text in enumerate(pair):
+                    speech, vsr = synthesize_espeak(text, voice, 150 + 10 * ((j + k) % 2),
+                                                    pitch)
+                    parts += [_resample(speech, vsr, 16000) * 0.5, pause]
                 p = out / f"{stem}_{j:02d}.flac"
-                write_audio(p, _resample(x, vsr, 16000), 16000, "sf:FLAC:PCM_16", 1)
+                write_audio(p, np.concatenate(parts), 16000, "sf:FLAC:PCM_16", 1)
                 written.append(p)
     bad = out / "bad"
     bad.mkdir(exist_ok=True)
