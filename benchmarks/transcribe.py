@@ -9,7 +9,7 @@ What it does
 ------------
 1. **Inputs.** Writes ``--segments`` short files of real English speech into
    ``WORKDIR/input`` as 24 kHz mono 16-bit FLAC (what ``standardize`` writes). Each
-   segment is one to three Piper sentences (:func:`speechmill.pipeline.demo_data.synthesize`,
+   segment is one to three Piper sentences (:func:`speechmill.stages.demo_data.synthesize`,
    the voice ships in a pip package) at varied speaking rates, every third one followed by
    an English recorded clip from ``pytest_audioeval`` (``tests/audio_factory.py``'s
    :func:`speech_samples`), with short pauses between and a per-segment gain, so every
@@ -113,7 +113,7 @@ GOLDEN = 0.6180339887
 
 def segment_specs(n: int) -> list[dict[str, Any]]:
     """What goes into each segment (deterministic; no two segments alike)."""
-    from speechmill.pipeline.demo_data import SENTENCES
+    from speechmill.stages.demo_data import SENTENCES
 
     specs = []
     for i in range(n):
@@ -140,7 +140,7 @@ def build_segment(spec: dict[str, Any], piper_cache: dict[tuple[int, float], np.
     """Float32 mono at :data:`OUT_RATE`: pauses, sentences, maybe a recorded clip."""
     import soundfile as sf
 
-    from speechmill.pipeline.demo_data import SENTENCES, synthesize
+    from speechmill.stages.demo_data import SENTENCES, synthesize
     from tests.audio_factory import speech_samples
 
     def pause(s: float) -> np.ndarray:

@@ -122,9 +122,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "report":
         return _report(args)
     if args.cmd == "demo-data":
-        from speechmill.pipeline.demo_data import write_demo_data
+        from speechmill.pipeline.registry import command
 
-        files = write_demo_data(args.out_dir)
+        files = command("demo-data")(args.out_dir)
         print(f"wrote {len(files)} files to {args.out_dir}")
         return 0
     raise AssertionError(args.cmd)

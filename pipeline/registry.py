@@ -7,7 +7,7 @@ entry points lazily. Tests and notebooks may also :func:`register` a class direc
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from speechmill.pipeline.errors import ConfigError
 
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from speechmill.pipeline.stage import Stage
 
 GROUP = "speechmill.stages"
+#: helper commands of packages (``speechmill demo-data``): the engine imports no feature
+COMMANDS = "speechmill.commands"
 _extra: dict[str, type[Stage]] = {}
 
 
@@ -47,3 +49,12 @@ def get(name: str) -> type[Stage]:
             return cls
     known = ", ".join(available()) or "none"
     raise ConfigError(f"unknown stage {name!r} (known: {known})")
+
+
+def command(name: str) -> Any:
+    """The callable a package registered as command ``name`` (entry-point group
+    ``speechmill.commands``)."""
+    for ep in entry_points(group=COMMANDS):
+        if ep.name == name:
+            return ep.load()
+    raise ConfigError(f"no command {name!r} is installed (entry points {COMMANDS})")

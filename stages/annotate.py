@@ -47,7 +47,7 @@ class Annotate(Stage):
     config: AnnotateConfig
 
     def setup(self) -> None:
-        from speechmill.stages import quality
+        from speechmill.stages import annotate_quality as quality
 
         self.q = quality
         if self.config.dnsmos:  # load the ONNX sessions once per worker, not per row

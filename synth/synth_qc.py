@@ -14,7 +14,7 @@ reason         check
                silence before / after the speech (``max_lead_silence_s``,
                ``max_trail_silence_s``)
 ``qc_clipping`` fraction of samples in clipped runs (``max_clipped_frac``;
-               :func:`speechmill.stages.quality.clipping_ratio`)
+               :func:`speechmill.stages.annotate_quality.clipping_ratio`)
 ``qc_wer``     ASR round trip with the ``transcribe`` stage's backends (faster-whisper
                ``tiny.en`` offline): word / character error rate of the transcript against
                the spoken text (``max_wer``, ``max_cer``; per language with
@@ -346,7 +346,7 @@ class SynthQC:
             return
         if self.measures_words:
             from speechmill.pipeline.models import ModelSpec
-            from speechmill.stages.asr import is_multilingual, load_backend
+            from speechmill.stages.transcribe_asr import is_multilingual, load_backend
 
             c = self.cfg
             spec = ModelSpec(backend=c.asr_backend,
@@ -358,7 +358,7 @@ class SynthQC:
             self.english_only = (multi is False) or (
                 multi is None and not c.asr_model_path and c.asr_model.endswith(".en"))
         if self.cfg.min_dnsmos is not None or self.cfg.min_dnsmos_voice_match is not None:
-            from speechmill.stages.quality import dnsmos
+            from speechmill.stages.annotate_quality import dnsmos
 
             dnsmos(np.zeros(1600, np.float32), 16000)  # builds the ONNX sessions
         if self.cfg.min_speaker_sim is not None or \
@@ -379,7 +379,7 @@ class SynthQC:
 
     # -- measuring --
     def transcribe(self, audio: np.ndarray, sr: int, language: str | None) -> Any:
-        from speechmill.stages.asr import DecodeOptions
+        from speechmill.stages.transcribe_asr import DecodeOptions
         from speechmill.synth.tts.audio import resample
 
         opts = DecodeOptions(language="en" if self.english_only else _lang(language),
@@ -401,7 +401,7 @@ class SynthQC:
         s["lead_silence_s"], s["trail_silence_s"] = round(lead, 4), round(trail, 4)
         speech = max(0.0, dur - lead - trail)
         s["sec_per_char"] = round(speech / max(1, spoken_chars(text)), 5)
-        from speechmill.stages.quality import clipping_ratio
+        from speechmill.stages.annotate_quality import clipping_ratio
 
         s["clipped_frac"] = float(clipping_ratio(x))
         if speech <= 0.0:  # nothing to transcribe or embed
@@ -422,7 +422,7 @@ class SynthQC:
             except Exception:  # too little speech to embed: measured as no similarity
                 s["speaker_sim"] = -1.0
         if self.dnsmos_limit(voice_source) is not None:
-            from speechmill.stages.quality import dnsmos
+            from speechmill.stages.annotate_quality import dnsmos
 
             v = dnsmos(x, sr)["dnsmos_ovrl"]
             s["dnsmos"] = round(float(v), 4) if math.isfinite(v) else None

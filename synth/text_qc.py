@@ -247,7 +247,7 @@ def _letters(text: str) -> int:
 def language_problem(text: str, cfg: TextQCConfig, allowed: Sequence[str]) -> str | None:
     if _letters(text) < cfg.lid_min_letters:
         return None
-    from speechmill.stages.quality import text_language
+    from speechmill.stages.annotate_quality import text_language
 
     cands = tuple(cfg.lid_candidates) if cfg.lid_candidates else None
     lang, prob = text_language(text, cands)

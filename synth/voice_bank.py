@@ -348,7 +348,7 @@ class VoiceBank(Stage):
                    stats: Counter[str]) -> dict[str, Any] | None:
         from speechmill.manifests.nemo import clip_stem
         from speechmill.pipeline.audio import load_audio
-        from speechmill.stages.quality import clipping_ratio, dnsmos
+        from speechmill.stages.annotate_quality import clipping_ratio, dnsmos
         from speechmill.synth.voice_match import embed
 
         c = self.config

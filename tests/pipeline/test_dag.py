@@ -238,3 +238,14 @@ def test_redaction_hides_credentials_but_not_look_alike_settings() -> None:
         assert out[k] == REDACTED, k
     for k in ("text_tokenizer", "allow_private", "author"):
         assert out[k] == cfg[k], k
+
+
+def test_the_engine_imports_no_stage_or_feature_module() -> None:
+    """pipeline/ knows no concrete stage, exporter or synthesis module: stages and helper
+    commands (demo-data) reach it through entry points."""
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "pipeline"
+    pat = re.compile(r"^\s*(from|import)\s+speechmill\.(stages|manifests|synth)\b", re.M)
+    offenders = [p.name for p in root.glob("*.py") if pat.search(p.read_text())]
+    assert offenders == []

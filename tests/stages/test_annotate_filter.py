@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechmill.pipeline.demo_data import SENTENCES, synthesize
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.annotate import Annotate, AnnotateConfig
+from speechmill.stages.demo_data import SENTENCES, synthesize
 from speechmill.stages.filter import Filter, FilterConfig
 from speechmill.stages.transcribe import Transcribe, TranscribeConfig
 from tests.audio_factory import load_speech, speech_samples

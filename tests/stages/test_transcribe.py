@@ -13,10 +13,10 @@ import soundfile as sf
 from whisper.normalizers import EnglishTextNormalizer
 from whisper.tokenizer import LANGUAGES
 
-from speechmill.pipeline.demo_data import SENTENCES, synthesize
 from speechmill.pipeline.models import ModelNotFoundError, ModelSpec, resolve
 from speechmill.pipeline.records import segment_id
 from speechmill.pipeline.stage import StageContext
+from speechmill.stages.demo_data import SENTENCES, synthesize
 from speechmill.stages.transcribe import Transcribe, TranscribeConfig, vad_segments
 from tests.audio_factory import speech_samples
 
@@ -238,7 +238,7 @@ def multilingual_ct2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_multilingual_model_measures_lid_prob_only_when_it_detects(
         multilingual_ct2: Path, tmp_path: Path) -> None:
-    from speechmill.stages.asr import DecodeOptions, FasterWhisper, is_multilingual
+    from speechmill.stages.transcribe_asr import DecodeOptions, FasterWhisper, is_multilingual
 
     assert is_multilingual("faster-whisper", str(multilingual_ct2)) is True
     tiny = resolve(ModelSpec(backend="faster-whisper", name="tiny.en"), offline=True)
@@ -270,7 +270,7 @@ def test_multilingual_model_measures_lid_prob_only_when_it_detects(
 
 
 def test_openai_whisper_lid_prob(tmp_path: Path) -> None:
-    from speechmill.stages.asr import DecodeOptions, OpenAIWhisper, is_multilingual
+    from speechmill.stages.transcribe_asr import DecodeOptions, OpenAIWhisper, is_multilingual
     from tests.stages.whisper_models import make_openai_whisper_checkpoint
 
     en = make_openai_whisper_checkpoint(tmp_path / "en.pt", multilingual=False)

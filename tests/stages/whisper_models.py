@@ -114,6 +114,11 @@ def make_openai_whisper_checkpoint(path: Path, multilingual: bool, seed: int = 0
         n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
         n_vocab=MULTILINGUAL_VOCAB if multilingual else ENGLISH_VOCAB, n_text_ctx=64,
         n_text_state=32, n_text_head=2, n_text_layer=1)
+    model = Whisper(dims)
+    # the decoder's positional embedding is made with torch.empty (uninitialised memory:
+    # sometimes NaN); give it seeded values so the checkpoint is the same on every run
+    with torch.no_grad():
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"dims": asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path

@@ -117,7 +117,7 @@ def _bank_prompts(tmp: Path) -> list[VoicePrompt]:
     prompts = [sample_prompt(r) for r in ("en/quick_brown_fox", "fr/pangrama", "es/pangrama",
                                           "hi/pangrama", "pl/pangrama")]
     if shutil.which("espeak-ng"):
-        from speechmill.pipeline.demo_data import synthesize_espeak
+        from speechmill.stages.demo_data import synthesize_espeak
 
         text = "I started recording audio books when I was still at university."
         for v in ("en-us+f3", "en-gb+m3", "en+f5"):
@@ -133,7 +133,7 @@ def test_voice_match_gains_speaker_similarity_without_hurting_asr(tmp_path: Path
     import jiwer
 
     from speechmill.pipeline.models import ModelSpec
-    from speechmill.stages.asr import DecodeOptions, FasterWhisper
+    from speechmill.stages.transcribe_asr import DecodeOptions, FasterWhisper
 
     sentences = ["Could you tell me how long it takes to bake a loaf of bread?",
                  "I would like to book a table for four people tomorrow evening."]

@@ -1,4 +1,4 @@
-"""Quality signals on real recorded speech and real transcripts (speechmill.stages.quality)."""
+"""Quality signals on real recorded speech and real transcripts (speechmill.stages.annotate_quality)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import soxr
 from scipy import signal
 
-from speechmill.stages.quality import (
+from speechmill.stages.annotate_quality import (
     bandwidth_hz,
     clipping_ratio,
     dnsmos,
