@@ -705,7 +705,7 @@ def _known_phrase(norm: str) -> str | None:
     return None
 
 
-def _max_repeat_run(tokens: Sequence[str], max_phrase: int = 10) -> int:
+def max_repeat_run(tokens: Sequence[str], max_phrase: int = 10) -> int:
     """Longest run of one word or phrase repeated back to back (1 if nothing repeats)."""
     if not tokens:
         return 0
@@ -772,7 +772,7 @@ def hallucination_signals(
         reasons.append("no_speech")
     return {
         "repeat_ngram_ratio": float(repeat_ratio),
-        "max_repeat_run": int(_max_repeat_run(tokens)),
+        "max_repeat_run": int(max_repeat_run(tokens)),
         "known_phrase": phrase,
         "text_compression_ratio": float(computed),
         "hallucination": bool(reasons),

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from speechmill.stages.annotate_quality import max_repeat_run
 from speechmill.synth.turns import alternation_error
 
 #: reject reasons, in the order the checks run
@@ -133,23 +134,6 @@ def _find_phrase(norm_text: str, phrases: Sequence[str]) -> str | None:
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 
 
-def _max_repeat_run(tokens: Sequence[str], max_phrase: int = 10) -> int:
-    """Most back-to-back repetitions of one word or phrase of up to ``max_phrase`` words."""
-    if not tokens:
-        return 0
-    best = 1
-    n = len(tokens)
-    for size in range(1, min(max_phrase, n // 2) + 1):
-        run = 0
-        for i in range(n - size):
-            if tokens[i] == tokens[i + size]:
-                run += 1
-                best = max(best, 1 + run // size)
-            else:
-                run = 0
-    return best
-
-
 def repetition_problem(text: str, cfg: TextQCConfig) -> str | None:
     """Why ``text`` looks degenerate (None when it does not)."""
     tokens = _norm(text).split()
@@ -158,7 +142,7 @@ def repetition_problem(text: str, cfg: TextQCConfig) -> str | None:
         ratio = 1.0 - len(set(trigrams)) / len(trigrams)
         if ratio > cfg.max_repeat_ratio:
             return f"repeated 3-gram ratio {ratio:.2f} > {cfg.max_repeat_ratio}"
-    run = _max_repeat_run(tokens)
+    run = max_repeat_run(tokens)
     if run > cfg.max_repeat_run:
         return f"a word or phrase repeated {run} times in a row (> {cfg.max_repeat_run})"
     sentences = [_norm(s) for s in _SENTENCE_END.split(text.strip())]
