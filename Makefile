@@ -47,7 +47,7 @@ lint: $(STAMP)
 
 test: lock-check $(STAMP) sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/standardize.py

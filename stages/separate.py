@@ -71,6 +71,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, StreamResampler, decode
+from speechmill.pipeline.audio_write import sound_writer
 from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.models import (
     ModelNotFoundError,
@@ -553,7 +554,6 @@ class Separate(Stage):
                n_in: Any) -> dict[str, Any]:
         """Write the (vocals, accompaniment) pieces (model rate) of ``row`` as FLAC at the
         output rate, atomically; ``n_in()`` is the number of input samples decoded."""
-        import soundfile as sf
 
         c = self.config
         sr_out = int(c.sample_rate_out or sr_in)
@@ -569,14 +569,12 @@ class Separate(Stage):
         n_out = 0
         try:
             with contextlib.ExitStack() as stack:
-                fv = stack.enter_context(sf.SoundFile(
-                    tmp_v, "w", samplerate=sr_out, channels=1, format="FLAC",
-                    subtype="PCM_16"))
+                fv = stack.enter_context(sound_writer(
+                    tmp_v, sr_out, format="FLAC", subtype="PCM_16"))
                 fa = None
                 if c.write_accompaniment:
-                    fa = stack.enter_context(sf.SoundFile(
-                        tmp_a, "w", samplerate=sr_out, channels=1, format="FLAC",
-                        subtype="PCM_16"))
+                    fa = stack.enter_context(sound_writer(
+                        tmp_a, sr_out, format="FLAC", subtype="PCM_16"))
                 for v, a in pieces:
                     y = back_v(v)
                     fv.write(np.clip(y, -1.0, 1.0))

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, DecodeStats, StreamResampler, decode
+from speechmill.pipeline.audio_write import sound_writer
 from speechmill.pipeline.loudness import LoudnessMeter, clamp_gain_db
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
 
@@ -85,8 +86,6 @@ class Standardize(Stage):
 def standardize_file(src: str, out_path: Path, cfg: StandardizeConfig,
                      tmp_dir: Path | None = None) -> dict[str, Any]:
     """Standardize ``src`` into ``out_path`` (FLAC). Raises :class:`Reject` on bad input."""
-    import soundfile as sf
-
     tmp_dir = Path(tmp_dir or out_path.parent)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     spool = tmp_dir / f"{out_path.stem}.{uuid.uuid4().hex[:8]}.f32"
@@ -167,9 +166,8 @@ def standardize_file(src: str, out_path: Path, cfg: StandardizeConfig,
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")
         block = int(cfg.chunk_seconds * cfg.sample_rate)
-        with open(spool, "rb") as fin, sf.SoundFile(
-            tmp_out, "w", samplerate=cfg.sample_rate, channels=1, format="FLAC",
-            subtype=cfg.subtype,
+        with open(spool, "rb") as fin, sound_writer(
+            tmp_out, cfg.sample_rate, format="FLAC", subtype=cfg.subtype,
         ) as fout:
             while True:
                 buf = fin.read(block * 4)
