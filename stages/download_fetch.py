@@ -22,7 +22,8 @@ Safety
     in and before any body byte is read, redirect bodies included (not when a proxy from
     the environment is used: the peer is then the proxy). The check fails closed: when
     the peer address cannot be read the response is dropped unread (``unverified_peer``)
-    unless ``allow_private`` names the host.
+    unless ``allow_private`` names the host. A redirect's body is never read, whatever
+    its size: the connection is closed once the Location is known.
     With ``sniff`` a body that starts like HTML, XML, JSON or plain text is refused
     (``not_audio``), and ``max_bytes`` bounds a body by its declared length and while
     streaming. File names are never derived from URLs: the caller picks ``dest``.
@@ -814,8 +815,8 @@ class Fetcher:
 
     def _send(self, url: str, headers: dict[str, str], host: str) -> requests.Response:
         """GET ``url``, headers only. The peer check runs as requests' response hook:
-        after the headers and before anything reads the body (requests itself reads a
-        redirect's body right after the hooks)."""
+        after the headers and before anything reads the body. A redirect's body is never
+        read: its connection is closed instead (requests would read it whole)."""
         p = self.policy
 
         def peer_hook(resp: requests.Response, **_: Any) -> None:
@@ -824,6 +825,12 @@ class Fetcher:
             except FetchError:
                 resp.close()  # the connection goes away with its unread body
                 raise
+            if resp.is_redirect:
+                # requests reads a redirect's whole body after the hooks (to reuse the
+                # connection), however large; drop the connection instead, body unread
+                resp.close()
+                resp._content = b""
+                resp._content_consumed = True
 
         try:
             return _session().get(url, headers=headers, stream=True, allow_redirects=False,

@@ -327,6 +327,29 @@ def test_redirect_loop(srv: FaultServer, tmp_path: Path) -> None:
     assert srv.hits("/loop-a") == 1 and srv.hits("/loop-b") == 1
 
 
+def test_redirect_body_is_never_read(srv: FaultServer, tmp_path: Path) -> None:
+    """A redirect that declares a 1 GiB body (and keeps sending it): the fetcher follows
+    the Location without downloading the body, so a hostile redirect cannot make a worker
+    read gigabytes (requests alone reads every redirect body whole)."""
+    sent = {"bytes": 0}
+    block = b"\0" * 65536
+
+    def huge_redirect(req: Req) -> None:
+        req.send_head(302, {"Location": "/audio.wav", "Content-Length": 2**30})
+        while sent["bytes"] < 2**30 and req.write(block):
+            sent["bytes"] += len(block)
+        req.close()
+
+    srv.routes["/huge-redirect"] = huge_redirect
+    try:
+        res = Fetcher(pol()).fetch(srv.url("/huge-redirect"), tmp_path / "x.wav")
+    finally:
+        del srv.routes["/huge-redirect"]
+    assert res.sha256 == SHA and res.redirects == [srv.url("/audio.wav")]
+    # what the kernel's socket buffers absorbed before the client hung up, not the body
+    assert sent["bytes"] < 32 * 2**20, sent["bytes"]
+
+
 # -- content checks -----------------------------------------------------------------------------
 
 
