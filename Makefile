@@ -37,10 +37,21 @@ sysdeps:
 	  && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
 	  || echo "warning: espeak-ng missing; multi-speaker tests will be skipped"; }
 
+# The demo's synthesized dialogues: DEMO_DIALOGUES of the bundled set, voices from
+# runs/demo, in-process (a second Ray start would cost more than these few clips). SNAC
+# codes (answer_snac, Mini-Omni shards) only when SNAC 24 kHz weights are in
+# $SPEECHMILL_MODELS/snac/hubertsiuzdak/snac_24khz; otherwise that part is switched off.
+DEMO_DIALOGUES ?= 5
+DEMO_SNAC := $(if $(wildcard $(SPEECHMILL_MODELS)/snac/hubertsiuzdak/snac_24khz/pytorch_model.bin),,--set tokenize.audio=null --set shards.layout=plain)
+
 demo: $(STAMP)
 	test -f runs/demo-input/.done || ($(BIN)/speechmill demo-data runs/demo-input && touch runs/demo-input/.done)
 	$(BIN)/speechmill run dags/demo.yaml
-	@echo "demo outputs: runs/demo (speechmill status runs/demo)"
+	SPEECHMILL_VOICES_FROM=runs/demo DIALOGUES=dags/data/dialogues/ultrachat.jsonl \
+	  $(BIN)/speechmill run dags/voice_assistant.yaml --run-dir runs/demo-dialogues --offline \
+	  --executor local \
+	  --set import.max_rows=$(DEMO_DIALOGUES) --set tts.max_share=1 $(DEMO_SNAC)
+	@echo "demo outputs: runs/demo (speechmill status runs/demo); dialogues: runs/demo-dialogues"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

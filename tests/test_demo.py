@@ -1,6 +1,8 @@
 """The demo exactly as `make demo` runs it (CLI, dags/demo.yaml, Ray, offline): every
 stage succeeds, the bad demo files end as rejects, and it ends with exports that load in
-their libraries, tokenized shards and a report."""
+their libraries, tokenized shards and a report. (`make demo` then synthesizes a few
+dialogues with ``dags/voice_assistant.yaml`` over this run's speakers; that DAG runs end to
+end, as shipped, in ``tests/synth/test_voice_assistant_dag.py``.)"""
 
 from __future__ import annotations
 
