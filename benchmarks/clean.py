@@ -1,9 +1,9 @@
-"""Benchmark: the Emilia-style cleaning chain under speechmill vs. a sequential per-file loop.
+"""Benchmark: the Emilia-style cleaning chain under speechmill vs. a plain sequential loop.
 
 Usage::
 
-    python benchmarks/clean.py --files 6 --executor local --cpu-threads 2
-    python benchmarks/clean.py --files 4 --executor ray --workdir runs/bench-clean
+    python benchmarks/clean.py --files 8
+    python benchmarks/clean.py --files 16 --workers 1 2 --repeat 3 --dnsmos-hop 9.01
 
 What it does
 ------------
@@ -12,52 +12,48 @@ What it does
    ``--turns`` turns each, seed = file index) into ``WORKDIR/input`` as 16 kHz mono WAV.
    When ``WORKDIR/input/_inputs.json`` says the same set is already there, nothing is
    regenerated (the TTS clips are cached on disk as well).
-2. **Baseline** ("how Emilia-Pipe runs it": one process, one file after the other, the
-   same models and settings). Models are loaded once up front (timed, reported apart,
-   not part of the per-stage numbers): the diarization/VAD models
-   (``diarize_embed.load_models()``, shared by diarize and segment) and the Whisper model
-   (``Transcribe.setup()``). Then for each file:
-   ``standardize_file`` (16 kHz FLAC, dbfs loudness) -> ``load_audio`` +
-   ``diarize_embed.diarize`` (the ``diarize`` stage's defaults) -> the ``Segment`` stage's
-   own ``process()`` on the diarized row -> ``Transcribe.run_row`` per segment
-   (faster-whisper tiny.en, ``cut: none``). Each step is timed separately.
+2. **The plain loop** ("how Emilia-Pipe runs it": one process, one file after the other,
+   the same models and settings, the same steps as the DAG). Models are loaded once up
+   front (timed, reported apart): the VAD and speaker encoder (shared by diarize and
+   segment), Whisper, and annotate's DNSMOS sessions and text-LID detector. Then for each
+   file: ``standardize_file`` (16 kHz FLAC, dbfs loudness) -> ``load_audio`` +
+   ``diarize_embed.diarize`` (the ``diarize`` stage's defaults) -> the ``Segment``
+   stage's ``process()`` -> ``Transcribe.run_row`` per segment (faster-whisper tiny.en,
+   ``cut: none``) -> ``Annotate.run_row`` per transcript; finally ``link_speakers``
+   (its ``prepare()`` over every segment, then each row). Each step is timed apart.
+   The loop runs twice, each in its own process: with the machine's default threading
+   (Whisper ``cpu_threads`` = CPUs, torch and onnxruntime their defaults) and with
+   ``OMP_NUM_THREADS=1`` (Whisper ``cpu_threads: 1``; onnxruntime and torch follow it).
+   Oversubscription makes the second one faster on small machines; **the baseline is
+   the faster of the two** (by its total, model loads included).
 3. **speechmill.** The DAG ``ingest -> standardize -> diarize -> segment -> link_speakers
-   -> transcribe`` with the same configs, run with
-   ``runner.run(dag, executor=..., progress=False)`` into a fresh ``WORKDIR/speechmill_run``.
-   Per-stage numbers are ``wall_seconds`` / ``realtime_factor`` from
-   ``RUN_DIR/stages/<id>/metrics.json`` (the runner's timer around the stage: reading
-   inputs, worker start, ``setup()`` i.e. **model load**, processing and commits).
-   "whole run" is wall time around ``dag.loads()`` + ``run()`` (Ray start/stop too).
-4. **Repetitions.** ``--repeat`` times (default 1), alternating which side goes first
-   (the first repetition runs speechmill first). Tables show medians.
+   -> transcribe -> annotate`` with the same configs (transcribe ``cpu_threads: 1``, one
+   per worker) on the Ray executor, once per ``--workers`` value (the CPUs of the
+   embedded Ray: ``executor.num_cpus``), each in its own process into a fresh run
+   directory. Per stage: ``wall_seconds`` from ``metrics.json`` (the runner's timer:
+   reading inputs, worker start, ``setup()`` i.e. model load, processing, commits),
+   ``busy`` (the sum over batches of their processing and commit time, from the batch
+   stats the driver receives) and ``overhead`` = wall - busy / parallel workers (what
+   is not batch work: worker start, model load, reads, scheduling, a pool's idle tail).
+   "whole run" is the wall time around ``dag.loads()`` + ``run()`` (Ray start/stop
+   too).
+4. **Repetitions.** ``--repeat`` times (default 1); tables show medians.
 5. **Consistency.** Segments are matched by (source file, offset, duration) within
-   ``--tol`` seconds; the script prints segment counts and hours on both sides, how many
-   matched and how many of the matched transcripts are identical (after ``strip()``).
+   ``--tol`` seconds between the baseline loop and speechmill with the most workers;
+   the script prints segment counts and hours, how many matched, how many matched
+   transcripts are identical (after ``strip()``), and the largest DNSMOS OVRL difference.
 
 Reading the numbers
 -------------------
-* ``RTF`` (realtime factor) is wall seconds per second of the stage's *input* audio --
-  lower is better. standardize / diarize / segment get whole files, transcribe gets the
-  segments (fewer seconds: pauses and dropped pieces are gone), so the per-stage RTFs
-  are not additive; ``x realtime`` (= 1 / RTF) is the same figure as throughput.
-* ``end-to-end`` is audio hours of input per wall hour. For the baseline it is the sum
-  of its per-step times (model loads excluded, then included); for speechmill the sum
-  of the stage walls and the whole run (which also has ingest hashing, ``link_speakers``
-  and executor start-up/shut-down). ``speechmill / baseline`` > 1 means speechmill
-  cleans more audio per hour of wall time.
-* speechmill's stage walls **include** model loads; the baseline's per-step numbers do
-  not. Under ``--executor local`` the Silero VAD (per thread) and Resemblyzer encoder are
-  module-level caches in this process, so whichever side runs first pays for loading
-  them and the other gets them for free; Whisper is loaded by every ``setup()``.
-* With small inputs (the default is a couple of minutes of audio) fixed costs dominate:
-  Ray start-up is several seconds and each model stage starts an actor pool and loads
-  its model per actor, so ``--executor ray`` only pays off with many files and cores;
-  an actor pool never has more workers than batches (diarize: 4 files per batch).
-* Texts: both sides decode the same PCM with the same model, so matched segments should
-  have identical text under ``local``. Ray workers run with ``OMP_NUM_THREADS=1`` unless
-  it is set, which changes CTranslate2's (and torch's) numerics slightly; set
-  ``OMP_NUM_THREADS=1`` for the whole script to compare like with like. Diarization may
-  then also differ a little, which shows up as unmatched segments.
+* ``speechmill / loop`` is the loop's total wall (model loads included) over
+  speechmill's whole run: above 1x speechmill cleans more audio per wall hour. Neither
+  counts the Python interpreter's own start.
+* ``x realtime`` is input audio seconds per wall second.
+* Threads differ between the sides (the loop gets its best setting; a speechmill worker
+  one thread per CPU it reserves), which can move CTranslate2's and onnxruntime's float
+  results in the last bits: a few texts may then differ, and DNSMOS scores by ~1e-6.
+* ``annotate`` scores DNSMOS every ``--dnsmos-hop`` seconds on both sides (the stage's
+  ``dnsmos_hop_s``; 1 s is DNSMOS' own, 9.01 s non-overlapping windows).
 
 Nothing here asserts timings; it is a script to run by hand.
 """
@@ -71,7 +67,9 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -84,8 +82,11 @@ if str(REPO_ROOT) not in sys.path:
 
 SR = 16000
 INPUTS_VERSION = 1  # bump when the way conversations are built changes
-STEPS = ("standardize", "diarize", "segment", "transcribe")
-SM_STAGES = ("ingest", "standardize", "diarize", "segment", "link_speakers", "transcribe")
+STEPS = ("standardize", "diarize", "segment", "link_speakers", "transcribe", "annotate")
+SM_STAGES = ("ingest", *STEPS)
+LOOP_VARIANTS = ("default", "omp1")
+
+Key = tuple[str, float, float]
 
 
 # --------------------------------------------------------------------------------------
@@ -137,52 +138,79 @@ def segment_cfg(args: argparse.Namespace) -> dict[str, Any]:
     return {"min_s": args.min_s, "max_s": args.max_s, "merge_gap_s": 2.0}
 
 
-def transcribe_cfg(args: argparse.Namespace) -> dict[str, Any]:
+def transcribe_cfg(args: argparse.Namespace, cpu_threads: int) -> dict[str, Any]:
     return {"backend": "faster-whisper", "model_path": model_path(), "device": "cpu",
-            "compute_type": "int8", "cpu_threads": args.cpu_threads, "language": "en",
+            "compute_type": "int8", "cpu_threads": cpu_threads, "language": "en",
             "beam_size": 5, "cut": "none"}
 
 
+def annotate_cfg(args: argparse.Namespace) -> dict[str, Any]:
+    return {"dnsmos_hop_s": args.dnsmos_hop}
+
+
+def _cpus() -> int:
+    """CPUs this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _key(src: str, offset: float, duration: float) -> Key:
+    return (Path(src).name, round(float(offset), 2), round(float(duration), 2))
+
+
 # --------------------------------------------------------------------------------------
-# Baseline
+# The plain loop (runs in its own process)
 # --------------------------------------------------------------------------------------
 
 
-def run_baseline(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
+def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
     """Sequential per-file loop over the stages' own functions; models loaded once."""
     import pyarrow as pa
 
     from speechmill.pipeline.audio import load_audio
     from speechmill.pipeline.stage import StageContext
     from speechmill.stages import diarize_embed
+    from speechmill.stages.annotate import Annotate, AnnotateConfig
     from speechmill.stages.diarize import DiarizeConfig
+    from speechmill.stages.link_speakers import LinkSpeakers, LinkSpeakersConfig
     from speechmill.stages.segment import Segment, SegmentConfig
     from speechmill.stages.standardize import StandardizeConfig, standardize_file
     from speechmill.stages.transcribe import Transcribe, TranscribeConfig
 
-    run_dir = Path(args.workdir) / "baseline_run"
+    t_start = time.perf_counter()
+    run_dir = Path(args.workdir) / f"loop_run_{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
     media = run_dir / "media"
     media.mkdir(parents=True)
     std_cfg = StandardizeConfig(**standardize_cfg())
     dia_cfg = DiarizeConfig()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or _cpus())
+
+    def ctx(sid: str) -> StageContext:
+        return StageContext(stage_id=sid, run_dir=str(run_dir))
 
     loads: dict[str, float] = {}
     t0 = time.perf_counter()
     diarize_embed.load_models()
-    segmenter = Segment(SegmentConfig(**segment_cfg(args)),
-                        StageContext(stage_id="segment", run_dir=str(run_dir)))
+    segmenter = Segment(SegmentConfig(**segment_cfg(args)), ctx("segment"))
     segmenter.setup()
-    loads["diarize+segment (VAD, encoder)"] = time.perf_counter() - t0
+    loads["VAD + speaker encoder"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    asr = Transcribe(TranscribeConfig(**transcribe_cfg(args)),
-                     StageContext(stage_id="transcribe", run_dir=str(run_dir)))
+    asr = Transcribe(TranscribeConfig(**transcribe_cfg(args, threads)), ctx("transcribe"))
     asr.setup()
-    loads["transcribe (whisper)"] = time.perf_counter() - t0
+    loads["whisper"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ann = Annotate(AnnotateConfig(**annotate_cfg(args)), ctx("annotate"))
+    ann.setup()
+    from speechmill.stages.annotate_quality import text_language
+
+    text_language("The text language detector is built on first use.", None)
+    loads["DNSMOS + text LID"] = time.perf_counter() - t0
 
     walls = dict.fromkeys(STEPS, 0.0)
     seg_rows: list[dict[str, Any]] = []
-    texts: dict[tuple[str, float, float], str | None] = {}
+    finals: list[dict[str, Any]] = []
     rejected = 0
     for p in paths:
         src = str(p.resolve())
@@ -198,6 +226,7 @@ def run_baseline(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
             audio, SR, num_speakers=dia_cfg.num_speakers, min_speakers=dia_cfg.min_speakers,
             max_speakers=dia_cfg.max_speakers, window_s=dia_cfg.window_s,
             step_s=dia_cfg.step_s, threshold=dia_cfg.threshold)
+        del audio
         walls["diarize"] += time.perf_counter() - t0
         row = {
             "id": fid, "parent_id": fid, "audio_path": std_path, "offset": 0.0,
@@ -216,106 +245,161 @@ def run_baseline(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
         seg_rows.extend(segs)
 
         t0 = time.perf_counter()
+        texts = []
         for seg in segs:
             out = asr.run_row(seg)
-            key = _key(src, seg["offset"], seg["duration"])
             if out.outputs:
-                texts[key] = " ".join(str(o.get("text") or "").strip()
-                                      for o in out.outputs).strip()
+                texts.extend(out.outputs)
             else:
-                texts[key] = None
                 rejected += 1
         walls["transcribe"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for t in texts:
+            finals.extend(ann.run_row(t).outputs)
+        walls["annotate"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()  # run-wide speaker ids, as the DAG's link_speakers
+    link_cfg = LinkSpeakersConfig()
+    prepared = LinkSpeakers.prepare(link_cfg, pa.Table.from_pylist(
+        [{"speaker": s["speaker"], "speaker_embedding": s.get("speaker_embedding")}
+         for s in seg_rows]))
+    linker = LinkSpeakers(link_cfg, StageContext(stage_id="link_speakers",
+                                                 run_dir=str(run_dir), prepared=prepared))
+    speakers = {}
+    for s in seg_rows:
+        speakers[s["id"]] = linker.run_row(s).outputs[0].get("speaker")
+    walls["link_speakers"] += time.perf_counter() - t0
+    total = time.perf_counter() - t_start
     asr.teardown()
     segmenter.teardown()
-    return {"walls": walls, "loads": loads, "texts": texts, "rejected": rejected,
-            "segments": [(str(s["source_audio_path"]), float(s["offset"]),
-                          float(s["duration"])) for s in seg_rows]}
-
-
-def _key(src: str, offset: float, duration: float) -> tuple[str, float, float]:
-    return (Path(src).name, round(float(offset), 2), round(float(duration), 2))
+    return {"walls": walls, "loads": loads, "total": total, "rejected": rejected,
+            "threads": threads, "omp": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "speakers": len(set(speakers.values())),
+            "segments": [[str(s["source_audio_path"]), float(s["offset"]),
+                          float(s["duration"])] for s in seg_rows],
+            "texts": [[*_key(f["source_audio_path"], f["offset"], f["duration"]),
+                       str(f.get("text") or "").strip(),
+                       (f.get("scores") or {}).get("dnsmos_ovrl")] for f in finals]}
 
 
 # --------------------------------------------------------------------------------------
-# speechmill
+# speechmill (runs in its own process)
 # --------------------------------------------------------------------------------------
 
 
-def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path) -> str:
-    import yaml
-
-    executor: dict[str, Any] = {"type": args.executor, "progress": False}
-    if args.num_cpus:
-        executor["num_cpus"] = args.num_cpus
-    dag = {
-        "name": "bench-clean",
-        "run_dir": str(run_dir),
-        "executor": executor,
-        "stages": [
-            {"id": "ingest", "uses": "ingest", "with": {"inputs": [str(input_dir)]}},
-            {"id": "standardize", "uses": "standardize", "needs": ["ingest"],
-             "with": standardize_cfg()},
-            {"id": "diarize", "uses": "diarize", "needs": ["standardize"]},
-            {"id": "segment", "uses": "segment", "needs": ["diarize"],
-             "with": segment_cfg(args)},
-            {"id": "link_speakers", "uses": "link_speakers", "needs": ["segment"]},
-            {"id": "transcribe", "uses": "transcribe", "needs": ["link_speakers"],
-             "with": transcribe_cfg(args)},
-        ],
-    }
-    return yaml.safe_dump(dag, sort_keys=False)
+def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: int) -> str:
+    stages = [
+        {"id": "ingest", "uses": "ingest", "with": {"inputs": [str(input_dir)]}},
+        {"id": "standardize", "uses": "standardize", "needs": ["ingest"],
+         "with": standardize_cfg()},
+        {"id": "diarize", "uses": "diarize", "needs": ["standardize"]},
+        {"id": "segment", "uses": "segment", "needs": ["diarize"],
+         "with": segment_cfg(args)},
+        {"id": "link_speakers", "uses": "link_speakers", "needs": ["segment"]},
+        {"id": "transcribe", "uses": "transcribe", "needs": ["link_speakers"],
+         "with": transcribe_cfg(args, args.cpu_threads)},
+        {"id": "annotate", "uses": "annotate", "needs": ["transcribe"],
+         "with": annotate_cfg(args)},
+    ]
+    return common.dag_yaml("bench-clean", run_dir, stages, "ray", num_cpus=workers)
 
 
-def run_speechmill(args: argparse.Namespace) -> dict[str, Any]:
+def _count_batches() -> dict[str, dict[str, float]]:
+    """Patch the runner (this process only) to sum each stage's batch stats."""
+    from speechmill.pipeline import nodes, runner
+
+    per: dict[str, dict[str, float]] = {}
+    current = [""]
+    run_stage = runner._run_stage
+    add = nodes.NodeTally.add
+
+    def _run_stage(dag: Any, st: Any, *a: Any, **k: Any) -> Any:
+        current[0] = st.id
+        return run_stage(dag, st, *a, **k)
+
+    def _add(self: Any, stats: dict[str, Any]) -> None:
+        b = per.setdefault(current[0], {"busy_s": 0.0, "batches": 0})
+        b["busy_s"] += float(stats.get("busy_s") or 0.0)
+        b["batches"] += 1
+        add(self, stats)
+
+    runner._run_stage = _run_stage  # type: ignore[assignment]
+    nodes.NodeTally.add = _add  # type: ignore[method-assign]
+    return per
+
+
+def run_speechmill(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     from rich.console import Console
 
     from speechmill.pipeline import dag as dagmod
     from speechmill.pipeline import runner
     from speechmill.pipeline.store import RunStore
 
+    batches = _count_batches()
     workdir = Path(args.workdir)
-    run_dir = workdir / "speechmill_run"
+    run_dir = workdir / f"speechmill_run_{workers}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    text = dag_yaml(args, workdir / "input", run_dir)
+    text = dag_yaml(args, workdir / "input", run_dir, workers)
     console = Console() if args.verbose else Console(file=io.StringIO())
     t0 = time.perf_counter()
     dag = dagmod.loads(text)
-    result = runner.run(dag, executor=args.executor, progress=False, console=console)
+    result = runner.run(dag, executor="ray", progress=False, console=console)
     wall = time.perf_counter() - t0
-    metrics = {sid: json.loads((run_dir / "stages" / sid / "metrics.json").read_text())
-               for sid in SM_STAGES}
+    metrics = {}
+    for sid in SM_STAGES:
+        m = json.loads((run_dir / "stages" / sid / "metrics.json").read_text())
+        metrics[sid] = {k: m.get(k) for k in ("wall_seconds", "rows_in", "rows_out",
+                                              "rows_rejected", "reasons")}
+        metrics[sid].update(batches.get(sid, {"busy_s": 0.0, "batches": 0}))
     store = RunStore(str(run_dir))
     segs = store.read_outputs("segment", ["source_audio_path", "offset", "duration"])
-    seg_list = [(str(a), float(o), float(d)) for a, o, d in zip(
-        segs.column("source_audio_path").to_pylist(), segs.column("offset").to_pylist(),
-        segs.column("duration").to_pylist(), strict=True)]
-    texts: dict[tuple[str, float, float], str | None] = {
-        _key(a, o, d): None for a, o, d in seg_list}
-    outs = store.read_outputs("transcribe", ["source_audio_path", "offset", "duration",
-                                             "text"]).to_pylist()
-    for r in outs:
-        texts[_key(r["source_audio_path"], r["offset"], r["duration"])] = (
-            str(r["text"] or "").strip())
+    outs = store.read_outputs("annotate", ["source_audio_path", "offset", "duration",
+                                           "text", "scores"]).to_pylist()
     return {"wall_seconds": wall, "status": result.status, "metrics": metrics,
-            "run_dir": str(run_dir), "segments": seg_list, "texts": texts}
+            "workers": workers, "run_dir": str(run_dir),
+            "segments": [[str(a), float(o), float(d)] for a, o, d in zip(
+                segs.column("source_audio_path").to_pylist(),
+                segs.column("offset").to_pylist(), segs.column("duration").to_pylist(),
+                strict=True)],
+            "texts": [[*_key(r["source_audio_path"], r["offset"], r["duration"]),
+                       str(r["text"] or "").strip(), (r["scores"] or {}).get("dnsmos_ovrl")]
+                      for r in outs]}
 
 
 # --------------------------------------------------------------------------------------
-# Report
+# Driver: each measurement in its own process
 # --------------------------------------------------------------------------------------
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else float("nan")
+def _child(args: argparse.Namespace, side: str, env_extra: dict[str, str]
+           ) -> dict[str, Any] | None:
+    """One measurement in its own process; None (and a line saying so) when it failed,
+    e.g. Ray could not start on a machine that busy: the other measurements stand."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--_side", side,
+           "--_out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(env_extra)
+    if "OMP_NUM_THREADS" in os.environ and "OMP_NUM_THREADS" not in env_extra:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+    try:
+        rc = subprocess.run(cmd, env=env, stdout=None if args.verbose else subprocess.DEVNULL
+                            ).returncode
+        if rc != 0:
+            print(f"{side}: failed (exit status {rc}); left out", flush=True)
+            return None
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
-def _match(base: list[tuple[str, float, float]], sm: list[tuple[str, float, float]],
-           tol: float) -> list[tuple[tuple[str, float, float], tuple[str, float, float]]]:
+def _match(base: list[Key], sm: list[Key], tol: float) -> list[tuple[Key, Key]]:
     """Pairs (baseline key, speechmill key) with the same file and offset/end within tol."""
     pairs = []
-    free = [_key(*s) for s in sm]
-    for b in (_key(*s) for s in base):
+    free = list(sm)
+    for b in base:
         for i, s in enumerate(free):
             if (s[0] == b[0] and abs(s[1] - b[1]) <= tol
                     and abs((s[1] + s[2]) - (b[1] + b[2])) <= tol):
@@ -325,119 +409,148 @@ def _match(base: list[tuple[str, float, float]], sm: list[tuple[str, float, floa
     return pairs
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
 def report(args: argparse.Namespace, paths: list[Path], durs: list[float],
-           bases: list[dict[str, Any]], sms: list[dict[str, Any]]) -> None:
+           loops: dict[str, list[dict[str, Any]]], sms: dict[int, list[dict[str, Any]]],
+           loads_seen: list[float]) -> None:
     audio_s = sum(durs)
-    base, sm = bases[-1], sms[-1]
-    seg_s_base = sum(d for _, _, d in base["segments"])
-    step_in = {"standardize": audio_s, "diarize": audio_s, "segment": audio_s,
-               "transcribe": seg_s_base}
-    b_walls = {k: statistics.median(b["walls"][k] for b in bases) for k in STEPS}
-    s_walls = {k: statistics.median(float(m["metrics"][k]["wall_seconds"]) for m in sms)
-               for k in SM_STAGES}
+    med = statistics.median
+    loop_tot = {v: med(r["total"] for r in runs) for v, runs in loops.items()}
+    best = min(loop_tot, key=lambda v: loop_tot[v])
+    base = loops[best]
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print()
-    print(f"CPUs: os.cpu_count()={os.cpu_count()}, usable (affinity)={affinity}, "
-          f"load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"executor: {args.executor}; repetitions: {args.repeat} (medians)")
+    print(f"CPUs: os.cpu_count()={os.cpu_count()}, usable (affinity)={affinity}; load "
+          f"average (1 min) during the runs {min(loads_seen):.1f}-{max(loads_seen):.1f}")
     print(f"input: {len(paths)} conversations (2-3 speakers, {args.turns} turns), "
-          f"{audio_s:.1f} s ({audio_s / 3600:.4f} h), 16 kHz WAV")
+          f"{audio_s:.1f} s ({audio_s / 3600:.4f} h), 16 kHz WAV; repetitions: "
+          f"{args.repeat} (medians)")
     print(f"settings: standardize 16 kHz dbfs -20; diarize defaults; segment min_s="
           f"{args.min_s} max_s={args.max_s} merge_gap_s=2; transcribe faster-whisper "
-          f"tiny.en cpu int8 cpu_threads={args.cpu_threads} beam 5 language=en cut=none")
+          f"tiny.en cpu int8 beam 5 language=en cut=none; annotate defaults, "
+          f"dnsmos_hop_s={args.dnsmos_hop}")
     print()
-    header = (f"{'stage':<14} {'base wall s':>11} {'base RTF':>9} {'sm wall s':>10} "
-              f"{'sm RTF':>9} {'sm / base wall':>15}")
+    header = f"{'plain loop':<50} {'wall s':>8} {'x realtime':>11}"
+    print(header)
+    print("-" * len(header))
+    for v, runs in loops.items():
+        label = ("default threading" if v == "default" else "OMP_NUM_THREADS=1")
+        label += f" (whisper {runs[-1]['threads']} thr)" + (" <- baseline" if v == best
+                                                             else "")
+        print(f"{label:<50} {loop_tot[v]:>8.2f} {_ratio(audio_s, loop_tot[v]):>11.2f}")
+    b_loads = med(sum(r["loads"].values()) for r in base)
+    print(f"  of which model loads {b_loads:.2f} s: " + ", ".join(
+        f"{k} {val:.2f}" for k, val in base[-1]["loads"].items()))
+    print()
+    ws = sorted(sms)
+    header = f"{'stage':<14} {'loop s':>7}" + "".join(
+        f" | {f'{w} worker(s): wall':>18} {'busy':>6} {'overhead':>8}" for w in ws)
     print(header)
     print("-" * len(header))
     for k in SM_STAGES:
-        sm_rtf = statistics.median(float(m["metrics"][k]["realtime_factor"] or "nan")
-                                   for m in sms)
-        if k in STEPS:
-            brtf = _ratio(b_walls[k], step_in[k])
-            print(f"{k:<14} {b_walls[k]:>11.2f} {brtf:>9.4f} {s_walls[k]:>10.2f} "
-                  f"{sm_rtf:>9.4f} {_ratio(s_walls[k], b_walls[k]):>14.2f}x")
-        else:
-            print(f"{k:<14} {'-':>11} {'-':>9} {s_walls[k]:>10.2f} {sm_rtf:>9.4f} "
-                  f"{'-':>15}")
+        lw = f"{med(r['walls'][k] for r in base):>7.2f}" if k in STEPS else f"{'-':>7}"
+        line = f"{k:<14} {lw}"
+        for w in ws:
+            ms = [r["metrics"][k] for r in sms[w]]
+            wall = med(float(m["wall_seconds"]) for m in ms)
+            busy = med(float(m["busy_s"]) for m in ms)
+            par = max(1, min(w, int(med(m["batches"] for m in ms))))
+            line += f" | {wall:>18.2f} {busy:>6.1f} {wall - busy / par:>8.2f}"
+        print(line)
+    print("(busy: batch processing + commits summed over workers; overhead: wall - busy /"
+          " parallel workers = worker start, model load, reads, scheduling, idle tail)")
     print()
-    load_s = statistics.median(sum(b["loads"].values()) for b in bases)
-    b_sum = sum(b_walls.values())
-    s_sum = sum(s_walls.values())
-    s_whole = statistics.median(m["wall_seconds"] for m in sms)
-    rows = [
-        ("baseline, per-step sum (no model load)", b_sum),
-        ("baseline, incl. model load", b_sum + load_s),
-        ("speechmill, sum of stage walls", s_sum),
-        ("speechmill, whole run", s_whole),
-    ]
-    base_tp = _ratio(audio_s, b_sum)
-    header = f"{'end-to-end':<40} {'wall s':>8} {'audio h / wall h':>17} {'vs baseline':>12}"
+    header = f"{'end-to-end':<50} {'wall s':>8} {'x realtime':>11} {'vs loop':>9}"
     print(header)
     print("-" * len(header))
+    rows = [(f"plain loop ({'OMP_NUM_THREADS=1' if best == 'omp1' else 'default'}), "
+             "incl. model load", loop_tot[best])]
+    for w in ws:
+        rows.append((f"speechmill, {w} worker(s), whole run",
+                     med(r["wall_seconds"] for r in sms[w])))
     for label, wall in rows:
-        tp = _ratio(audio_s, wall)
-        print(f"{label:<40} {wall:>8.2f} {tp:>17.2f} {_ratio(tp, base_tp):>11.2f}x")
-    print(f"speechmill / baseline (whole run vs baseline incl. model load): "
-          f"{_ratio(_ratio(audio_s, s_whole), _ratio(audio_s, b_sum + load_s)):.2f}x")
+        print(f"{label:<50} {wall:>8.2f} {_ratio(audio_s, wall):>11.2f} "
+              f"{_ratio(loop_tot[best], wall):>8.2f}x")
+    if len(ws) > 1:
+        w0, w1 = ws[0], ws[-1]
+        sp = _ratio(med(r["wall_seconds"] for r in sms[w0]),
+                    med(r["wall_seconds"] for r in sms[w1]))
+        print(f"scaling {w0} -> {w1} workers: {sp:.2f}x (ideal {w1 / w0:.2f}x)")
     print()
-    print("baseline model loads (not in its per-step walls): " + ", ".join(
-        f"{k} {v:.2f} s" for k, v in base["loads"].items()))
+    consistency(args, base[-1], sms[ws[-1]][-1], ws[-1])
 
-    # consistency
-    n_b, n_s = len(base["segments"]), len(sm["segments"])
-    h_b = seg_s_base / 3600
-    h_s = sum(d for _, _, d in sm["segments"]) / 3600
-    pairs = _match(base["segments"], sm["segments"], args.tol)
-    same = [(b, s) for b, s in pairs if base["texts"].get(b) == sm["texts"].get(s)]
+
+def consistency(args: argparse.Namespace, base: dict[str, Any], sm: dict[str, Any],
+                workers: int) -> None:
+    b_segs = [_key(*s) for s in base["segments"]]
+    s_segs = [_key(*s) for s in sm["segments"]]
+    b_txt = {tuple(t[:3]): (t[3], t[4]) for t in base["texts"]}
+    s_txt = {tuple(t[:3]): (t[3], t[4]) for t in sm["texts"]}
+    pairs = _match(b_segs, s_segs, args.tol)
+    both = [(b, s) for b, s in pairs if b in b_txt and s in s_txt]
+    same = [(b, s) for b, s in both if b_txt[b][0] == s_txt[s][0]]
+    d_ovrl = [abs(b_txt[b][1] - s_txt[s][1]) for b, s in both
+              if b_txt[b][1] is not None and s_txt[s][1] is not None]
+    h_b = sum(s[2] for s in base["segments"]) / 3600
+    h_s = sum(s[2] for s in sm["segments"]) / 3600
     tm = sm["metrics"]["transcribe"]
-    print(f"segments: baseline {n_b} ({h_b:.5f} h), speechmill {n_s} ({h_s:.5f} h); "
-          f"matched within {args.tol} s: {len(pairs)}")
-    print(f"transcribe rejects: baseline {base['rejected']}, speechmill "
-          f"{tm['rows_rejected']} {tm['reasons']} (status {sm['status']})")
-    print(f"texts of matched segments: {len(same)}/{len(pairs)} identical")
-    for b, s in [p for p in pairs if p not in same][:4]:
-        print(f"  {b[0]} @ {b[1]:.2f} s:\n    baseline:   {base['texts'].get(b)!r}\n"
-              f"    speechmill: {sm['texts'].get(s)!r}")
-    unmatched_b = sorted({_key(*x) for x in base["segments"]} - {b for b, _ in pairs})
-    unmatched_s = sorted({_key(*x) for x in sm["segments"]} - {s for _, s in pairs})
-    for label, items in (("baseline only", unmatched_b), ("speechmill only", unmatched_s)):
+    print(f"segments: loop {len(b_segs)} ({h_b:.5f} h), speechmill ({workers} workers) "
+          f"{len(s_segs)} ({h_s:.5f} h); matched within {args.tol} s: {len(pairs)}")
+    print(f"transcribe rejects: loop {base['rejected']}, speechmill {tm['rows_rejected']} "
+          f"{tm['reasons']} (status {sm['status']})")
+    print(f"texts of matched segments: {len(same)}/{len(both)} identical; DNSMOS OVRL "
+          f"largest difference {max(d_ovrl, default=0.0):.2g}")
+    for b, s in [p for p in both if p not in same][:3]:
+        print(f"  {b[0]} @ {b[1]:.2f} s:\n    loop:       {b_txt[b][0]!r}\n"
+              f"    speechmill: {s_txt[s][0]!r}")
+    unmatched_b = sorted(set(b_segs) - {b for b, _ in pairs})
+    unmatched_s = sorted(set(s_segs) - {s for _, s in pairs})
+    for label, items in (("loop only", unmatched_b), ("speechmill only", unmatched_s)):
         if items:
             print(f"  {label}: " + ", ".join(f"{f}@{o:.2f}+{d:.2f}" for f, o, d in items[:6])
                   + (" ..." if len(items) > 6 else ""))
-    if pairs:
-        b0 = pairs[0][0]
-        print(f"example ({b0[0]} @ {b0[1]:.2f} s): {base['texts'].get(b0)!r}")
     print(f"run dir (last repetition): {sm['run_dir']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=int, default=6, help="number of conversations")
+    ap.add_argument("--files", type=int, default=8, help="number of conversations")
     ap.add_argument("--turns", type=int, default=12, help="turns per conversation")
-    ap.add_argument("--executor", choices=("local", "ray"), default="local")
-    ap.add_argument("--cpu-threads", type=int, default=2,
-                    help="CTranslate2 threads for Whisper (baseline and each stage worker)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="speechmill runs with these many CPUs for Ray (default: 1 .. CPUs)")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="Whisper threads per speechmill worker (transcribe's cpu_threads)")
+    ap.add_argument("--dnsmos-hop", type=float, default=1.0,
+                    help="annotate's dnsmos_hop_s, on both sides")
     ap.add_argument("--min-s", type=float, default=1.0, help="segment min_s")
     ap.add_argument("--max-s", type=float, default=30.0, help="segment max_s")
+    ap.add_argument("--loop", choices=("both", *LOOP_VARIANTS), default="both",
+                    help="which loop threading settings to measure (baseline: the faster)")
     ap.add_argument("--tol", type=float, default=0.05,
                     help="seconds of slack when matching segments between the two sides")
     ap.add_argument("--workdir", default="runs/bench-clean",
-                    help="inputs and both run dirs go here")
-    ap.add_argument("--num-cpus", type=int, default=None,
-                    help="CPUs for the embedded Ray (default: all)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="measure both sides this many times (alternating which goes "
-                    "first) and report medians")
-    ap.add_argument("--verbose", action="store_true", help="show the runner's summary")
-    args = ap.parse_args(argv)
+                    help="inputs and the run dirs go here")
+    ap.add_argument("--repeat", type=int, default=1, help="measure everything this many "
+                    "times and report medians")
+    ap.add_argument("--verbose", action="store_true", help="show the children's output")
+    ap.add_argument("--_side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(raw)
     if min(args.files, args.turns, args.cpu_threads, args.repeat) < 1:
         ap.error("--files, --turns, --cpu-threads and --repeat must be >= 1")
     if args.min_s >= args.max_s:
         ap.error("--min-s must be < --max-s")
     args.workdir = str(Path(args.workdir).resolve())
+    args.workers = sorted(set(args.workers or range(1, _cpus() + 1)))
+    if min(args.workers) < 1:
+        ap.error("--workers must be >= 1")
+    args.argv = [a for i, a in enumerate(raw) if not a.startswith("--_")
+                 and not (i > 0 and raw[i - 1] in ("--_side", "--_out"))]
     return args
 
 
@@ -446,26 +559,47 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = ensure_inputs(workdir / "input", args.files, args.turns)
+    if args._side:  # a child: one measurement, its result as JSON
+        if args._side.startswith("loop"):
+            res = run_loop(args, paths)
+        else:
+            res = run_speechmill(args, int(args._side.split(":")[1]))
+        Path(args._out).write_text(json.dumps(res))
+        return
     durs = common.durations(paths)
-    bases: list[dict[str, Any]] = []
-    sms: list[dict[str, Any]] = []
+    variants = LOOP_VARIANTS if args.loop == "both" else (args.loop,)
+    loops: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    sms: dict[int, list[dict[str, Any]]] = {w: [] for w in args.workers}
+    loads_seen: list[float] = []
     for rep in range(args.repeat):
-        # speechmill first on even repetitions: it then pays for the shared model caches
-        order = ("speechmill", "baseline") if rep % 2 == 0 else ("baseline", "speechmill")
-        for which in order:
-            tag = f"[{rep + 1}/{args.repeat}]"
-            if which == "baseline":
-                print(f"{tag} baseline: running ...", flush=True)
-                bases.append(run_baseline(args, paths))
-                b = bases[-1]
-                print(f"{tag} baseline: {sum(b['walls'].values()):.2f} s "
-                      f"(+ {sum(b['loads'].values()):.2f} s model load)", flush=True)
-            else:
-                print(f"{tag} speechmill ({args.executor}): running ...", flush=True)
-                sms.append(run_speechmill(args))
-                print(f"{tag} speechmill: {sms[-1]['wall_seconds']:.2f} s "
-                      f"(status {sms[-1]['status']})", flush=True)
-    report(args, paths, durs, bases, sms)
+        tag = f"[{rep + 1}/{args.repeat}]"
+        for v in variants:
+            loads_seen.append(os.getloadavg()[0])
+            env = {"OMP_NUM_THREADS": "1"} if v == "omp1" else {}
+            r = _child(args, "loop", env)
+            loads_seen.append(os.getloadavg()[0])
+            if r is None:
+                continue
+            loops[v].append(r)
+            print(f"{tag} loop ({v}): {r['total']:.2f} s (model loads "
+                  f"{sum(r['loads'].values()):.2f} s); load {loads_seen[-1]:.1f}", flush=True)
+        for w in sorted(args.workers, reverse=True):
+            loads_seen.append(os.getloadavg()[0])
+            r = _child(args, f"speechmill:{w}", {})
+            loads_seen.append(os.getloadavg()[0])
+            if r is None:
+                continue
+            sms[w].append(r)
+            print(f"{tag} speechmill ({w} workers): {r['wall_seconds']:.2f} s (status "
+                  f"{r['status']}); load {loads_seen[-1]:.1f}", flush=True)
+        # every measurement so far, for a look after a failure or a crash
+        (workdir / "results.json").write_text(json.dumps(
+            {"loops": loops, "speechmill": sms, "loads": loads_seen}))
+    loops = {v: runs for v, runs in loops.items() if runs}
+    sms = {w: runs for w, runs in sms.items() if runs}
+    if not loops or not sms:
+        sys.exit("no loop or no speechmill measurement succeeded")
+    report(args, paths, durs, loops, sms, loads_seen)
 
 
 if __name__ == "__main__":

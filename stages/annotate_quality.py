@@ -26,6 +26,7 @@ integer PCM is scaled to [-1, 1); non-finite samples are treated as 0.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import unicodedata
 import zlib
@@ -136,6 +137,16 @@ def _slaney_mel_filterbank(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
     return fb
 
 
+def _ort_threads() -> int:
+    """Intra-op threads of the DNSMOS sessions: ``OMP_NUM_THREADS`` when set (Ray sets
+    it to a worker's CPUs, so workers sharing a machine do not oversubscribe it), else 0,
+    onnxruntime's default (one per physical core)."""
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "0")), 0)
+    except ValueError:
+        return 0
+
+
 def _load_dnsmos() -> tuple[Any, Any, np.ndarray, np.ndarray]:
     """(P.835 session, P.808 session, mel filterbank, analysis window), built once."""
     global _dnsmos_models
@@ -152,6 +163,7 @@ def _load_dnsmos() -> tuple[Any, Any, np.ndarray, np.ndarray]:
             root = resources.files("speechmos") / "dnsmos_models"
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            opts.intra_op_num_threads = _ort_threads()
             providers = ["CPUExecutionProvider"]
             primary = ort.InferenceSession(
                 (root / "sig_bak_ovr.onnx").read_bytes(), sess_options=opts, providers=providers

@@ -36,6 +36,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.pipeline.audio import AudioError, load_audio
+from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.records import recording_id, reject, rejects_table, segment_id
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageResult
 
@@ -65,7 +66,8 @@ class Segment(Stage):
     Config = SegmentConfig
     resources = Resources(cpus=1, memory_gb=1.0)
     uses_model = True
-    default_batch_size = 8
+    #: files per batch: a few, so a pool spreads even a small input over its actors
+    default_batch_size = 4
 
     config: SegmentConfig
 
@@ -90,7 +92,9 @@ class Segment(Stage):
             except AudioError as e:
                 rejs.append(self.reject_row(row, e.reason, e.detail))
                 continue
-            except Exception as e:  # isolate the row, keep the batch
+            except Exception as e:  # isolate the row, keep the batch...
+                if is_fatal(e):  # ...but a full disk or an engine error stops the stage
+                    raise
                 rejs.append(self.reject_row(row, "error", f"{type(e).__name__}: {e}"))
                 continue
             outs.extend(o)
