@@ -44,6 +44,7 @@ class Report(Stage):
     is_sink: ClassVar[bool] = True
     reads_inputs: ClassVar[bool] = False
     output_root: ClassVar[str] = "report"
+    local_run_dir_only: ClassVar[bool] = True  # the report reads RUN_DIR by local paths
 
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
         from speechmill.manifests.dataset_report import build_report

@@ -85,6 +85,7 @@ class Tokenize(Stage):
     Config = TokenizeConfig
     resources = Resources(cpus=1)
     uses_model = True
+    local_run_dir_only = True  # the fitted codebook goes to RUN_DIR/models/ by local path
 
     @classmethod
     def gpu_share(cls, config: StageConfig) -> float:
@@ -106,6 +107,9 @@ class Tokenize(Stage):
         a = config.audio
         if a is not None and a.codebook and not Path(a.codebook).expanduser().exists():
             raise ValueError(f"key 'audio.codebook': {a.codebook!r} does not exist")
+        if a is not None and a.path and not Path(a.path).expanduser().exists():
+            raise ValueError(f"key 'audio.path': {a.path!r} does not exist (a local "
+                             f"{a.backend} model directory)")
 
     prepare_columns = ("id", "audio_path", "offset", "duration")
 

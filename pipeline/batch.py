@@ -104,7 +104,25 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
         "reasons": dict(reasons),
         "errors": error_counts(rejects),
         "busy_s": time.perf_counter() - t0,
+        **where_run(),
     }
+
+
+def where_run() -> dict[str, Any]:
+    """Where this batch ran: the Ray node's id (``"local"`` outside Ray) and, when Ray
+    gave this worker GPUs, their ids and the ``CUDA_VISIBLE_DEVICES`` it set."""
+    import os
+    import sys
+
+    ray = sys.modules.get("ray")  # never imports Ray: a local run stays light
+    if ray is None or not ray.is_initialized():
+        return {"node_id": "local"}
+    out: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id()}
+    gpus = ray.get_gpu_ids()
+    if gpus:
+        out["gpu_ids"] = [str(g) for g in gpus]
+        out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return out
 
 
 def _row_by_row(stage: Stage, batch: pa.Table, batch_error: str) -> StageResult:

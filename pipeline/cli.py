@@ -185,7 +185,8 @@ def _print_plan(d: Any, console: Any) -> None:
     from speechmill.pipeline.dag import redact
     from speechmill.pipeline.store import RunStore
 
-    store = RunStore(d.run_dir)
+    store = RunStore(d.run_dir)  # an ObjectRunStore for a URL run dir
+    unreachable: list[str] = []  # an object store that did not answer: asked once only
     console.print(f"DAG [bold]{d.name}[/]  run_dir: {d.run_dir}  executor: "
                   f"{d.spec.executor.type}")
     t = Table(title="plan", title_justify="left")
@@ -196,8 +197,7 @@ def _print_plan(d: Any, console: Any) -> None:
             "source" if st.cls.is_source else "tasks")
         if st.cls.is_sink:
             kind = f"sink -> {st.cls.output_root}/"
-        state = "done" if store.is_done(st.id) else (
-            "partial" if store.stage_dir(st.id).exists() else "pending")
+        state = _stage_state(store, st.id, unreachable)
         cfg = st.config.model_dump(mode="json", exclude_defaults=True)
         cfg = redact(cfg)
         t.add_row(str(i), st.id, st.spec.uses, ",".join(st.spec.needs) or "-", kind,
@@ -206,12 +206,42 @@ def _print_plan(d: Any, console: Any) -> None:
     console.print(t)
 
 
+def _stage_state(store: Any, stage_id: str, unreachable: list[str]) -> str:
+    """done / partial / pending; ``unknown`` when an object store cannot be reached (a
+    dry run must not fail on it: credentials may only exist on the cluster)."""
+    if unreachable:
+        return unreachable[0]
+    try:
+        return "done" if store.is_done(stage_id) else (
+            "partial" if store.has_stage_dir(stage_id) else "pending")
+    except Exception as e:  # noqa: BLE001 - unreachable store, no credentials here
+        if not hasattr(store, "url"):
+            raise
+        unreachable.append(f"unknown ({type(e).__name__})")
+        return unreachable[0]
+
+
+def _run_dir_exists(run_dir: str) -> bool:
+    from speechmill.pipeline.store import is_url, open_store
+
+    if not is_url(run_dir):
+        return os.path.isdir(run_dir)
+    from speechmill.pipeline.errors import SpeechmillError
+
+    try:
+        return open_store(run_dir).exists()
+    except (SpeechmillError, OSError, ValueError) as e:
+        print(f"speechmill: cannot read {run_dir!r}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return False
+
+
 def _status(args: argparse.Namespace) -> int:
     import json
 
     from speechmill.pipeline.report import status_rows, summary_table
 
-    if not os.path.isdir(args.run_dir):
+    if not _run_dir_exists(args.run_dir):
         print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
         return EXIT_FAILED
     info, rows = status_rows(args.run_dir)
@@ -228,7 +258,7 @@ def _status(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     for r in rows:
-        for line in r.get("summary_lines") or []:
+        for line in [*(r.get("summary_lines") or []), *(r.get("cluster_lines") or [])]:
             console.print(f"  {r['stage']}: {escape(line)}")
     return 0
 
@@ -236,6 +266,13 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from speechmill.pipeline.store import is_url
+
+    if is_url(args.run_dir):
+        print(f"speechmill: the report reads a local (or shared POSIX) run directory; "
+              f"{args.run_dir!r} is on object storage (not supported yet: `speechmill "
+              "status` works there)", file=sys.stderr)
+        return EXIT_CONFIG
     if not os.path.isdir(args.run_dir):
         print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
         return EXIT_CONFIG

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -38,6 +39,10 @@ from speechmill.pipeline.store import RunStore
 
 log = logging.getLogger("speechmill")
 StatsFn = Callable[[dict[str, Any]], None]
+#: CPUs each read task of a streamed stage reserves (an actor pool leaves them free)
+READ_TASK_CPUS = 0.25
+#: from this many CPUs on, an actor pool leaves a whole CPU to the tasks around it
+SMALL_CLUSTER_CPUS = 4.0
 
 # per-process cache: a task worker builds and sets up each stage once
 _WORKER_STAGES: dict[tuple[str, str], Stage] = {}
@@ -310,6 +315,17 @@ def ray_application_error(e: BaseException) -> tuple[str, str] | None:
     return type(e).__name__, str(e)
 
 
+def _alive_nodes() -> set[str]:
+    """Ids of the cluster's live nodes (a row whose worker died with its node is run
+    again, not rejected)."""
+    import ray
+
+    try:
+        return {str(n["NodeID"]) for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # the GCS unreachable for a moment: no node known lost
+        return set()
+
+
 def _quiet_worker() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -351,7 +367,12 @@ class RayExecutor:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         self.address = address
         self.cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        #: the shrunk actor reservations of a small machine only hold on one node (Ray
+        #: reserves per node: two 1-CPU nodes would each be left too little for a read)
+        self.single_node = len(_alive_nodes()) <= 1
         self.cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        #: worker failures recovered from (a dead actor, a lost node), for the metrics
+        self.lost_workers: list[dict[str, Any]] = []
 
     def describe(self) -> str:
         where = self.address or "embedded local Ray"
@@ -359,23 +380,42 @@ class RayExecutor:
 
     def pool_size(self, cls: type[Stage], requested: int | None, n_batches: int,
                   res: Resources | None = None) -> int:
-        """Workers to run at once. An actor pool never takes every CPU (the read/write
-        tasks around it would starve and the run hang); task stages may use them all."""
+        """Workers to run at once: as many as the CPUs (and GPUs, for a stage that asks
+        for them) hold. An actor pool never takes every CPU (the read tasks that feed it
+        would starve and the run hang): from :data:`SMALL_CLUSTER_CPUS` CPUs on it leaves
+        one CPU to them; on a smaller single machine, where that CPU would be a third or
+        half of it, the actors instead reserve a little less than they declare
+        (:meth:`actor_cpus`). A cluster of several nodes always keeps the spare CPU: Ray
+        reserves per node, so shrunk shares would leave no node room for a read task."""
         res = res or cls.resources
         cpus = max(res.cpus, 0.01)
-        spare = 1.0 if cls.uses_model and self.cluster_cpus > 1 else 0.0
+        small = self.cluster_cpus < SMALL_CLUSTER_CPUS and self.single_node
+        spare = 1.0 if cls.uses_model and self.cluster_cpus > 1 and not small else 0.0
         fit = max(int((self.cluster_cpus - spare) // cpus), 1)
         if res.gpus > 0 and self.cluster_gpus > 0:
             fit = min(fit, int(self.cluster_gpus // res.gpus) or 1)
         size = min(requested, fit) if requested else fit
         return max(1, min(size, n_batches))
 
+    def actor_cpus(self, res: Resources, size: int) -> float:
+        """CPUs each of ``size`` actors reserves: what the stage declares, or, where
+        that would not leave :data:`READ_TASK_CPUS` free, an equal share of the rest
+        (rounded down to 1/100)."""
+        free = self.cluster_cpus - READ_TASK_CPUS
+        if size * res.cpus <= free or free <= 0 or not self.single_node:
+            return res.cpus
+        return max(math.floor(free / size * 100) / 100, 0.01)
+
     def _map(self, ds: Any, cls: type[Stage], config: StageConfig, ctx: StageContext,
              size: int, res: Resources) -> Any:
         import ray.data
 
         gpus = res.gpus if self.cluster_gpus > 0 else 0.0
-        common: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=res.cpus)
+        cpus = self.actor_cpus(res, size) if cls.uses_model else res.cpus
+        common: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=cpus)
+        if math.floor(cpus) < math.floor(res.cpus) and "OMP_NUM_THREADS" not in os.environ:
+            # Ray gives a worker floor(reserved CPUs) threads: keep what the stage declares
+            common["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(res.cpus))}}
         if res.memory_gb > 0:
             common["memory"] = int(res.memory_gb * 2**30)
         # bounded retries: a file that crashes its worker must not be retried forever
@@ -418,10 +458,12 @@ class RayExecutor:
             return True
         res = resources or cls.resources
         ds = ray.data.read_datasource(_groups_source(groups, batch_size, batch_seconds),
-                                      override_num_blocks=len(groups), num_cpus=0.25)
+                                      override_num_blocks=len(groups),
+                                      num_cpus=READ_TASK_CPUS)
         size = self.pool_size(cls, concurrency, max(1, n_batches), res)
         failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats, ctx.stage_id)
         if failed is not None:
+            self._lost(ctx.stage_id, failed)
             log.warning("stage %s: a worker failed (%s); finishing in waves", ctx.stage_id,
                         type(failed).__name__)
         return failed is None
@@ -446,15 +488,29 @@ class RayExecutor:
         size = self.pool_size(cls, concurrency, len(items), res)
         failed = _drain(self._map(ds, cls, config, ctx, size, res), on_stats, ctx.stage_id)
         if failed is not None:
+            self._lost(ctx.stage_id, failed)
             log.warning("stage %s: a worker failed (%s); isolating rows", ctx.stage_id,
                         type(failed).__name__)
             self._isolate(cls, config, ctx, batches, on_stats, res)
+
+    def _lost(self, stage_id: str, e: BaseException) -> None:
+        msg = _ANSI_RE.sub("", str(e)).strip().splitlines()
+        self.lost_workers.append({"stage": stage_id, "error": type(e).__name__,
+                                  "message": (msg[0] if msg else "")[:300]})
+        import ray
+
+        with contextlib.suppress(Exception):  # a lost node's CPUs/GPUs are gone: size
+            res = ray.cluster_resources()     # the pools that finish the stage without them
+            self.cluster_cpus = float(res.get("CPU", self.cluster_cpus))
+            self.cluster_gpus = float(res.get("GPU", 0.0))
+            self.single_node = len(_alive_nodes()) <= 1
 
     def _isolate(self, cls: type[Stage], config: StageConfig, ctx: StageContext,
                  batches: list[pa.Table], on_stats: StatsFn, res: Resources) -> None:
         """Rerun each row not yet committed as its own task; a row whose task still dies
         becomes a ``worker_crash`` reject (counted in the stage's error budget) instead
-        of failing the run. An application error fails the stage."""
+        of failing the run, unless a node died meanwhile (a lost node is not the row's
+        fault: the row runs again, up to 3 times). An application error fails the stage."""
         import ray
 
         from speechmill.pipeline.batch import part_name
@@ -464,10 +520,16 @@ class RayExecutor:
         done = store.consumed_ids(ctx.stage_id)
         rows = [b.slice(i, 1) for b in batches for i in range(b.num_rows)
                 if b.column("id")[i].as_py() not in done]
-        one = ray.remote(_one_row).options(num_cpus=res.cpus, max_retries=0)
+        if self.lost_workers:
+            self.lost_workers[-1]["rows_isolated"] = len(rows)
+        # the stage's GPU share too: a row of a GPU stage must not land on a CPU-only node
+        gpus = res.gpus if self.cluster_gpus > 0 else 0.0
+        one = ray.remote(_one_row).options(num_cpus=res.cpus, num_gpus=gpus, max_retries=0)
         limit = self.pool_size(cls, None, max(len(rows), 1), res)
         pending: dict[Any, pa.Table] = {}
         todo = list(rows)
+        alive = _alive_nodes()
+        node_lost: dict[str, int] = {}  # row id -> times its node died under it
         while todo or pending:
             while todo and len(pending) < limit:
                 r = todo.pop()
@@ -482,6 +544,12 @@ class RayExecutor:
                 if app is not None:
                     raise StageFailedError(ctx.stage_id, f"{app[0]}: {app[1]}",
                                            cause_type=app[0], cause=app[1]) from e
+                rid = str(r.column("id")[0].as_py())
+                # a node died since isolation began: likely this row's (bounded retries)
+                if alive - _alive_nodes() and node_lost.get(rid, 0) < 3:
+                    node_lost[rid] = node_lost.get(rid, 0) + 1
+                    todo.append(r)
+                    continue
                 # this row kills its worker even alone
                 row = r.to_pylist()[0]
                 typ = type(e).__name__

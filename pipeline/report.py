@@ -143,27 +143,32 @@ def render_summary(stages: list[dict[str, Any]], console: Any, run_dir: str) -> 
     for line in sinks:
         console.print(f"  {line}")
     console.print("RTF = wall seconds per second of input audio (lower is faster)")
+    from rich.markup import escape
+
+    from speechmill.pipeline.nodes import cluster_lines
+
+    for s in stages:
+        for line in cluster_lines(s):
+            console.print(f"  {s.get('stage', '?')}: {escape(line)}")
 
 
 def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """State and counts of each stage of the DAG recorded in ``run_dir``."""
-    from pathlib import Path
-
     import yaml
 
     from speechmill.pipeline.store import RunStore
 
-    store = RunStore(run_dir)
+    store = RunStore(run_dir)  # an ObjectRunStore for a URL run dir
     info = store.read_run() or {}
-    dag_file = Path(run_dir) / "dag.yaml"
+    dag_text = store.read_root_file("dag.yaml")
     stage_ids: list[str] = []
     uses: dict[str, str] = {}
-    if dag_file.exists():
-        raw = yaml.safe_load(dag_file.read_text()) or {}
+    if dag_text is not None:
+        raw = yaml.safe_load(dag_text) or {}
         stage_ids = [s["id"] for s in raw.get("stages", [])]
         uses = {s["id"]: str(s.get("uses", "")) for s in raw.get("stages", [])}
-    elif (Path(run_dir) / "stages").is_dir():
-        stage_ids = sorted(p.name for p in (Path(run_dir) / "stages").iterdir())
+    else:
+        stage_ids = store.stage_ids()
     rows = []
     for sid in stage_ids:
         outs, rej = store.count_rows(sid)
@@ -185,6 +190,11 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 row["rows_out"] = m.get("rows_out", outs)
             if m.get("stage_summary") and uses.get(sid):
                 row["summary_lines"] = _summary_lines(uses[sid], m["stage_summary"])
+            from speechmill.pipeline.nodes import cluster_lines
+
+            row.update({k: m[k] for k in ("nodes", "recovery") if m.get(k)})
+            if cluster_lines(m):
+                row["cluster_lines"] = cluster_lines(m)
         rows.append(row)
     return info, rows
 

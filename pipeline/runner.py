@@ -43,6 +43,7 @@ from speechmill.pipeline.dag import Dag, PlannedStage, written_by_version
 from speechmill.pipeline.errors import ConfigError, SpeechmillError, StallError
 from speechmill.pipeline.executors import LocalExecutor, RayExecutor, Watchdog, batches_of
 from speechmill.pipeline.failures import ENGINE_REASONS, ErrorBudget
+from speechmill.pipeline.nodes import NodeTally, recovery_metrics
 from speechmill.pipeline.records import (
     REJECT_SCHEMA,
     concat,
@@ -53,12 +54,7 @@ from speechmill.pipeline.records import (
 from speechmill.pipeline.report import StageProgress, render_summary
 from speechmill.pipeline.signals import GracefulSignals, RunInterrupted
 from speechmill.pipeline.stage import StageContext
-from speechmill.pipeline.store import (
-    RunStore,
-    atomic_write_bytes,
-    atomic_write_parquet,
-    read_unit,
-)
+from speechmill.pipeline.store import RunStore, is_url, open_store, read_unit
 
 
 @dataclass
@@ -103,8 +99,6 @@ def check_resumable(dag: Dag, store: RunStore) -> None:
     """Fail fast when a stage's config or behaviour version changed since its outputs
     were written. A stage that committed nothing (say its ``setup()`` failed on a wrong
     model path) may change freely: its directory is cleared and it starts afresh."""
-    import shutil
-
     for st in dag.stages:
         fp = store.read_fingerprint(st.id)
         if fp is not None and fp == st.legacy_fingerprint != st.fingerprint:
@@ -113,9 +107,9 @@ def check_resumable(dag: Dag, store: RunStore) -> None:
         if (fp is not None and fp != st.fingerprint and not store.is_done(st.id)
                 and not store.output_parts(st.id) and not store.reject_parts(st.id)):
             for d in (store.stage_dir(st.id), store.media_dir(st.id)):
-                shutil.rmtree(d, ignore_errors=True)
+                store.remove_tree(d)
             if st.cls.is_sink:
-                shutil.rmtree(sink_dir(store, st), ignore_errors=True)
+                store.remove_tree(sink_dir(store, st))
             continue
         if fp is not None and fp != st.fingerprint:
             old = written_by_version(dag, st, fp)
@@ -137,10 +131,22 @@ def check_resumable(dag: Dag, store: RunStore) -> None:
             )
 
 
+def check_store_support(dag: Dag, store: RunStore) -> None:
+    """Before anything runs: refuse a stage that needs a local run directory (it reads or
+    writes it by local paths) when the run directory is on object storage."""
+    if not is_url(dag.run_dir):
+        return
+    for st in dag.stages:
+        if st.cls.local_run_dir_only:
+            raise ConfigError(
+                f"stage {st.spec.uses!r} needs a local (or shared POSIX) run directory; "
+                f"it does not run with a run directory on object storage "
+                f"({dag.run_dir!r}) yet: run it on a copy of the run directory, or drop it",
+                stage=st.id, key="run_dir")
+
+
 def restart_from(dag: Dag, store: RunStore, stage_id: str) -> list[str]:
     """Delete ``stage_id`` and every stage downstream of it from the run directory."""
-    import shutil
-
     if stage_id not in {s.id for s in dag.stages}:
         raise ConfigError(f"--restart-from: no stage {stage_id!r}")
     doomed = {stage_id}
@@ -149,10 +155,10 @@ def restart_from(dag: Dag, store: RunStore, stage_id: str) -> list[str]:
             doomed.add(s.id)
     by_id = {s.id: s for s in dag.stages}
     for sid in doomed:
-        shutil.rmtree(store.stage_dir(sid), ignore_errors=True)
-        shutil.rmtree(store.media_dir(sid), ignore_errors=True)
+        store.remove_tree(store.stage_dir(sid))
+        store.remove_tree(store.media_dir(sid))
         if by_id[sid].cls.is_sink:
-            shutil.rmtree(sink_dir(store, by_id[sid]), ignore_errors=True)
+            store.remove_tree(sink_dir(store, by_id[sid]))
     return sorted(doomed)
 
 
@@ -169,7 +175,8 @@ def run(
     from rich.console import Console
 
     console = console or Console(stderr=False)
-    store = RunStore(dag.run_dir)
+    store = open_store(dag.run_dir)
+    check_store_support(dag, store)
     show = dag.spec.executor.progress if progress is None else progress
     result = RunResult(run_dir=str(store.root), status="running")
     with store.lock():
@@ -177,7 +184,7 @@ def run(
             gone = restart_from(dag, store, restart)
             console.print(f"restarting from {restart}: cleared {', '.join(gone)}")
         check_resumable(dag, store)
-        atomic_write_bytes(store.root / "dag.yaml", dag.resolved_yaml().encode())
+        store.write_root_file("dag.yaml", dag.resolved_yaml().encode())
         prev = store.read_run() or {}
         info: dict[str, Any] = {
             "name": dag.name,
@@ -267,17 +274,15 @@ def stage_inputs(dag: Dag, st: PlannedStage, store: RunStore, ctx: StageContext)
     """A source stage's plan. The first attempt's plan is kept: a resume finishes
     exactly that work even if the sources changed meanwhile (new files, a feed that is
     down or has moved on)."""
-    plan_path = store.stage_dir(st.id) / "_plan.parquet"
-    if plan_path.exists():
-        import pyarrow.parquet as pq
-
-        return pq.read_table(plan_path)
+    kept = store.read_plan(st.id)
+    if kept is not None:
+        return kept
     stage = st.cls(st.config, ctx)
     try:
         planned = stage.plan()
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot plan inputs: {e}", stage=st.id) from None
-    atomic_write_parquet(plan_path, planned)
+    store.write_plan(st.id, planned)
     return planned
 
 
@@ -404,7 +409,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     if st.cls.is_sink:
         return _run_sink(dag, st, store, offline=offline, console=console)
     ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
-    store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
+    store.make_stage_dir(st.id)
     store.write_fingerprint(st.id, st.fingerprint)
     store.clear_scratch(st.id)  # spools/temp files a killed attempt left behind
     retry = clear_engine_failures(store, st.id)
@@ -428,11 +433,15 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     budget = ErrorBudget(st.id, max_error_fraction(dag, st),
                          already=inp.rows_in - inp.repeated - pending,
                          total=inp.rows_in - inp.repeated)
+    tally = NodeTally()  # where this attempt's batches ran
+    rerun = [0, 0]  # rows, batches run again after a worker was lost
+    lost_before = len(getattr(exe, "lost_workers", []))
     try:
         with prog, Watchdog(timeout, st.id) as dog:
 
             def on_stats(stats: dict[str, Any]) -> None:
                 dog.tick()
+                tally.add(stats)
                 prog.update(stats)
                 budget.add(stats)
                 budget.check()  # stops the stage once the budget is exceeded beyond doubt
@@ -452,9 +461,12 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                         concurrency=st.spec.concurrency, resources=st.resources)
                     if not streamed:  # a worker died: what is left goes in waves
                         inp = read_stage_input(dag, st, store, ctx)
+                        rerun[0] += inp.pending
                 if not streamed:
                     for wave in inp.waves(dag.spec.executor.wave_rows):
                         batches = list(batches_of(wave, st.batch_size, st.batch_seconds))
+                        if rerun[0]:
+                            rerun[1] += len(batches)
                         exe.run_stage(st.cls, st.config, ctx, batches, on_stats,
                                       concurrency=st.spec.concurrency,
                                       resources=st.resources)
@@ -473,6 +485,13 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     if st.cls.unique_output_ids:
         _dedup_outputs(st, store)
     metrics = _metrics(st, inp, store, wall)
+    metrics["nodes"] = tally.to_metrics()
+    lost = getattr(exe, "lost_workers", [])[lost_before:]
+    recovery = recovery_metrics([{k: f[k] for k in ("error", "message")} for f in lost],
+                                rerun[0] + sum(f.get("rows_isolated", 0) for f in lost),
+                                rerun[1] + sum(f.get("rows_isolated", 0) for f in lost))
+    if recovery:
+        metrics["recovery"] = recovery
     summary = None
     if st.cls.has_summary():
         cols = None if st.cls.summary_columns is None else list(st.cls.summary_columns)
@@ -500,26 +519,25 @@ def clear_engine_failures(store: RunStore, stage_id: str) -> int:
     what made the last attempt fail), not because of the row. Each reject part is
     rewritten atomically (or removed when nothing is left), so an interruption here is
     harmless. Returns how many rows will be retried."""
-    import pyarrow.parquet as pq
-
     n = 0
     for part in store.reject_parts(stage_id):
-        reasons = pq.read_table(part, columns=["reason"]).column("reason")
+        reasons = store.read_outputs_part(part, ["reason"]).column("reason")
         engine = pc.is_in(reasons, value_set=pa.array(ENGINE_REASONS, pa.string()))
         bad = int(pc.sum(pc.fill_null(engine, False)).as_py() or 0)
         if not bad:
             continue
         n += bad
         if bad == len(reasons):
-            part.unlink()
+            store.remove_part(part)
         else:
-            t = pq.read_table(part)
-            atomic_write_parquet(part, t.filter(pc.invert(pc.fill_null(engine, False))))
+            t = store.read_outputs_part(part, None)
+            store.replace_part(part, t.filter(pc.invert(pc.fill_null(engine, False))))
     return n
 
 
-def sink_dir(store: RunStore, st: PlannedStage) -> Path:
-    return store.root / st.cls.output_root / st.id
+def sink_dir(store: RunStore, st: PlannedStage) -> Any:
+    """``RUN_DIR/<output_root>/<id>`` (a path, or an object prefix of a URL run dir)."""
+    return store.sink_dir(st.cls.output_root, st.id)
 
 
 def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
@@ -533,14 +551,14 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     import shutil
 
     ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
-    store.stage_dir(st.id).mkdir(parents=True, exist_ok=True)
+    store.make_stage_dir(st.id)
     store.write_fingerprint(st.id, st.fingerprint)
     store.clear_scratch(st.id)
-    shutil.rmtree(store.rejects_dir(st.id), ignore_errors=True)
+    store.remove_tree(store.rejects_dir(st.id))
     t0 = time.monotonic()
     from speechmill.pipeline.sink_input import read_sink_input
 
-    spill = store.root / "tmp" / st.id  # a large input's sorted, mapped copy
+    spill = store.local_dir("tmp", st.id)  # a large input's sorted, mapped copy
     if st.cls.reads_inputs:
         inputs = read_sink_input(
             [p for n in st.spec.needs for p in store.output_parts(n)],
@@ -553,10 +571,11 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
         ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline,
                            prepared=prepared)
     final = sink_dir(store, st)
-    scratch = final.parent / f".{st.id}.partial"
+    scratch = store.export_scratch(final)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    console.print(f"> {st.id}: exporting {inputs.num_rows} rows -> {final}")
+    console.print(f"> {st.id}: exporting {inputs.num_rows} rows -> "
+                  f"{store.to_url(final)}")
     n_in, sec_in = inputs.num_rows, total_seconds(inputs)
     stage = st.cls(st.config, ctx)
     try:
@@ -570,8 +589,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
         shutil.rmtree(spill, ignore_errors=True)
     if res.rejects is not None and res.rejects.num_rows:
         store.write_rejects(st.id, "export", res.rejects)
-    shutil.rmtree(final, ignore_errors=True)
-    scratch.rename(final)
+    published = store.publish_export(scratch, final)  # a rename, or uploads (markers last)
     wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
     rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
     reasons = _reason_counts(rejects)
@@ -587,7 +605,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
         "realtime_factor": (wall / sec_in) if sec_in > 0 else None,
         "speed_x_realtime": (sec_in / wall) if wall > 0 and sec_in > 0 else None,
         "reasons": dict(sorted(reasons.items())),
-        "output_dir": str(final),
+        "output_dir": published,
         "fingerprint": st.fingerprint,
         "finished_at": _now(),
     }
@@ -638,13 +656,13 @@ def _dedup_outputs(st: PlannedStage, store: RunStore) -> None:
             rej = reject({**r, "id": r["parent_id"]}, st.id, "duplicate",
                          f"same content as {winner_src} (id {r['id']})")
             rows.append(rej)
-        store.write_rejects(st.id, f"dup-{p.stem.removeprefix('part-')}",
+        store.write_rejects(st.id, f"dup-{Path(str(p)).stem.removeprefix('part-')}",
                             pa.Table.from_pylist(rows, schema=REJECT_SCHEMA))
         kept = full.filter(pa.array(keep))
         if kept.num_rows:
-            atomic_write_parquet(p, kept)
+            store.replace_part(p, kept)
         else:
-            p.unlink()
+            store.remove_part(p)
 
 
 def _reason_counts(rejects: pa.Table) -> dict[str, int]:

@@ -114,16 +114,34 @@ def read_sink_input(parts: list[Path], *, by_split: bool, max_rows: int,
 
     from speechmill.pipeline.records import concat
 
-    n = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    parts, fs = _on_filesystem(parts)
+    n = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)
     if n <= max(1, max_rows):
-        t = unique_by_id(concat([pq.read_table(p) for p in parts]))
+        t = unique_by_id(concat([pq.read_table(p, filesystem=fs) for p in parts]))
         if t.num_rows == 0:
             return t
         order = order_for(by_split, t.column_names)
         names = split_order(pc.unique(plain_split(t.column("split"))).to_pylist()) \
             if order == "split,id" else []
         return tag(sort_rows(t, order, names), order)
-    return _external(parts, n, by_split, max_rows, spill)
+    return _external(parts, n, by_split, max_rows, spill, fs)
+
+
+def _on_filesystem(parts: list[Any]) -> tuple[list[Any], Any]:
+    """Parts named by URL (a run directory on object storage: ``s3://...``) as paths in
+    their fsspec filesystem, which pyarrow then reads with ranged reads (footer, the
+    columns asked for), never a whole copy; local parts as they are (filesystem None)."""
+    from speechmill.pipeline.store import is_url
+
+    urls = [str(p) for p in parts if isinstance(p, str) and is_url(p)]
+    if not urls:
+        return parts, None
+    if len(urls) != len(parts):
+        raise ValueError("a sink's input parts are all local or all URLs")
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(urls)
+    return list(paths), fs
 
 
 def _align(t: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -138,11 +156,11 @@ def _align(t: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
-              spill: Path) -> pa.Table:
+              spill: Path, fs: Any = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     spill.mkdir(parents=True, exist_ok=True)
-    schema = pa.unify_schemas([pq.read_schema(p) for p in parts],
+    schema = pa.unify_schemas([pq.read_schema(p, filesystem=fs) for p in parts],
                               promote_options="permissive").remove_metadata()
     if "id" not in schema.names:
         raise ValueError("the input has no 'id' column")
@@ -153,12 +171,12 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
     names: set[Any] = set()
     sample: list[str] = []
     for p in parts:
-        have = set(pq.read_schema(p).names)
+        have = set(pq.read_schema(p, filesystem=fs).names)
         cols = [c for c in ("id", "split") if c in have
                 and (c == "id" or order == "split,id")]
         if not cols:
             continue
-        t = pq.read_table(p, columns=cols)
+        t = pq.read_table(p, columns=cols, filesystem=fs)
         if "split" in t.column_names:
             names.update(pc.unique(plain_split(t.column("split"))).to_pylist())
         if "id" in t.column_names and t.num_rows:
@@ -184,7 +202,7 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
     try:
         for lo in range(0, last + 1, MAX_OPEN):
             hi = min(last + 1, lo + MAX_OPEN)
-            written = _fill_buckets(parts, schema, edges, lo, hi, spill)
+            written = _fill_buckets(parts, schema, edges, lo, hi, spill, fs)
             for b in written:
                 path = spill / f"bucket-{b:05d}.arrow"
                 with pa.memory_map(str(path)) as src:
@@ -214,7 +232,7 @@ def _external(parts: list[Path], n: int, by_split: bool, max_rows: int,
 
 
 def _fill_buckets(parts: list[Path], schema: pa.Schema, edges: np.ndarray, lo: int,
-                  hi: int, spill: Path) -> list[int]:
+                  hi: int, spill: Path, fs: Any = None) -> list[int]:
     """Rows of every part whose id range is in ``[lo, hi)`` appended to
     ``bucket-<range>.arrow``, in part order; the ranges written, in order."""
     import pyarrow.parquet as pq
@@ -222,7 +240,7 @@ def _fill_buckets(parts: list[Path], schema: pa.Schema, edges: np.ndarray, lo: i
     writers: dict[int, Any] = {}
     try:
         for p in parts:
-            t = _align(pq.read_table(p), schema)
+            t = _align(pq.read_table(p, filesystem=fs), schema)
             if t.num_rows == 0:
                 continue
             col = t.column("id")

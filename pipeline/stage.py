@@ -56,11 +56,19 @@ class StageContext:
 
     @property
     def media_dir(self) -> Path:
-        return Path(self.run_dir) / "media" / self.stage_id
+        """Where the stage writes media files. For a run directory on object storage a
+        local directory: its files are uploaded to ``RUN_DIR/media/<stage>/...`` with the
+        batch, before the batch's part, and the rows then name the object's URL."""
+        return self._local_root() / "media" / self.stage_id
 
     @property
     def tmp_dir(self) -> Path:
-        return Path(self.run_dir) / "tmp" / self.stage_id
+        return self._local_root() / "tmp" / self.stage_id
+
+    def _local_root(self) -> Path:
+        from speechmill.pipeline.store import is_url, local_cache_dir
+
+        return local_cache_dir(self.run_dir) if is_url(self.run_dir) else Path(self.run_dir)
 
 
 @dataclass
@@ -113,6 +121,9 @@ class Stage:
     #: ``RUN_DIR/<output_root>/<stage id>/`` (exports, shards, report) instead of rows
     is_sink: ClassVar[bool] = False
     output_root: ClassVar[str] = "exports"
+    #: the stage reads or writes the run directory through local paths (not through the
+    #: store), so it cannot run with a run directory on object storage (refused up front)
+    local_run_dir_only: ClassVar[bool] = False
     #: a sink that reads the run directory itself (the report) needs no input table:
     #: ``needs`` then only orders it after its upstream stages
     reads_inputs: ClassVar[bool] = True

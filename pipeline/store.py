@@ -16,6 +16,7 @@ a run killed at any moment resumes without duplicates or losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,20 +41,55 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return bool(_URL_RE.match(os.fspath(path)))
 
 
-def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
-    """Refuse a run directory the store cannot write to.
+def url_scheme(url: str | os.PathLike[str]) -> str:
+    """The first protocol of a URL (``s3`` for ``s3://b/p``, ``simplecache`` for a chain)."""
+    return re.split(r"://|::", os.fspath(url), maxsplit=1)[0].lower()
 
-    Only local (or mounted shared POSIX) paths are supported: a URL such as
-    ``s3://bucket/run`` used to be taken as a relative path (a directory named ``s3:``
-    under the working directory), so the data silently stayed on the local disk.
+
+def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Refuse a run directory the store cannot write to, before anything runs.
+
+    Local (or mounted shared POSIX) paths, and URLs of a filesystem fsspec knows and can
+    load (``s3://`` with s3fs, ``gs://`` with gcsfs, ``abfs://`` with adlfs, ``file://``,
+    ...). An unknown scheme, a filesystem whose package is missing and fsspec chains
+    (``simplecache::s3://...``: a cache in front of writes would lose them) are refused,
+    never taken as a relative local path (which used to create a directory named ``s3:``
+    under the working directory and leave the data on the local disk).
     """
-    if is_url(run_dir):
-        scheme = re.split(r"://|::", os.fspath(run_dir), maxsplit=1)[0]
+    if not is_url(run_dir):
+        return
+    url = os.fspath(run_dir)
+    scheme = url_scheme(url)
+    if "::" in url:
         raise ConfigError(
-            f"{os.fspath(run_dir)!r} is a {scheme}:// URL; run directories on object "
-            "storage are not supported yet: use a local path or a shared filesystem every "
-            "node mounts (e.g. an s3 bucket mounted with mountpoint-s3 or s3fs-fuse)",
+            f"{url!r} is an fsspec chain; a run directory must be a plain filesystem URL "
+            "(s3://bucket/prefix, gs://..., abfs://...): local caching of media is built in",
             key="run_dir")
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    if scheme not in known_implementations:
+        raise ConfigError(
+            f"{url!r}: unknown filesystem {scheme}://; a run directory is a local path or a "
+            "URL of a filesystem fsspec knows (s3://, gs://, abfs://, file://, ...)",
+            key="run_dir")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        raise ConfigError(
+            f"{url!r}: the {scheme}:// filesystem is not installed "
+            f"({known_implementations[scheme].get('err') or e})", key="run_dir") from None
+
+
+def local_cache_dir(url: str) -> Path:
+    """The local directory where files for the run at ``url`` are made before upload
+    (``$TMPDIR/speechmill/<hash of the URL>``): media a stage writes, exports, spills.
+    The same on every process of a node, so a worker's stage and its store agree."""
+    import hashlib
+    import tempfile
+
+    h = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "speechmill" / h
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,7 +122,15 @@ def _parts(d: Path) -> list[Path]:
 
 
 class RunStore:
-    """One run directory (a local or shared POSIX path)."""
+    """One run directory (a local or shared POSIX path). ``RunStore(url)`` gives an
+    :class:`ObjectRunStore` (as :func:`open_store` does), never a local path named
+    ``s3:``."""
+
+    def __new__(cls, root: Any = None, *args: Any, **kwargs: Any) -> RunStore:
+        if cls is RunStore and root is not None and is_url(root):
+            check_run_dir(root)
+            return super().__new__(ObjectRunStore)
+        return super().__new__(cls)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         check_run_dir(root)
@@ -128,6 +172,76 @@ class RunStore:
             if d.is_dir():
                 for p in d.rglob(".*.tmp"):
                     p.unlink(missing_ok=True)
+
+    # -- what the runner does with files (:class:`ObjectRunStore` does it on objects) ------
+    def make_stage_dir(self, stage_id: str) -> None:
+        self.stage_dir(stage_id).mkdir(parents=True, exist_ok=True)
+
+    def has_stage_dir(self, stage_id: str) -> bool:
+        return self.stage_dir(stage_id).exists()
+
+    def stage_ids(self) -> list[str]:
+        """The stages that have a directory (when ``dag.yaml`` is missing)."""
+        d = self.root / "stages"
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def remove_tree(self, path: str | os.PathLike[str]) -> None:
+        """Delete a directory of the run (a stage's, its media, an export)."""
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def write_root_file(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.root / name, data)
+
+    def read_root_file(self, name: str) -> bytes | None:
+        p = self.root / name
+        return p.read_bytes() if p.is_file() else None
+
+    def read_plan(self, stage_id: str) -> pa.Table | None:
+        p = self.stage_dir(stage_id) / "_plan.parquet"
+        return pq.read_table(p) if p.exists() else None
+
+    def write_plan(self, stage_id: str, table: pa.Table) -> None:
+        atomic_write_parquet(self.stage_dir(stage_id) / "_plan.parquet", table)
+
+    def write_stage_table(self, stage_id: str, name: str, table: pa.Table) -> None:
+        """A stage's own side table (``stages/<id>/<name>``), written whole."""
+        atomic_write_parquet(self.stage_dir(stage_id) / name, table)
+
+    def remove_part(self, part: Any) -> None:
+        Path(part).unlink(missing_ok=True)
+
+    def replace_part(self, part: Any, table: pa.Table) -> None:
+        """Rewrite a committed part whole (dedup, retried rejects)."""
+        atomic_write_parquet(Path(part), table)
+
+    def sink_dir(self, output_root: str, stage_id: str) -> Any:
+        return self.root / output_root / stage_id
+
+    def to_url(self, path: Any) -> str:
+        """How a path of the run is shown and recorded (a URL on object storage)."""
+        return str(path)
+
+    def local_dir(self, *parts: str) -> Path:
+        """A local working directory of the run (spills, temp files)."""
+        return self.root.joinpath(*parts)
+
+    def export_scratch(self, final: Any) -> Path:
+        """Where a sink exports before :meth:`publish_export` puts it at ``final``."""
+        return Path(final).parent / f".{Path(final).name}.partial"
+
+    def publish_export(self, scratch: Path, final: Any) -> str:
+        """Put a finished export in place: a rename here (nothing half-written is ever
+        where users look); returns where it is."""
+        import shutil
+
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
+        return str(final)
 
     # -- reading -----------------------------------------------------------------------
     def read_outputs(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
@@ -353,12 +467,22 @@ def _read_parts(parts: list[Path], columns: list[str] | None) -> pa.Table:
 
 # -- run directories on object storage (s3://, gs://, abfs://) -------------------------
 #
-# Not reachable from a DAG yet (``check_run_dir`` refuses URL run dirs): the runner, the
-# media-writing stages and the sinks still build local paths from ``store.root``. What is
-# here is the store's half, tested against an S3 server: parts, rejects, markers, metrics
-# and the lock with commit semantics that hold on object stores.
+# ``open_store`` gives the runner and every worker an ObjectRunStore for a URL run dir:
+# parts, rejects, markers, metrics, media, exports and the lock with commit semantics that
+# hold on object stores (tested against an S3 server in tests/pipeline/).
 
 LOCK_TTL_S = 120.0  # a lease not renewed for this long may be taken over
+
+
+def lease_ttl_s() -> float:
+    """The run lease's TTL: ``SPEECHMILL_LEASE_TTL_S`` (seconds), else :data:`LOCK_TTL_S`.
+    A rerun after a crash waits up to this long for the dead run's lease to expire."""
+    v = os.environ.get("SPEECHMILL_LEASE_TTL_S", "").strip()
+    try:
+        return max(3.0, float(v)) if v else LOCK_TTL_S
+    except ValueError:
+        raise ConfigError(f"SPEECHMILL_LEASE_TTL_S={v!r} is not a number of seconds"
+                          ) from None
 
 
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -367,7 +491,10 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
     ``storage_options``; neither is ever written to the run directory."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    opts = dict(storage_options or {})
+    if url_scheme(url) in ("file", "local"):  # objects need no mkdir; local files do
+        opts.setdefault("auto_mkdir", True)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path.rstrip("/")
 
 
@@ -380,7 +507,7 @@ def _is_precondition_failed(e: BaseException) -> bool:
 def open_store(root: str | os.PathLike[str],
                storage_options: dict[str, Any] | None = None) -> RunStore:
     """The store for ``root``: a local :class:`RunStore`, or an :class:`ObjectRunStore` for a
-    URL (what the runner and its workers are to call once URL run dirs are enabled)."""
+    URL (the runner and its workers open the run directory with this)."""
     if is_url(root):
         return ObjectRunStore(os.fspath(root), storage_options)
     return RunStore(root)
@@ -403,7 +530,8 @@ class ObjectRunStore(RunStore):
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
         if not is_url(root):
             raise ConfigError(f"{root!r} is not a URL", key="run_dir")
-        self.url = root.rstrip("/")
+        check_run_dir(root)
+        self.url = os.fspath(root).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.base = open_fs(self.url, self.storage_options)
         self.root = self.url  # type: ignore[assignment]
@@ -427,11 +555,7 @@ class ObjectRunStore(RunStore):
 
     def scratch_dir(self) -> Path:
         """A local cache for files being made before upload ($TMPDIR/speechmill/<hash>)."""
-        import hashlib
-        import tempfile
-
-        h = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        d = Path(tempfile.gettempdir()) / "speechmill" / h
+        d = local_cache_dir(self.url)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -526,6 +650,87 @@ class ObjectRunStore(RunStore):
 
         shutil.rmtree(self.scratch_dir() / "tmp" / stage_id, ignore_errors=True)
 
+    # -- what the runner does with files, on objects ----------------------------------------
+    def fs_path(self, path: Any) -> str:
+        """The in-filesystem path of a URL or path of this run."""
+        return self.fs._strip_protocol(os.fspath(path)).rstrip("/")
+
+    def make_stage_dir(self, stage_id: str) -> None:
+        pass  # prefixes need no creating
+
+    def has_stage_dir(self, stage_id: str) -> bool:
+        d = self.stage_dir(stage_id)
+        self.fs.invalidate_cache(d)
+        return bool(self.fs.exists(d))
+
+    def stage_ids(self) -> list[str]:
+        d = self._p("stages")
+        self.fs.invalidate_cache(d)
+        try:
+            names = self.fs.ls(d, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in names)
+
+    def remove_tree(self, path: Any) -> None:
+        p = self.fs_path(path)
+        if not p.startswith(self.base + "/"):
+            raise ValueError(f"{path!r} is outside the run directory {self.url!r}")
+        self.fs.invalidate_cache(p)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(p, recursive=True)
+        self.fs.invalidate_cache(p)
+
+    def exists(self) -> bool:
+        self.fs.invalidate_cache(self.base)
+        return self.read_run() is not None or bool(self.fs.exists(self._p("stages")))
+
+    def write_root_file(self, name: str, data: bytes) -> None:
+        self._put_bytes(self._p(name), data)
+
+    def read_root_file(self, name: str) -> bytes | None:
+        return self._get(self._p(name))
+
+    def read_plan(self, stage_id: str) -> pa.Table | None:
+        p = f"{self.stage_dir(stage_id)}/_plan.parquet"
+        self.fs.invalidate_cache(p)
+        if not self.fs.exists(p):
+            return None
+        return self._read([p], None)
+
+    def write_plan(self, stage_id: str, table: pa.Table) -> None:
+        self._put_parquet(f"{self.stage_dir(stage_id)}/_plan.parquet", table)
+
+    def write_stage_table(self, stage_id: str, name: str, table: pa.Table) -> None:
+        self._put_parquet(f"{self.stage_dir(stage_id)}/{name}", table)
+
+    def remove_part(self, part: Any) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.fs_path(part))
+
+    def replace_part(self, part: Any, table: pa.Table) -> None:
+        self._put_parquet(self.fs_path(part), table)  # one PUT replaces it whole
+
+    def sink_dir(self, output_root: str, stage_id: str) -> str:  # type: ignore[override]
+        return self._p(output_root, stage_id)
+
+    def local_dir(self, *parts: str) -> Path:
+        return self.scratch_dir().joinpath(*parts)
+
+    def export_scratch(self, final: Any) -> Path:
+        leaf = self.fs_path(final).rsplit("/", 1)[-1]
+        return self.scratch_dir() / "exports" / f".{leaf}.partial"
+
+    def publish_export(self, scratch: Path, final: Any) -> str:
+        """Replace the export at ``final`` with the local ``scratch`` one, file by file
+        (an export is complete once the stage's ``_SUCCESS`` exists, written after)."""
+        import shutil
+
+        self.remove_tree(final)
+        url = self.put_dir(scratch, self.fs_path(final))
+        shutil.rmtree(scratch, ignore_errors=True)
+        return url
+
     # -- reading: ranged reads, never a whole copy ------------------------------------------
     def _read(self, paths: list[str], columns: list[str] | None) -> pa.Table:
         tables = []
@@ -614,8 +819,8 @@ class ObjectRunStore(RunStore):
     def write_run(self, info: dict[str, Any]) -> None:
         self._put_bytes(self._p("run.json"), (json.dumps(info, indent=2) + "\n").encode())
 
-    def lock(self, ttl_s: float = LOCK_TTL_S) -> ObjectRunLock:  # type: ignore[override]
-        return ObjectRunLock(self, ttl_s=ttl_s)
+    def lock(self, ttl_s: float | None = None) -> ObjectRunLock:  # type: ignore[override]
+        return ObjectRunLock(self, ttl_s=lease_ttl_s() if ttl_s is None else ttl_s)
 
 
 class ObjectRunLock:

@@ -154,13 +154,10 @@ class LinkSpeakers(Stage):
             table["locals"].append([keys[i] for i in idx])
             table["embedding"].append(cent.astype(np.float32).tolist())
         if ctx is not None:
-            from pathlib import Path
-
-            from speechmill.pipeline.store import atomic_write_parquet
+            from speechmill.pipeline.store import open_store
 
             t = pa.table(table).sort_by("speaker")
-            atomic_write_parquet(Path(ctx.run_dir) / "stages" / ctx.stage_id /
-                                 "speakers.parquet", t)
+            open_store(ctx.run_dir).write_stage_table(ctx.stage_id, "speakers.parquet", t)
         return {"map": mapping}
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,25 @@ def _pids_matching(text: str) -> list[int]:
     return out
 
 
+def _descendants(roots: list[int]) -> list[int]:
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out: list[int] = []
+    todo = list(roots)
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in out]
+        out += kids
+        todo += kids
+    return out
+
+
 class LocalCluster:
     """``LocalCluster().start()`` -> address; ``add_node(...)``; ``kill_node(i)``; ``stop()``."""
 
@@ -60,31 +79,75 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def _ray_start(self, args: list[str]) -> None:
+    def _ray_start(self, args: list[str]) -> bool:
+        """Start a node; False when ``ray start`` gave up waiting (its fixed 30 s) for
+        the raylet to register, which a loaded machine can exceed: the raylet keeps
+        starting, and the caller waits for it with :meth:`wait_nodes`."""
         cmd = [RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                "--object-store-memory=200000000", *args]
         r = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=240)
         if r.returncode != 0:
+            if "timed out during startup" in r.stdout + r.stderr:
+                return False
             raise RuntimeError(f"ray start failed ({r.returncode}): {r.stdout[-2000:]}"
                                f"{r.stderr[-2000:]}")
+        return True
 
-    def start(self, cpus: float = 1, gpus: float = 0, resources: str = "{}") -> str:
-        self._ray_start(["--head", f"--port={self.port}", f"--num-cpus={cpus:g}",
-                         f"--num-gpus={gpus:g}", f"--resources={resources}",
-                         f"--temp-dir={self.temp_dir}", "--include-dashboard=false"])
-        self.nodes.append({"manager_port": None, "head": True})
-        return self.address
+    def start(self, cpus: float = 1, gpus: float = 0, resources: str = "{}",
+              attempts: int = 3) -> str:
+        """Start the head. On a loaded machine its raylet may never register: then its
+        processes are killed and it starts anew on a fresh port (``attempts`` times)."""
+        for attempt in range(attempts):
+            started = self._ray_start([
+                "--head", f"--port={self.port}", f"--num-cpus={cpus:g}",
+                f"--num-gpus={gpus:g}", f"--resources={resources}",
+                f"--temp-dir={self.temp_dir}", "--include-dashboard=false"])
+            try:
+                if not started:
+                    self.wait_nodes(1, timeout=90)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self._kill(_pids_matching(self.temp_dir))
+                self.port = _free_port()
+                self.address = f"127.0.0.1:{self.port}"
+                continue
+            self.nodes = [{"manager_port": None, "head": True}]
+            return self.address
+        raise AssertionError("unreachable")
 
-    def add_node(self, cpus: float = 1, gpus: float = 0, resources: str = "{}") -> int:
-        mp, op = _free_port(), _free_port()
-        self._ray_start([f"--address={self.address}", f"--num-cpus={cpus:g}",
-                         f"--num-gpus={gpus:g}", f"--resources={resources}",
-                         f"--node-manager-port={mp}", f"--object-manager-port={op}"])
-        self.nodes.append({"manager_port": mp, "head": False})
-        self.wait_nodes(len(self.nodes))
-        return len(self.nodes) - 1
+    def add_node(self, cpus: float = 1, gpus: float = 0, resources: str = "{}",
+                 attempts: int = 3) -> int:
+        """Add a node (index returned); retried like :meth:`start`."""
+        for attempt in range(attempts):
+            mp, op = _free_port(), _free_port()
+            self._ray_start([f"--address={self.address}", f"--num-cpus={cpus:g}",
+                             f"--num-gpus={gpus:g}", f"--resources={resources}",
+                             f"--node-manager-port={mp}", f"--object-manager-port={op}"])
+            self.nodes.append({"manager_port": mp, "head": False})
+            try:
+                self.wait_nodes(self.alive_target(), timeout=120)
+            except RuntimeError:
+                self.nodes.pop()
+                pids = _pids_matching(f"node_manager_port={mp}")
+                self._kill(pids + _descendants(pids))
+                if attempt == attempts - 1:
+                    raise
+                continue
+            return len(self.nodes) - 1
+        raise AssertionError("unreachable")
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+    def alive_target(self) -> int:
+        """Nodes that should be alive: every node started and not killed."""
+        return sum(1 for n in self.nodes if not n.get("killed"))
+
+    @staticmethod
+    def _kill(pids: list[int]) -> None:
+        for p in set(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+    def wait_nodes(self, n: int, timeout: float = 180) -> None:
         code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
                 "print(sum(1 for x in ray.nodes() if x['Alive']))")
         deadline = time.time() + timeout
@@ -98,6 +161,20 @@ class LocalCluster:
                 raise RuntimeError(f"cluster has {alive} live nodes, wanted {n}: {r.stderr}")
             time.sleep(1)
 
+    def node_table(self) -> list[dict]:
+        """``ray.nodes()`` of the cluster (NodeID, Alive, Resources), read by a driver in
+        a subprocess (this test process may hold an embedded Ray of its own)."""
+        import json
+
+        code = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
+                "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources')}"
+                " for n in ray.nodes()]))")
+        r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(),
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot list the cluster's nodes: {r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     def raylet_pids(self, i: int) -> list[int]:
         node = self.nodes[i]
         if node["head"]:
@@ -107,8 +184,11 @@ class LocalCluster:
         return _pids_matching(f"node_manager_port={node['manager_port']}")
 
     def kill_node(self, i: int) -> list[int]:
-        """SIGKILL node ``i``'s raylet, as a preempted spot instance would lose it."""
+        """SIGKILL node ``i``'s raylet and every process under it (its workers, actors
+        and agents) at once, as a preempted spot instance would lose them."""
         pids = self.raylet_pids(i)
+        pids += _descendants(pids)
+        self.nodes[i]["killed"] = True
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)

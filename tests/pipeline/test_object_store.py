@@ -1,8 +1,10 @@
 """Run directories named by URL (``s3://bucket/run``).
 
-Until the store writes through a filesystem other than the local one, a URL run dir must be
+A URL run dir goes to the object store (:class:`ObjectRunStore`); one the store cannot
+write to (an unknown scheme, a filesystem whose package is missing, an fsspec chain) is
 refused before any work starts, never taken as a relative local path (which used to create
-a directory named ``s3:`` under the working directory)."""
+a directory named ``s3:`` under the working directory). A whole DAG run on a bucket is in
+``test_object_store_run.py``."""
 
 from __future__ import annotations
 
@@ -37,13 +39,25 @@ stages:
 """
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://b/p", "abfs://c@acct/p",
-                                 "file:///tmp/x", "simplecache::s3://b/p"])
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+_REFUSED = ["nosuchfs://bucket/run", "simplecache::s3://b/p"] + [
+    u for u, mod in (("gs://b/p", "gcsfs"), ("abfs://c@acct/p", "adlfs"))
+    if not _installed(mod)]
+
+
+@pytest.mark.parametrize("url", _REFUSED)
 def test_url_run_dir_refused_by_dag(url: str, tmp_path: Path) -> None:
+    """Unknown schemes, filesystems that are not installed and fsspec chains."""
     with pytest.raises(ConfigError) as ei:
         dagmod.loads(_DAG.format(run_dir=url, inputs=tmp_path))
     assert ei.value.key == "run_dir"
     assert "run_dir" in str(ei.value) and url in str(ei.value)
+    assert any(w in str(ei.value) for w in ("unknown filesystem", "not installed", "chain"))
     # the --run-dir override and -o run_dir=... go through the same check
     with pytest.raises(ConfigError, match="run_dir"):
         dagmod.loads(_DAG.format(run_dir=tmp_path / "r", inputs=tmp_path), run_dir=url)
@@ -54,6 +68,17 @@ def test_url_run_dir_refused_by_dag(url: str, tmp_path: Path) -> None:
         RunStore(url)
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/run", "file:///tmp/speechmill-x/run"])
+def test_url_run_dir_of_a_known_filesystem_is_an_object_store(url: str,
+                                                              tmp_path: Path) -> None:
+    from speechmill.pipeline.store import ObjectRunStore, open_store
+
+    d = dagmod.loads(_DAG.format(run_dir=url, inputs=tmp_path))
+    assert d.run_dir == url
+    for st in (RunStore(url), open_store(url)):  # never a local path named `s3:`
+        assert isinstance(st, ObjectRunStore) and st.root == url
+
+
 def test_local_paths_are_not_urls(tmp_path: Path) -> None:
     for p in ["runs/demo", "/abs/run", "./s3-like", "C:\\runs\\x", "weird:name/run",
               tmp_path]:
@@ -62,23 +87,23 @@ def test_local_paths_are_not_urls(tmp_path: Path) -> None:
     assert RunStore(d.run_dir).root == tmp_path / "r"
 
 
-def test_cli_refuses_url_run_dir_and_writes_nothing(tmp_path: Path) -> None:
+def test_cli_refuses_unknown_url_run_dir_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     dag = tmp_path / "d.yaml"
     dag.write_text(_DAG.format(run_dir="runs/x", inputs=tmp_path / "in"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     r = subprocess.run([sys.executable, "-m", "speechmill.pipeline.cli", "run", str(dag),
-                        "--run-dir", "s3://bucket/run"],
+                        "--run-dir", "nosuchfs://bucket/run"],
                        cwd=cwd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert r.returncode == 2, r.stderr
-    assert "key 'run_dir'" in r.stderr and "s3://bucket/run" in r.stderr
-    assert os.listdir(cwd) == []  # no `s3:` directory, nothing at all
+    assert "key 'run_dir'" in r.stderr and "nosuchfs://bucket/run" in r.stderr
+    assert os.listdir(cwd) == []  # no `nosuchfs:` directory, nothing at all
 
 
 # -- the store's object-storage half, against a real S3 server (moto) on 127.0.0.1 -------
-# Not reachable from a DAG yet (see test above); these prove the commit semantics and lock.
+# The commit semantics and the lock, store by store (a whole run: test_object_store_run.py).
 
 _KEY, _SECRET = "AKIAFAKEFAKEFAKE", "s3cr3t-fake-credential-1234"
 
