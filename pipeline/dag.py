@@ -266,7 +266,7 @@ def build(raw: dict[str, Any]) -> Dag:
                           "resource (cpus, gpus, memory_gb)")
         if cls.is_source and st.needs:
             errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} is a source stage")
-        if not cls.is_source and not st.needs:
+        if not cls.is_source and not st.needs and not cls.inputs_optional:
             errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} needs an upstream stage")
         planned[st.id] = PlannedStage(spec=st, cls=cls, config=config)
     if errors:

@@ -559,7 +559,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     from speechmill.pipeline.sink_input import read_sink_input
 
     spill = store.local_dir("tmp", st.id)  # a large input's sorted, mapped copy
-    if st.cls.reads_inputs:
+    if st.cls.reads_inputs and st.spec.needs:
         inputs = read_sink_input(
             [p for n in st.spec.needs for p in store.output_parts(n)],
             by_split=bool(getattr(st.config, "by_split", False)),

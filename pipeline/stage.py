@@ -127,6 +127,9 @@ class Stage:
     #: a sink that reads the run directory itself (the report) needs no input table:
     #: ``needs`` then only orders it after its upstream stages
     reads_inputs: ClassVar[bool] = True
+    #: a sink that may run without any upstream stage (``needs`` empty), exporting
+    #: from its own config alone (``voice_bank`` from voice folders)
+    inputs_optional: ClassVar[bool] = False
     #: behaviour version: bump it when a change to the stage makes it produce different
     #: outputs for the same input and config (a fixed bug, a new score); it is part of the
     #: stage's resume fingerprint, so a run directory written by an older version is not

@@ -227,9 +227,18 @@ class VoiceBank(Stage):
     resources = Resources(cpus=1, memory_gb=1.0)
     is_sink = True
     output_root = "voices"
+    inputs_optional = True  # a bank of voice folders alone needs no cleaning run
     version: ClassVar[int] = 1
 
     config: VoiceBankConfig
+
+    @classmethod
+    def validate_dag(cls, config: StageConfig,
+                     upstream: dict[str, tuple[type[Stage], StageConfig]]) -> None:
+        assert isinstance(config, VoiceBankConfig)
+        if not upstream and not config.folders:
+            raise ValueError("key 'with.folders': a voice bank needs voices: an upstream "
+                             "stage with a cleaning run's segments (needs), or folders")
 
     @classmethod
     def validate_config(cls, config: StageConfig) -> None:

@@ -207,3 +207,30 @@ def test_assign_all_matches_language_and_gender() -> None:
     # full matching voices overflow to others instead of passing max_share
     tight = bank.assign_all(ds, seed=0, max_share=0.15, match_language=True)
     assert max(Counter(tight.values()).values()) <= 6
+
+
+@needs_espeak
+def test_voice_bank_from_folders_alone(segments: tuple[pa.Table, Path], tmp_path: Path) -> None:
+    """A bank of the user's own voices only: a DAG whose ``voice_bank`` needs no stage."""
+    import yaml
+
+    from speechmill.pipeline.dag import loads
+    from speechmill.pipeline.runner import run
+
+    _, folders = segments
+    dag = {"name": "folder-bank", "run_dir": str(tmp_path / "run"),
+           "executor": {"type": "local"},
+           "stages": [{"id": "voices", "uses": "voice_bank",
+                       "with": {"folders": [str(folders)], "folder_language": "en"}}]}
+    res = run(loads(yaml.safe_dump(dag)), progress=False)
+    assert res.status == "succeeded", res
+    bank = pq.read_table(tmp_path / "run/voices/voices/voices.parquet").to_pylist()
+    assert {r["voice_id"] for r in bank} == {"alice"}
+    assert {r["source"] for r in bank} == {"folder"} and len(bank) == 2
+    assert all(Path(r["audio_path"]).is_file() and r["text"] for r in bank)
+    # neither an upstream stage nor folders: refused when the DAG loads, naming the key
+    from speechmill.pipeline.errors import ConfigError
+
+    del dag["stages"][0]["with"]["folders"]
+    with pytest.raises(ConfigError, match=r"stage 'voices': key 'with.folders'"):
+        loads(yaml.safe_dump(dag))
