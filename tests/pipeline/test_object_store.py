@@ -123,6 +123,10 @@ def s3_server() -> Any:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+        # filesystems cached for this server's endpoint must not outlive it
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _opts(endpoint: str) -> dict[str, Any]:

@@ -50,8 +50,12 @@ stages:
 
 @pytest.fixture(scope="module")
 def s3_server() -> Any:
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
+
+    # fsspec caches filesystems by their arguments, not the environment: one made for
+    # another test module's server (AWS_ENDPOINT_URL) would be handed back here
+    s3fs.S3FileSystem.clear_instance_cache()
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -66,6 +70,7 @@ def s3_server() -> Any:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _env(endpoint: str, tmp: Path) -> dict[str, str]:
@@ -143,31 +148,38 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     dag.write_text(_DAG.format(run_dir=url, inputs=inputs))
     store = RunStore(url)
     assert isinstance(store, ObjectRunStore)
+    # its lease lives 30 s after the kill: long enough for the second run below to find
+    # it held, whenever that run gets to look (the resume then waits for it to expire)
     p = subprocess.Popen([*SPEECHMILL, "run", str(dag), "--offline", "--no-progress"],
-                         env=env, cwd=cwd, stdout=subprocess.PIPE,
+                         env={**env, "SPEECHMILL_LEASE_TTL_S": "30"}, cwd=cwd,
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     killed_mid_stage = False
-    refused = None
+    second: subprocess.Popen | None = None
     try:
         deadline = time.time() + 900  # minutes on a loaded 2-CPU machine; seconds idle
         while time.time() < deadline and p.poll() is None:
-            if refused is None and store._get(store._p("run.lock")) is not None:
-                # a second run on the same prefix while the first holds the lease
-                refused = subprocess.run(
+            if second is None and store._get(store._p("run.lock")) is not None:
+                # a second run on the same prefix while the first holds the lease (started
+                # beside it, so the watch for the kill goes on meanwhile)
+                second = subprocess.Popen(
                     [*SPEECHMILL, "run", str(dag), "--offline", "--no-progress"],
-                    env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+                    env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
             if store.output_parts("diarize") and not store.is_done("diarize"):
                 os.kill(p.pid, signal.SIGKILL)
                 killed_mid_stage = True
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
     finally:
         if p.poll() is None:
             p.kill()
         out = p.communicate()[0]
+    assert second is not None
+    refused_err = second.communicate(timeout=600)[1]
     assert killed_mid_stage, out[-3000:]
-    assert refused is not None and refused.returncode != 0
-    assert "in use by pid" in refused.stderr, refused.stderr[-2000:]
+    assert second.returncode != 0
+    assert "in use by pid" in refused_err, refused_err[-2000:]
     assert store.is_done("standardize") and not store.is_done("diarize")
     n_before = len(store.output_parts("diarize"))
     assert 1 <= n_before < N_FILES
