@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -106,27 +105,6 @@ def test_cli_refuses_unknown_url_run_dir_and_writes_nothing(tmp_path: Path) -> N
 # The commit semantics and the lock, store by store (a whole run: test_object_store_run.py).
 
 _KEY, _SECRET = "AKIAFAKEFAKEFAKE", "s3cr3t-fake-credential-1234"
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Any:
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        # filesystems cached for this server's endpoint must not outlive it
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _opts(endpoint: str) -> dict[str, Any]:

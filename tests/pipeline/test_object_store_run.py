@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,31 +45,6 @@ stages:
   - {{id: lhotse, uses: lhotse, needs: [split]}}
   - {{id: parquet, uses: parquet, needs: [split]}}
 """
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Any:
-    s3fs = pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    # fsspec caches filesystems by their arguments, not the environment: one made for
-    # another test module's server (AWS_ENDPOINT_URL) would be handed back here
-    s3fs.S3FileSystem.clear_instance_cache()
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _env(endpoint: str, tmp: Path) -> dict[str, str]:
