@@ -353,6 +353,34 @@ class FakeLLM:
         return fid
 
 
+def kill_run_while_held(srv: FakeLLM, cmd: list[str], cwd: Any, env: dict[str, str],
+                        run_dir: Any, stage: str, held: int = 2, parts: int = 2,
+                        timeout_s: float = 180) -> tuple[str, str]:
+    """Start ``cmd`` (a ``speechmill run``), wait until the server holds ``held`` requests
+    and ``stage`` has committed ``parts`` parts, then SIGKILL it; returns its (stdout,
+    stderr). Fails if the run ended before that point."""
+    import signal
+    import subprocess
+
+    from speechmill.pipeline.store import RunStore
+
+    def reached() -> bool:
+        return srv.held == held and len(RunStore(run_dir).output_parts(stage)) == parts
+
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and p.poll() is None and not reached():
+            time.sleep(0.05)
+        assert p.poll() is None, p.communicate()
+        assert reached()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        out, err = p.communicate()
+    return out, err
+
+
 def _err(message: str, typ: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": typ, "param": None, "code": None}}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from speechmill.pipeline.errors import ConfigError, SpeechmillError
 from speechmill.pipeline.store import RunStore
 from speechmill.synth.dialogue_generate import DialogueGenerate, DialogueGenerateConfig, plan_rows
 from speechmill.synth.llm import LLMConfig
-from tests.synth.fake_llm import FakeLLM
+from tests.synth.fake_llm import FakeLLM, kill_run_while_held
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECHMILL = str(Path(sys.executable).with_name("speechmill"))
@@ -172,18 +171,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path: Path) -> None:
         dag_file.write_text(yaml.safe_dump(d))
         cmd = [SPEECHMILL, "run", str(dag_file), "--no-progress"]
         env = {**os.environ, KEY_ENV: KEY}
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and p.poll() is None and not (
-                    srv.held == 2 and len(RunStore(run_dir).output_parts("gen")) == 2):
-                time.sleep(0.05)
-            assert p.poll() is None, p.communicate()
-            assert srv.held == 2 and len(RunStore(run_dir).output_parts("gen")) == 2
-        finally:
-            p.send_signal(signal.SIGKILL)
-            out1, err1 = p.communicate()
+        out1, err1 = kill_run_while_held(srv, cmd, tmp_path, env, run_dir, "gen")
         answered_before = srv.answered_keys()
         assert sum(answered_before.values()) == 10
         srv.drop_held = True  # the held requests die with their client

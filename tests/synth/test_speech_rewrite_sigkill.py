@@ -5,7 +5,6 @@ committed come from the cache), and every turn is rewritten exactly once."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from speechmill.pipeline.store import RunStore
-from tests.synth.fake_llm import FakeLLM
+from tests.synth.fake_llm import FakeLLM, kill_run_while_held
 from tests.synth.test_speech_rewrite import _answer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,18 +40,7 @@ def test_sigkill_mid_rewrite_then_resume(tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "speechmill.pipeline.cli", "run", str(path),
                "--no-progress"]
         env = {**os.environ, KEY_ENV: KEY}
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and p.poll() is None and not (
-                    srv.held == 2 and len(RunStore(run_dir).output_parts("rewrite")) == 2):
-                time.sleep(0.05)
-            assert p.poll() is None, p.communicate()
-            assert srv.held == 2 and len(RunStore(run_dir).output_parts("rewrite")) == 2
-        finally:
-            p.send_signal(signal.SIGKILL)
-            p.communicate()
+        kill_run_while_held(srv, cmd, tmp_path, env, run_dir, "rewrite")
         assert sum(srv.answered_keys().values()) == 10  # 8 committed, 2 only cached
         srv.drop_held = True  # the held requests die with their client
         srv.release()
