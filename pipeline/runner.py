@@ -208,12 +208,23 @@ def run(
                 info["executor"] = exe.describe()
                 store.write_run(info)
                 console.print(f"[bold]{dag.name}[/] -> {store.root}  ({exe.describe()})")
+            from speechmill.pipeline.fused import plan_chains, run_chain
+
+            chains, fused = plan_chains(dag, store), set()
             for st in dag.stages:
+                if st.id in fused:  # ran with its chain
+                    continue
                 if store.is_done(st.id):
                     m = store.read_metrics(st.id) or {"stage": st.id}
                     result.stages.append({**m, "state": "done earlier"})
                     continue
                 assert exe is not None
+                if st.id in chains:  # consecutive row-local stages: one pipeline
+                    for m in run_chain(dag, chains[st.id], store, exe, offline=offline,
+                                       show=show, console=console):
+                        result.stages.append({**m, "state": "done"})
+                    fused.update(s.id for s in chains[st.id])
+                    continue
                 m = _run_stage(dag, st, store, exe, offline=offline, show=show,
                                console=console)
                 result.stages.append({**m, "state": "done"})
