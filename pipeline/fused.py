@@ -397,14 +397,14 @@ class _Step:
 
 def _step_task(batch: pa.Table, k: int, last: bool, st: PlannedStage,
                ctx: StageContext) -> pa.Table:
-    key = (k, ctx.stage_id, ctx.run_dir)
+    key = (k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
     step = _TASK_STEPS.get(key)
     if step is None:
         step = _TASK_STEPS[key] = _Step(k, last, st, ctx)
     return step(batch)
 
 
-_TASK_STEPS: dict[tuple[int, str, str], _Step] = {}
+_TASK_STEPS: dict[tuple[int, bool, str, str, str], _Step] = {}  # per task worker
 
 
 def fit_resources(members: list[PlannedStage], cpus: float, gpus: float

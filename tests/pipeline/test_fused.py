@@ -25,21 +25,27 @@ from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.fused import plan_chains
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
-from tests.audio_factory import load_speech
+from tests.audio_factory import speech_samples
 from tests.conftest import cli_env
 
 CHAIN = ["standardize", "diarize", "segment", "transcribe"]
-SPEECH = ["f0.wav", "f1.wav", "f2.wav", "f3.wav"]  # (no temperature fallback: sampling
-# would make texts differ from run to run, fused or not)
+SPEECH = ["f0.wav", "f1.wav", "f2.wav", "f3.wav"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four short speech files, digital silence (diarize rejects it: no_speech) and a
+    """Four short English speech files, digital silence (diarize rejects it: no_speech) and a
     broken file (ingest rejects it)."""
     d = tmp_path_factory.mktemp("fused_in")
-    for i, name in enumerate(SPEECH):
-        sf.write(d / name, load_speech(5.0, 22050, seed=20 + i) * 0.5, 22050)
+    clips = {p.stem: p for p in speech_samples(("en",))}
+    orders = [("counting", "quick_brown_fox"), ("quick_brown_fox", "hello_world"),
+              ("hello_world", "counting"), ("counting", "hello_world", "quick_brown_fox")]
+    for name, order in zip(SPEECH, orders, strict=True):
+        parts = []
+        for stem in order:  # English speech: stable transcripts
+            x, sr = sf.read(clips[stem], dtype="float32", always_2d=True)
+            parts += [np.zeros(int(0.3 * sr), np.float32), x.mean(axis=1)]
+        sf.write(d / name, np.concatenate([*parts, np.zeros(int(0.3 * sr), np.float32)]), sr)
     sf.write(d / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)
     (d / "broken.mp3").write_text("<html>503</html>")
     return d
@@ -58,7 +64,7 @@ stages:
   - {{id: segment, uses: segment, needs: diarize, batch_size: 1,
       with: {{min_s: 1.0, max_s: 12.0}}}}
   - {{id: transcribe, uses: transcribe, needs: segment, batch_size: 1,
-      with: {{language: en, cpu_threads: 1, temperature: [0.0]}}}}
+      with: {{language: en, cpu_threads: 1, temperature: [0.0]}}}}  # no sampling
 """
 
 
@@ -175,8 +181,10 @@ def _cmd(dag: Path, executor: str) -> list[str]:
 def _kill_mid_pipeline(cmd: list[str], run_dir: Path) -> None:
     """Start the run and SIGKILL its driver once the chain's third stage committed a
     part (the stream is under way, no stage of the chain has finished)."""
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = run_dir.parent / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     seg = run_dir / "stages" / "segment"
     deadline = time.monotonic() + 400
     killed = False
@@ -190,7 +198,7 @@ def _kill_mid_pipeline(cmd: list[str], run_dir: Path) -> None:
     proc.wait(timeout=60)
     with contextlib.suppress(ProcessLookupError):  # reap what the driver left (Ray)
         os.killpg(proc.pid, signal.SIGKILL)
-    assert killed, "the run finished before it could be killed"
+    assert killed, "the run ended before it could be killed: " + log.read_text()[-3000:]
     store = RunStore(run_dir)
     assert not any(store.is_done(s) for s in CHAIN), "a chain stage had finished"
 
