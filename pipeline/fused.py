@@ -32,6 +32,7 @@ the row that kills its worker).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,10 @@ def run_chain(dag: Dag, chain: list[PlannedStage], store: RunStore, exe: Any, *,
                     f"for {timeout:g} s (executor.stall_timeout_s); the run directory "
                     "keeps every finished batch, rerun to resume") from None
             raise
+        finally:
+            if not streamed or sys.exc_info()[0] is not None:  # the stream's time counts
+                for m in members:
+                    store.add_wall_seconds(m.id, time.monotonic() - t0)
     out: list[dict[str, Any]] = []
     if not streamed:  # a worker died: the rest runs stage by stage (isolates the row)
         for m in members:

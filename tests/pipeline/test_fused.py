@@ -246,3 +246,33 @@ stages:
     assert a["chain"] == ["src", "a", "b"]
     assert b["first_batch_started_at"] < a["last_batch_ended_at"]
     assert store.count_rows("b") == (24, 0)
+
+
+def test_a_failing_member_fails_its_own_stage_and_the_rerun_completes(tmp_path: Path) -> None:
+    """Local chain src -> a -> b: b's setup() raises: the run fails naming b (not the
+    chain's head) before any batch; fixed, the rerun gives b every row a kept, once."""
+    import tests.pipeline.fault_stages  # noqa: F401 - registers the test stages
+    from speechmill.pipeline.errors import StageFailedError
+    from tests.pipeline.fault_stages import write_faults
+
+    faults = tmp_path / "faults.json"
+    write_faults(faults, {"b": {"setup": "no model here"}})
+    d = dagmod.loads(f"""
+name: fail
+run_dir: {tmp_path / 'run'}
+executor: {{type: local}}
+stages:
+  - {{id: src, uses: t_rows, with: {{n: 7}}}}
+  - {{id: a, uses: t_faulty, needs: src, with: {{faults: "{faults}"}}}}
+  - {{id: b, uses: t_faulty, needs: a, with: {{faults: "{faults}"}}}}
+""")
+    with pytest.raises(StageFailedError, match="stage 'b'.*no model here"):
+        run(d, progress=False)
+    store = RunStore(tmp_path / "run")
+    assert store.count_rows("b") == (0, 0) and not store.is_done("a")
+    write_faults(faults, {"a": {"fail_mod": 3, "fail_rem": [1]}})  # a now rejects some
+    assert run(d, progress=False).status == "succeeded"
+    b = sorted(store.read_outputs("b", ["id"]).column("id").to_pylist())
+    rejected = sorted(store.read_rejects("a", ["id"]).column("id").to_pylist())
+    assert b == sorted({f"r{i:03d}" for i in range(7)} - set(rejected))
+    assert store.read_metrics("b")["rows_in"] == len(b) and store.is_done("b")
