@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/clean.py --files 8
     python benchmarks/clean.py --files 16 --workers 1 2 --repeat 3 --dnsmos-hop 9.01
+    python benchmarks/clean.py --files 8 --workers 2 --fuse on --loop omp1
 
 What it does
 ------------
@@ -29,19 +30,21 @@ What it does
 3. **speechmill.** The DAG ``ingest -> standardize -> diarize -> segment -> link_speakers
    -> transcribe -> annotate`` with the same configs (transcribe ``cpu_threads: 1``, one
    per worker) on the Ray executor, once per ``--workers`` value (the CPUs of the
-   embedded Ray: ``executor.num_cpus``), each in its own process into a fresh run
-   directory. Per stage: ``wall_seconds`` from ``metrics.json`` (the runner's timer:
-   reading inputs, worker start, ``setup()`` i.e. model load, processing, commits),
-   ``busy`` (the sum over batches of their processing and commit time, from the batch
-   stats the driver receives) and ``overhead`` = wall - busy / parallel workers (what
-   is not batch work: worker start, model load, reads, scheduling, a pool's idle tail).
-   "whole run" is the wall time around ``dag.loads()`` + ``run()`` (Ray start/stop
-   too).
+   embedded Ray: ``executor.num_cpus``) and per ``--fuse`` setting (``executor.fuse``:
+   fused, ``standardize -> diarize -> segment`` and ``link_speakers -> transcribe ->
+   annotate`` each run as one streamed pipeline; unfused, each stage ends before the
+   next starts), each in its own process into a fresh run directory. Per stage:
+   ``wall_seconds`` and ``busy_seconds`` from ``metrics.json`` (wall: the runner's timer
+   from the stage's start to its end, reads, worker start, ``setup()`` i.e. model load,
+   processing, commits; fused stages overlap, so walls do not add up; busy: the batches'
+   processing and commit time summed over workers). "whole run" is the wall time around
+   ``dag.loads()`` + ``run()`` (Ray start/stop too).
 4. **Repetitions.** ``--repeat`` times (default 1); tables show medians.
 5. **Consistency.** Segments are matched by (source file, offset, duration) within
    ``--tol`` seconds between the baseline loop and speechmill with the most workers;
-   the script prints segment counts and hours, how many matched, how many matched
-   transcripts are identical (after ``strip()``), and the largest DNSMOS OVRL difference.
+   the script prints, for each speechmill variant with the most workers, segment counts
+   and hours, how many matched, how many matched transcripts are identical (after
+   ``strip()``), and the largest DNSMOS OVRL difference.
 
 Reading the numbers
 -------------------
@@ -87,6 +90,11 @@ SM_STAGES = ("ingest", *STEPS)
 LOOP_VARIANTS = ("default", "omp1")
 
 Key = tuple[str, float, float]
+Variant = tuple[int, bool]  # (workers, fused)
+
+
+def _label(v: Variant) -> str:
+    return f"{v[0]}w {'fused' if v[1] else 'unfused'}"
 
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +296,8 @@ def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: int) -> str:
+def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: int,
+             fuse: bool = True) -> str:
     stages = [
         {"id": "ingest", "uses": "ingest", "with": {"inputs": [str(input_dir)]}},
         {"id": "standardize", "uses": "standardize", "needs": ["ingest"],
@@ -302,45 +311,21 @@ def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: 
         {"id": "annotate", "uses": "annotate", "needs": ["transcribe"],
          "with": annotate_cfg(args)},
     ]
-    return common.dag_yaml("bench-clean", run_dir, stages, "ray", num_cpus=workers)
+    text = common.dag_yaml("bench-clean", run_dir, stages, "ray", num_cpus=workers)
+    return text.replace("executor:\n", f"executor:\n  fuse: {str(fuse).lower()}\n", 1)
 
 
-def _count_batches() -> dict[str, dict[str, float]]:
-    """Patch the runner (this process only) to sum each stage's batch stats."""
-    from speechmill.pipeline import nodes, runner
-
-    per: dict[str, dict[str, float]] = {}
-    current = [""]
-    run_stage = runner._run_stage
-    add = nodes.NodeTally.add
-
-    def _run_stage(dag: Any, st: Any, *a: Any, **k: Any) -> Any:
-        current[0] = st.id
-        return run_stage(dag, st, *a, **k)
-
-    def _add(self: Any, stats: dict[str, Any]) -> None:
-        b = per.setdefault(current[0], {"busy_s": 0.0, "batches": 0})
-        b["busy_s"] += float(stats.get("busy_s") or 0.0)
-        b["batches"] += 1
-        add(self, stats)
-
-    runner._run_stage = _run_stage  # type: ignore[assignment]
-    nodes.NodeTally.add = _add  # type: ignore[method-assign]
-    return per
-
-
-def run_speechmill(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+def run_speechmill(args: argparse.Namespace, workers: int, fuse: bool) -> dict[str, Any]:
     from rich.console import Console
 
     from speechmill.pipeline import dag as dagmod
     from speechmill.pipeline import runner
     from speechmill.pipeline.store import RunStore
 
-    batches = _count_batches()
     workdir = Path(args.workdir)
-    run_dir = workdir / f"speechmill_run_{workers}"
+    run_dir = workdir / f"speechmill_run_{workers}_{'fused' if fuse else 'unfused'}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    text = dag_yaml(args, workdir / "input", run_dir, workers)
+    text = dag_yaml(args, workdir / "input", run_dir, workers, fuse)
     console = Console() if args.verbose else Console(file=io.StringIO())
     t0 = time.perf_counter()
     dag = dagmod.loads(text)
@@ -351,13 +336,15 @@ def run_speechmill(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         m = json.loads((run_dir / "stages" / sid / "metrics.json").read_text())
         metrics[sid] = {k: m.get(k) for k in ("wall_seconds", "rows_in", "rows_out",
                                               "rows_rejected", "reasons")}
-        metrics[sid].update(batches.get(sid, {"busy_s": 0.0, "batches": 0}))
+        metrics[sid]["busy_s"] = float(m.get("busy_seconds") or 0.0)
+        metrics[sid]["batches"] = sum(n["batches"] for n in (m.get("nodes") or {}).values())
+        metrics[sid]["fused"] = m.get("fused")
     store = RunStore(str(run_dir))
     segs = store.read_outputs("segment", ["source_audio_path", "offset", "duration"])
     outs = store.read_outputs("annotate", ["source_audio_path", "offset", "duration",
                                            "text", "scores"]).to_pylist()
     return {"wall_seconds": wall, "status": result.status, "metrics": metrics,
-            "workers": workers, "run_dir": str(run_dir),
+            "workers": workers, "fuse": fuse, "run_dir": str(run_dir),
             "segments": [[str(a), float(o), float(d)] for a, o, d in zip(
                 segs.column("source_audio_path").to_pylist(),
                 segs.column("offset").to_pylist(), segs.column("duration").to_pylist(),
@@ -414,7 +401,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def report(args: argparse.Namespace, paths: list[Path], durs: list[float],
-           loops: dict[str, list[dict[str, Any]]], sms: dict[int, list[dict[str, Any]]],
+           loops: dict[str, list[dict[str, Any]]], sms: dict[Variant, list[dict[str, Any]]],
            loads_seen: list[float]) -> None:
     audio_s = sum(durs)
     med = statistics.median
@@ -445,46 +432,55 @@ def report(args: argparse.Namespace, paths: list[Path], durs: list[float],
     print(f"  of which model loads {b_loads:.2f} s: " + ", ".join(
         f"{k} {val:.2f}" for k, val in base[-1]["loads"].items()))
     print()
-    ws = sorted(sms)
+    ws = sorted(sms, key=lambda v: (v[0], not v[1]))
     header = f"{'stage':<14} {'loop s':>7}" + "".join(
-        f" | {f'{w} worker(s): wall':>18} {'busy':>6} {'overhead':>8}" for w in ws)
+        f" | {_label(v) + ': wall':>18} {'busy':>6}" for v in ws)
     print(header)
     print("-" * len(header))
     for k in SM_STAGES:
         lw = f"{med(r['walls'][k] for r in base):>7.2f}" if k in STEPS else f"{'-':>7}"
         line = f"{k:<14} {lw}"
-        for w in ws:
-            ms = [r["metrics"][k] for r in sms[w]]
+        for v in ws:
+            ms = [r["metrics"][k] for r in sms[v]]
             wall = med(float(m["wall_seconds"]) for m in ms)
             busy = med(float(m["busy_s"]) for m in ms)
-            par = max(1, min(w, int(med(m["batches"] for m in ms))))
-            line += f" | {wall:>18.2f} {busy:>6.1f} {wall - busy / par:>8.2f}"
+            line += f" | {wall:>18.2f} {busy:>6.1f}"
         print(line)
-    print("(busy: batch processing + commits summed over workers; overhead: wall - busy /"
-          " parallel workers = worker start, model load, reads, scheduling, idle tail)")
+    print("(wall: the stage's own timer, from its start to its _SUCCESS; fused stages "
+          "overlap, so their walls do not add up; busy: batch processing + commits summed "
+          "over workers)")
+    for v in ws:
+        chains = {" -> ".join(m["fused"]["chain"]) for m in sms[v][-1]["metrics"].values()
+                  if m.get("fused")}
+        if chains:
+            print(f"{_label(v)} chains: " + "; ".join(sorted(chains)))
     print()
     header = f"{'end-to-end':<50} {'wall s':>8} {'x realtime':>11} {'vs loop':>9}"
     print(header)
     print("-" * len(header))
     rows = [(f"plain loop ({'OMP_NUM_THREADS=1' if best == 'omp1' else 'default'}), "
              "incl. model load", loop_tot[best])]
-    for w in ws:
-        rows.append((f"speechmill, {w} worker(s), whole run",
-                     med(r["wall_seconds"] for r in sms[w])))
+    for v in ws:
+        rows.append((f"speechmill, {v[0]} worker(s), {'fused' if v[1] else 'unfused'}, "
+                     "whole run", med(r["wall_seconds"] for r in sms[v])))
     for label, wall in rows:
         print(f"{label:<50} {wall:>8.2f} {_ratio(audio_s, wall):>11.2f} "
               f"{_ratio(loop_tot[best], wall):>8.2f}x")
-    if len(ws) > 1:
-        w0, w1 = ws[0], ws[-1]
-        sp = _ratio(med(r["wall_seconds"] for r in sms[w0]),
-                    med(r["wall_seconds"] for r in sms[w1]))
-        print(f"scaling {w0} -> {w1} workers: {sp:.2f}x (ideal {w1 / w0:.2f}x)")
+    for fused in (True, False):
+        wv = sorted(w for w, f in sms if f == fused)
+        if len(wv) > 1:
+            sp = _ratio(med(r["wall_seconds"] for r in sms[(wv[0], fused)]),
+                        med(r["wall_seconds"] for r in sms[(wv[-1], fused)]))
+            print(f"scaling {wv[0]} -> {wv[-1]} workers ({'fused' if fused else 'unfused'}): "
+                  f"{sp:.2f}x (ideal {wv[-1] / wv[0]:.2f}x)")
     print()
-    consistency(args, base[-1], sms[ws[-1]][-1], ws[-1])
+    for v in sorted(sms, key=lambda v: (-v[0], not v[1])):
+        if v[0] == max(w for w, _ in sms):
+            consistency(args, base[-1], sms[v][-1], _label(v))
 
 
 def consistency(args: argparse.Namespace, base: dict[str, Any], sm: dict[str, Any],
-                workers: int) -> None:
+                label: str) -> None:
     b_segs = [_key(*s) for s in base["segments"]]
     s_segs = [_key(*s) for s in sm["segments"]]
     b_txt = {tuple(t[:3]): (t[3], t[4]) for t in base["texts"]}
@@ -497,7 +493,7 @@ def consistency(args: argparse.Namespace, base: dict[str, Any], sm: dict[str, An
     h_b = sum(s[2] for s in base["segments"]) / 3600
     h_s = sum(s[2] for s in sm["segments"]) / 3600
     tm = sm["metrics"]["transcribe"]
-    print(f"segments: loop {len(b_segs)} ({h_b:.5f} h), speechmill ({workers} workers) "
+    print(f"segments: loop {len(b_segs)} ({h_b:.5f} h), speechmill ({label}) "
           f"{len(s_segs)} ({h_s:.5f} h); matched within {args.tol} s: {len(pairs)}")
     print(f"transcribe rejects: loop {base['rejected']}, speechmill {tm['rows_rejected']} "
           f"{tm['reasons']} (status {sm['status']})")
@@ -528,6 +524,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="annotate's dnsmos_hop_s, on both sides")
     ap.add_argument("--min-s", type=float, default=1.0, help="segment min_s")
     ap.add_argument("--max-s", type=float, default=30.0, help="segment max_s")
+    ap.add_argument("--fuse", choices=("both", "on", "off"), default="both",
+                    help="speechmill with stage fusion (executor.fuse), without, or both")
     ap.add_argument("--loop", choices=("both", *LOOP_VARIANTS), default="both",
                     help="which loop threading settings to measure (baseline: the faster)")
     ap.add_argument("--tol", type=float, default=0.05,
@@ -563,13 +561,16 @@ def main(argv: list[str] | None = None) -> None:
         if args._side.startswith("loop"):
             res = run_loop(args, paths)
         else:
-            res = run_speechmill(args, int(args._side.split(":")[1]))
+            _, w, f = args._side.split(":")
+            res = run_speechmill(args, int(w), f == "1")
         Path(args._out).write_text(json.dumps(res))
         return
     durs = common.durations(paths)
     variants = LOOP_VARIANTS if args.loop == "both" else (args.loop,)
     loops: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    sms: dict[int, list[dict[str, Any]]] = {w: [] for w in args.workers}
+    fuses = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse]
+    sms: dict[Variant, list[dict[str, Any]]] = {(w, f): [] for w in args.workers
+                                                 for f in fuses}
     loads_seen: list[float] = []
     for rep in range(args.repeat):
         tag = f"[{rep + 1}/{args.repeat}]"
@@ -583,20 +584,21 @@ def main(argv: list[str] | None = None) -> None:
             loops[v].append(r)
             print(f"{tag} loop ({v}): {r['total']:.2f} s (model loads "
                   f"{sum(r['loads'].values()):.2f} s); load {loads_seen[-1]:.1f}", flush=True)
-        for w in sorted(args.workers, reverse=True):
+        for v in sorted(sms, reverse=True):
             loads_seen.append(os.getloadavg()[0])
-            r = _child(args, f"speechmill:{w}", {})
+            r = _child(args, f"speechmill:{v[0]}:{int(v[1])}", {})
             loads_seen.append(os.getloadavg()[0])
             if r is None:
                 continue
-            sms[w].append(r)
-            print(f"{tag} speechmill ({w} workers): {r['wall_seconds']:.2f} s (status "
+            sms[v].append(r)
+            print(f"{tag} speechmill ({_label(v)}): {r['wall_seconds']:.2f} s (status "
                   f"{r['status']}); load {loads_seen[-1]:.1f}", flush=True)
         # every measurement so far, for a look after a failure or a crash
         (workdir / "results.json").write_text(json.dumps(
-            {"loops": loops, "speechmill": sms, "loads": loads_seen}))
+            {"loops": loops, "speechmill": {_label(v): r for v, r in sms.items()},
+             "loads": loads_seen}))
     loops = {v: runs for v, runs in loops.items() if runs}
-    sms = {w: runs for w, runs in sms.items() if runs}
+    sms = {v: runs for v, runs in sms.items() if runs}
     if not loops or not sms:
         sys.exit("no loop or no speechmill measurement succeeded")
     report(args, paths, durs, loops, sms, loads_seen)

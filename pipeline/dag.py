@@ -62,6 +62,9 @@ class ExecutorSpec(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray")
     stall_timeout_s: float = Field(900.0, gt=0, description="fail when nothing advances")
     progress: bool = True
+    fuse: bool = Field(
+        True, description="run consecutive row-local stages as one streamed pipeline "
+        "(false: every stage finishes before the next starts, for debugging)")
     wave_rows: int = Field(
         200_000, ge=1, description="input rows a stage holds in memory at once where it "
         "runs in waves (local executor; Ray after a worker died; each wave starts its "

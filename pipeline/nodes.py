@@ -19,8 +19,11 @@ class NodeTally:
 
     def __init__(self) -> None:
         self.nodes: dict[str, dict[str, Any]] = {}
+        #: batch processing + commit seconds, summed over this attempt's batches
+        self.busy_s = 0.0
 
     def add(self, stats: dict[str, Any]) -> None:
+        self.busy_s += float(stats.get("busy_s") or 0.0)
         node = str(stats.get("node_id") or "unknown")
         n = self.nodes.setdefault(node, {"rows": 0, "batches": 0})
         n["rows"] += int(stats.get("rows_in", 0))

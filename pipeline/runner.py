@@ -215,12 +215,23 @@ def run(
                 info["executor"] = exe.describe()
                 store.write_run(info)
                 console.print(f"[bold]{dag.name}[/] -> {store.root}  ({exe.describe()})")
+            from speechmill.pipeline.fused import plan_chains, run_chain
+
+            chains, fused = plan_chains(dag, store), set()
             for st in dag.stages:
+                if st.id in fused:  # ran with its chain
+                    continue
                 if store.is_done(st.id):
                     m = store.read_metrics(st.id) or {"stage": st.id}
                     result.stages.append({**m, "state": "done earlier"})
                     continue
                 assert exe is not None
+                if st.id in chains:  # consecutive row-local stages: one pipeline
+                    for m in run_chain(dag, chains[st.id], store, exe, offline=offline,
+                                       show=show, console=console):
+                        result.stages.append({**m, "state": "done"})
+                    fused.update(s.id for s in chains[st.id])
+                    continue
                 m = _run_stage(dag, st, store, exe, offline=offline, show=show,
                                console=console)
                 result.stages.append({**m, "state": "done"})
@@ -405,7 +416,11 @@ def read_stage_input(dag: Dag, st: PlannedStage, store: RunStore,
 
 
 def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline: bool,
-               show: bool, console: Any) -> dict[str, Any]:
+               show: bool, console: Any, recovering_from: int | None = None
+               ) -> dict[str, Any]:
+    """Run one stage to completion. ``recovering_from``: the index in the executor's
+    ``lost_workers`` of a failure that stopped this stage's fused stream: its pending
+    rows count as run again."""
     if st.cls.is_sink:
         return _run_sink(dag, st, store, offline=offline, console=console)
     ctx = StageContext(stage_id=st.id, run_dir=str(store.root), offline=offline)
@@ -436,6 +451,9 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     tally = NodeTally()  # where this attempt's batches ran
     rerun = [0, 0]  # rows, batches run again after a worker was lost
     lost_before = len(getattr(exe, "lost_workers", []))
+    if recovering_from is not None:
+        lost_before = recovering_from
+        rerun[:] = [pending, -(-pending // st.batch_size)]
     try:
         with prog, Watchdog(timeout, st.id) as dog:
 
@@ -481,17 +499,27 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                 raise
     finally:
         wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
-    budget.check(final=True)
-    if st.cls.unique_output_ids:
-        _dedup_outputs(st, store)
-    metrics = _metrics(st, inp, store, wall)
-    metrics["nodes"] = tally.to_metrics()
     lost = getattr(exe, "lost_workers", [])[lost_before:]
     recovery = recovery_metrics([{k: f[k] for k in ("error", "message")} for f in lost],
                                 rerun[0] + sum(f.get("rows_isolated", 0) for f in lost),
                                 rerun[1] + sum(f.get("rows_isolated", 0) for f in lost))
+    extra: dict[str, Any] = {"nodes": tally.to_metrics(),
+                             "busy_seconds": round(tally.busy_s, 3)}
     if recovery:
-        metrics["recovery"] = recovery
+        extra["recovery"] = recovery
+    return finish_stage(st, store, inp, wall, budget, prog, console, extra)
+
+
+def finish_stage(st: PlannedStage, store: RunStore, inp: StageInput, wall: float,
+                 budget: ErrorBudget, prog: StageProgress, console: Any,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+    """A stage's end, once every batch ran (unfused or as a member of a fused chain):
+    the final error budget, dedup, metrics (plus ``extra``), summary, ``_SUCCESS``."""
+    budget.check(final=True)
+    if st.cls.unique_output_ids:
+        _dedup_outputs(st, store)
+    metrics = _metrics(st, inp, store, wall)
+    metrics.update(extra)
     summary = None
     if st.cls.has_summary():
         cols = None if st.cls.summary_columns is None else list(st.cls.summary_columns)

@@ -159,6 +159,11 @@ class Stage:
     #: the input columns :meth:`prepare` reads (``None``: all); the engine reads only
     #: these over the whole input, so a big input never has to fit in memory at once
     prepare_columns: ClassVar[tuple[str, ...] | None] = None
+    #: whether :meth:`prepare` reads the input: False for a driver-side check that needs
+    #: none (say, that a model can be located), which lets the stage start on part of
+    #: its input, fused with its upstream (:mod:`speechmill.pipeline.fused`); it is then
+    #: given an empty table
+    prepare_reads_inputs: ClassVar[bool] = True
 
     @classmethod
     def has_prepare(cls) -> bool:

@@ -96,6 +96,9 @@ class Diarize(Stage):
         if config.backend == "pyannote" and not config.pipeline.strip() and not config.path:
             raise ValueError("key 'with.pipeline': empty (give a hub id or `path`)")
 
+    #: prepare() only checks that the model can be located: diarize streams (fuses)
+    prepare_reads_inputs = False
+
     @classmethod
     def prepare(cls, config: StageConfig, inputs: Any,
                 ctx: StageContext | None = None) -> Any:

@@ -88,7 +88,7 @@ def test_broken_stage_fails_and_rerun_after_fix_completes(
     dag.write_text(f"""
 name: faults
 run_dir: {run_dir}
-executor: {{type: {executor}, stall_timeout_s: 300}}
+executor: {{type: {executor}, stall_timeout_s: 300, fuse: false}}
 stages:
   - {{id: src, uses: t_rows, batch_size: 8, with: {{n: 40}}}}
   - {{id: m, uses: t_faulty_model, needs: [src], with: {{faults: "{faults}"}}}}
@@ -96,6 +96,8 @@ stages:
 """)
     store = RunStore(run_dir)
     want = [f"r{i:03d}" for i in range(40)]
+    # unfused, so each step fails one stage after its upstream finished (fused members
+    # fail the same way: tests/pipeline/test_fused.py)
 
     # 1. the model stage's setup() raises: exit 1, the original error, nothing rejected
     write_faults(faults, {"m": {"setup": "CUDA error: no CUDA-capable device is detected"}})

@@ -154,14 +154,15 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     assert killed_mid_stage, out[-3000:]
     assert second.returncode != 0
     assert "in use by pid" in refused_err, refused_err[-2000:]
-    assert store.is_done("standardize") and not store.is_done("diarize")
+    # standardize -> diarize -> segment run fused: standardize may still have files to do
+    assert not store.is_done("diarize")
     n_before = len(store.output_parts("diarize"))
     assert 1 <= n_before < N_FILES
     assert not (cwd / "s3:").exists() and list(cwd.iterdir()) == []  # nothing local
 
     # media went up with standardize's batches; rows name the objects
     std = store.read_outputs("standardize", ["audio_path"]).column("audio_path").to_pylist()
-    assert len(std) == N_FILES
+    assert n_before <= len(std) <= N_FILES
     assert all(a.startswith(f"{url}/media/standardize/") and fs.exists(a) for a in std)
 
     # 3. resume once the dead run's lease (4 s here) has expired

@@ -106,7 +106,8 @@ class _Counting(Stage):
 @pytest.mark.ray
 def test_ray_streams_a_stage_through_one_pool(tmp_path: Path) -> None:
     """On Ray, a stage larger than wave_rows is one pipeline: workers read the parts,
-    and the model loads once per actor for the whole stage, not once per wave."""
+    and the model loads once per actor for the whole stage, not once per wave (unfused:
+    fused, src -> m would be one pipeline anyway)."""
     import sys
 
     from ray import cloudpickle
@@ -122,7 +123,8 @@ def test_ray_streams_a_stage_through_one_pool(tmp_path: Path) -> None:
     d = loads(f"""
 name: stream
 run_dir: {tmp_path / 'run'}
-executor: {{type: ray, num_cpus: 2, progress: false, wave_rows: 5, stall_timeout_s: 300}}
+executor: {{type: ray, num_cpus: 2, progress: false, wave_rows: 5, stall_timeout_s: 300,
+           fuse: false}}
 stages:
   - {{id: src, uses: read_parquet, batch_size: 3, with: {{paths: ["{tmp_path / 'rows.parquet'}"]}}}}
   - {{id: m, uses: t_counting_model, needs: [src], batch_size: 2,
