@@ -394,3 +394,68 @@ stages:
     assert cli["totals"] == rep["totals"]
     assert (tmp_path / "bucket/run/report/cli/index.html").is_file()
 
+
+def test_lost_lease_stops_the_run(s3_server: str, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose lease was taken over by another run (it expired while the first was
+    paused, as a frozen VM or a long GC pause would) stops with an error naming the run
+    directory and the new holder, and writes nothing more there (no part, no run.json)."""
+    import socket
+
+    from speechmill.pipeline.cli import EXIT_FAILED
+    from speechmill.pipeline.store import ObjectRunLock, ObjectRunStore, RunStore
+    from tests.pipeline.fault_stages import write_faults
+
+    env = {**_env(s3_server, tmp_path), "SPEECHMILL_LEASE_TTL_S": "3"}
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    fs = _fs(s3_server)
+    bucket = f"lease-{uuid.uuid4().hex[:10]}"
+    fs.call_s3("create_bucket", Bucket=bucket)
+    url = f"s3://{bucket}/run"
+    faults = tmp_path / "faults.json"
+    write_faults(faults, {"f": {"slow_s": 0.1}})  # 40 rows, a part every 0.2 s
+    dag = tmp_path / "lease.yaml"
+    dag.write_text(f"""
+name: lease
+run_dir: {url}
+executor: {{type: local, stall_timeout_s: 120}}
+stages:
+  - {{id: src, uses: t_rows, batch_size: 40, with: {{n: 40}}}}
+  - {{id: f, uses: t_faulty, needs: [src], batch_size: 2, with: {{faults: "{faults}"}}}}
+""")
+    store = RunStore(url)
+    assert isinstance(store, ObjectRunStore)
+    p = subprocess.Popen([sys.executable, "-m", "tests.pipeline.fault_stages", "run",
+                          str(dag), "--no-progress"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    taker: ObjectRunLock | None = None
+    try:
+        deadline = time.time() + 300
+        while not store.output_parts("f") and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGSTOP)  # paused mid-stage: its lease is not renewed
+        assert not store.is_done("f")
+        lease = json.loads(fs.cat_file(f"{bucket}/run/run.lock"))
+        assert lease["pid"] == p.pid
+        time.sleep(max(0.0, lease["expires"] - time.time()) + 0.3)
+        taker = ObjectRunLock(store, ttl_s=60).__enter__()  # another run takes it over
+        n_parts = len(store.output_parts("f"))
+        os.kill(p.pid, signal.SIGCONT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == EXIT_FAILED, err[-3000:]
+        assert "lost its lease" in err and url in err, err[-3000:]
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in err, err[-3000:]
+        # nothing written beside the new holder: no part, no marker, run.json as it was
+        assert len(store.output_parts("f")) == n_parts < 20 and not store.is_done("f")
+        info = store.read_run()
+        assert info["pid"] == p.pid and info["status"] == "running"
+        assert json.loads(fs.cat_file(f"{bucket}/run/run.lock"))["owner"] == taker.owner
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.communicate()
+        if taker is not None:
+            taker.__exit__(None, None, None)
