@@ -350,6 +350,16 @@ class NemoManifest(Stage):
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
         cfg = self.config
         out_dir = Path(out_dir)
+        if cfg.materialize and not cfg.tarred and cfg.paths == "absolute":
+            from speechmill.pipeline.audio import is_url as is_remote
+            from speechmill.pipeline.errors import ConfigError
+
+            if is_remote(self.ctx.run_dir):  # s3://...; file:// is a local directory
+                raise ConfigError(
+                    "paths: absolute with materialize: true names the clips by local path; "
+                    f"the run directory {self.ctx.run_dir!r} is on object storage, where "
+                    "the export is made locally and uploaded: use paths: relative",
+                    stage=self.ctx.stage_id, key="paths")
         pub_root = published_dir(out_dir, self.ctx, self.output_root)
         relative = cfg.paths == "relative"
         mode = "tarred" if cfg.tarred else "materialized" if cfg.materialize else "reference"

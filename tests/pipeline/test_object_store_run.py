@@ -459,3 +459,19 @@ stages:
             p.communicate()
         if taker is not None:
             taker.__exit__(None, None, None)
+
+
+def test_nemo_absolute_clip_paths_refused_on_object_storage(tmp_path: Path) -> None:
+    """Cut clips named by absolute path would name the local export cache of a bucket run:
+    refused naming the stage and key (relative paths, the default, work there)."""
+    import pyarrow as pa
+
+    from speechmill.manifests.nemo import NemoConfig, NemoManifest
+    from speechmill.pipeline.errors import ConfigError
+    from speechmill.pipeline.stage import StageContext
+
+    cfg = NemoConfig(materialize=True, paths="absolute")
+    stage = NemoManifest(cfg, StageContext(stage_id="nemo", run_dir="s3://bucket/run"))
+    with pytest.raises(ConfigError, match="paths: relative") as ei:
+        stage.export(pa.table({"id": pa.array([], pa.string())}), tmp_path / "out")
+    assert ei.value.stage == "nemo" and ei.value.key == "paths"
