@@ -143,14 +143,8 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
-    # 1. the reference: the demo's stages up to segment, uninterrupted, local run dir
-    ref_dag = tmp_path / "ref.yaml"
-    ref_dag.write_text(_reference_dag(tmp_path / "ref", inputs))
-    r = _run(ref_dag, env, cwd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ref = RunStore(tmp_path / "ref")
-
-    # 2. the full demo DAG on the bucket, SIGKILLed in the middle of diarize
+    # 1. the full demo DAG on the bucket, SIGKILLed in the middle of diarize
+    ref_env = env
     env = {**env, "SPEECHMILL_DEMO_INPUT": inputs}
     cmd = [*SPEECHMILL, "run", str(DEMO), "--offline", "--no-progress", "--run-dir", url,
            *DEMO_SET]
@@ -193,6 +187,14 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     std = store.read_outputs("standardize", ["audio_path"]).column("audio_path").to_pylist()
     assert len(std) == N_FILES
     assert all(a.startswith(f"{url}/media/standardize/") and fs.exists(a) for a in std)
+
+    # 2. the reference, while the dead run's lease runs out: the demo's stages up to
+    # segment, uninterrupted, with a local run directory
+    ref_dag = tmp_path / "ref.yaml"
+    ref_dag.write_text(_reference_dag(tmp_path / "ref", inputs))
+    r = _run(ref_dag, ref_env, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = RunStore(tmp_path / "ref")
 
     # 3. resume once the dead run's lease (30 s) has expired: the whole DAG runs
     lease = json.loads(fs.cat_file(f"{bucket}/runs/demo/run.lock"))
