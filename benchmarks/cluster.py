@@ -1,9 +1,11 @@
-"""Benchmark: the clean DAG on one Ray node vs two nodes with the same total CPUs.
+"""Benchmark: the clean DAG on one Ray node vs two nodes with the same total CPUs, and
+with its run directory on object storage vs a local one.
 
 Usage::
 
     python benchmarks/cluster.py --files 4 --turns 8
     python benchmarks/cluster.py --files 8 --repeat 3 --cpus 8
+    python benchmarks/cluster.py --compare store --repeat 3
 
 What it does
 ------------
@@ -26,10 +28,21 @@ What it does
    its batches ran (``nodes``); the whole run's wall. ``2 nodes / 1 node`` above 1x is
    the cost of distribution (object transfer between raylets, two schedulers, actors
    placed apart from the data). Medians over ``--repeat``.
-5. **Consistency.** The filter stage's ids and texts must be identical in every run.
+5. **Object store vs local run directory** (``--compare store``, or ``all``: the
+   default). The same DAG, inputs and executor (``--store-executor``: the in-process
+   ``local`` one by default, or the embedded Ray with ``--cpus`` CPUs), run once with a
+   local run directory and once with ``run_dir: s3://BUCKET/run`` on an S3 server that
+   this script starts in its own process (moto's server mode on 127.0.0.1, fake
+   credentials in the environment of the run and its workers). Every part, marker, media
+   file and metric then goes through the S3 API, and model stages read their input
+   media from it. The order flips on odd repetitions. ``s3 / local`` above 1x is the
+   cost of the object store: request overhead of a Python S3 server on the same CPUs
+   (no network latency: a real bucket adds round trips, and takes the server's CPU off
+   the machine). Besides each stage's wall, the CPU seconds of the whole run (its
+   process, plus this one's: the S3 server) are shown: on a loaded machine the steadier
+   figure.
+6. **Consistency.** The filter stage's ids and texts must be identical in every run.
 
-Not included: the object-store run directory vs a local one (its ratio belongs here once
-``run_dir: s3://...`` is wired end to end; this script has no flag for it yet).
 Nothing here asserts timings; it is a script to run by hand.
 """
 
@@ -54,9 +67,12 @@ if str(REPO_ROOT) not in sys.path:
 
 STAGES = ("ingest", "standardize", "diarize", "segment", "transcribe", "annotate", "filter")
 LAYOUTS = ("1 node", "2 nodes")
+STORES = ("local", "s3")
+_KEY, _SECRET = "AKIABENCHFAKEKEY0001", "bench-fake-secret-not-a-credential"
 
 
-def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path) -> str:
+def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path | str,
+             executor: dict[str, Any] | None = None) -> str:
     import yaml
 
     stages: list[dict[str, Any]] = [
@@ -72,7 +88,7 @@ def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path) -> str:
     for prev, st in zip(stages, stages[1:], strict=False):
         st["needs"] = [prev["id"]]
     return yaml.safe_dump({"name": "bench-cluster", "run_dir": str(run_dir),
-                           "executor": {"type": "ray", "progress": False},
+                           "executor": executor or {"type": "ray", "progress": False},
                            "stages": stages}, sort_keys=False)
 
 
@@ -123,6 +139,110 @@ def run_once(args: argparse.Namespace, layout: str, rep: int) -> dict[str, Any]:
     return {"layout": layout, "wall_seconds": wall, "metrics": metrics, "texts": texts}
 
 
+def start_s3() -> tuple[Any, dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 (a thread of this process) with a fresh bucket; the
+    environment a run needs to use it."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": _KEY, "AWS_SECRET_ACCESS_KEY": _SECRET,
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    os.environ.update(env)  # this process reads the metrics back from the bucket
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).call_s3("create_bucket", Bucket="bench")
+    return server, env
+
+
+def run_store_once(args: argparse.Namespace, store: str, rep: int, s3_env: dict[str, str]
+                   ) -> dict[str, Any]:
+    from speechmill.pipeline.store import open_store
+
+    workdir = Path(args.workdir)
+    name = f"run_{store}_{rep}"
+    if store == "s3":
+        run_dir: str = f"s3://bench/{name}-{time.time_ns()}"
+    else:
+        run_dir = str(workdir / name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    executor: dict[str, Any] = {"type": args.store_executor, "progress": False}
+    if args.store_executor == "ray":
+        executor["num_cpus"] = args.cpus
+    dag = workdir / f"{name}.yaml"
+    dag.write_text(dag_yaml(args, (workdir / "input").resolve(), run_dir, executor))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(s3_env, TMPDIR=str((workdir / "tmp").resolve()))  # the runs' local cache
+    (workdir / "tmp").mkdir(exist_ok=True)
+    cmd = [str(Path(sys.executable).with_name("speechmill")), "run", str(dag), "--no-progress"]
+    import resource
+
+    def child_cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+
+    c0, s0, t0 = child_cpu(), time.process_time(), time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    # CPU: the run's process (and the children it waited for) plus this process, i.e.
+    # the S3 server's threads: on a loaded machine steadier than wall time
+    cpu = child_cpu() - c0 + time.process_time() - s0
+    if r.returncode != 0:
+        raise SystemExit(f"{store}: run failed\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    st = open_store(run_dir)
+    metrics = {sid: {"wall_seconds": (st.read_metrics(sid) or {})["wall_seconds"]}
+               for sid in STAGES}
+    t = st.read_outputs("filter", ["id", "text"])
+    texts = sorted(zip(t.column("id").to_pylist(), t.column("text").to_pylist(), strict=True))
+    return {"store": store, "wall_seconds": wall, "cpu_seconds": cpu, "metrics": metrics,
+            "texts": texts}
+
+
+def compare_stores(args: argparse.Namespace) -> bool:
+    server, s3_env = start_s3()
+    loads = [_load()]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in STORES}
+    try:
+        for rep in range(args.repeat):
+            for store in (STORES if rep % 2 == 0 else STORES[::-1]):
+                res = run_store_once(args, store, rep, s3_env)
+                runs[store].append(res)
+                loads.append(_load())
+                print(f"rep {rep + 1}: {store} run dir: {res['wall_seconds']:.1f} s, CPU "
+                      f"{res['cpu_seconds']:.1f} s (load {loads[-1]})")
+    finally:
+        server.stop()
+    ref = runs["local"][0]["texts"]
+    same = all(r["texts"] == ref for rs in runs.values() for r in rs)
+    print(f"\nrun directory local vs s3:// (moto on 127.0.0.1), executor "
+          f"{args.store_executor}{f' ({args.cpus} CPUs)' if args.store_executor == 'ray' else ''}"
+          f"; {len(ref)} segments kept by filter; identical ids/texts in every run: {same}")
+    print(f"load average (1/5/15 min) before and after each run: {'; '.join(loads)}")
+    print(f"{'stage':<12}" + "".join(f"{k + ' wall':>14}" for k in STORES)
+          + f"{'s3 / local':>13}")
+    for sid in STAGES:
+        walls = [statistics.median(r["metrics"][sid]["wall_seconds"] for r in runs[k])
+                 for k in STORES]
+        print(f"{sid:<12}" + "".join(f"{w:>12.1f} s" for w in walls)
+              + f"{walls[1] / walls[0]:>12.2f}x")
+    whole = [statistics.median(r["wall_seconds"] for r in runs[k]) for k in STORES]
+    print(f"{'whole run':<12}" + "".join(f"{w:>12.1f} s" for w in whole)
+          + f"{whole[1] / whole[0]:>12.2f}x")
+    cpu = [statistics.median(r["cpu_seconds"] for r in runs[k]) for k in STORES]
+    print(f"{'CPU':<12}" + "".join(f"{w:>12.1f} s" for w in cpu)
+          + f"{cpu[1] / cpu[0]:>12.2f}x   (the run + the S3 server)")
+    return same
+
+
 def _load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -141,6 +261,11 @@ def main() -> int:
     ap.add_argument("--min-s", type=float, default=1.0, help="segment min_s")
     ap.add_argument("--max-s", type=float, default=30.0, help="segment max_s")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--compare", choices=("nodes", "store", "all"), default="all",
+                    help="1 node vs 2 nodes, local vs object-store run directory, or both")
+    ap.add_argument("--store-executor", choices=("local", "ray"), default="local",
+                    help="executor of the run-directory comparison (local: in-process, "
+                    "as the tests run on a bucket; ray: embedded, --cpus CPUs)")
     ap.add_argument("--workdir", default="runs/bench-cluster")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -151,6 +276,10 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     clean.ensure_inputs(workdir / "input", args.files, args.turns)
+    same_store = compare_stores(args) if args.compare in ("store", "all") else True
+    if args.compare == "store":
+        return 0 if same_store else 1
+    print()
     loads = [_load()]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in LAYOUTS}
     for rep in range(args.repeat):
@@ -178,7 +307,7 @@ def main() -> int:
     whole = [statistics.median(r["wall_seconds"] for r in runs[k]) for k in LAYOUTS]
     print(f"{'whole run':<12}" + "".join(f"{w:>14.1f} s{'':>7}" for w in whole)
           + f"{whole[1] / whole[0]:>17.2f}x")
-    return 0 if same else 1
+    return 0 if same and same_store else 1
 
 
 if __name__ == "__main__":

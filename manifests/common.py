@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from speechmill.pipeline.audio import is_url, load_audio
+from speechmill.pipeline.audio import is_url, load_audio, local_path
 from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter_rows re-exported
     ORDER_KEY,
     SPLIT_ORDER,
@@ -162,8 +162,9 @@ def shard_slices(table: pa.Table, shard_size: int | None = None,
 
 
 def abs_audio_path(path: str) -> str:
-    """An absolute local path (records may hold paths relative to the run's cwd)."""
-    return path if is_url(path) else os.path.abspath(path)
+    """An absolute local path (records may hold paths relative to the run's cwd, or
+    ``file://`` URLs: a run directory given as one); other URLs as they are."""
+    return path if is_url(path) else os.path.abspath(local_path(path))
 
 
 def rel_or_abs(path: str, base: Path, relative: bool) -> str:

@@ -116,10 +116,45 @@ def _sources(urls: pa.Array) -> pa.Array:
     return pc.fill_null(pc.take(mapped, enc.indices), UNKNOWN)
 
 
+def _is_url(path: Any) -> bool:
+    from speechmill.pipeline.store import is_url
+
+    return isinstance(path, str) and is_url(path)
+
+
+def _schema(path: Any) -> pa.Schema:
+    """A part file's schema from its footer (a URL: ranged reads through fsspec)."""
+    if not _is_url(path):
+        return pq.read_schema(path)
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
+def _num_rows(path: Any) -> int:
+    if not _is_url(path):
+        return pq.ParquetFile(path).metadata.num_rows
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _read_columns(path: Any, columns: list[str]) -> pa.Table:
+    if not _is_url(path):
+        return pq.read_table(path, columns=columns)
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
 def read_dataset_part(path: str) -> Any:
     """One output part file as a pandas frame with :data:`FRAME_SCHEMA`'s columns: group
-    keys with nulls as ``(unknown)``, the ``scores`` struct's fields flattened."""
-    schema = pq.read_schema(path)
+    keys with nulls as ``(unknown)``, the ``scores`` struct's fields flattened. ``path``
+    may be a URL (a run directory on object storage)."""
+    schema = _schema(path)
     names = set(schema.names)
     want = [c for c in ("duration", "language", "speaker", "split", "source_url", "audio_path")
             if c in names]
@@ -130,7 +165,7 @@ def read_dataset_part(path: str) -> Any:
         scores_type = None
     for aliases in SCORE_COLUMNS.values():
         want += [a for a in aliases if a in names and a not in want]
-    t = pq.read_table(path, columns=want)
+    t = _read_columns(path, want)
     n = t.num_rows
     cols: dict[str, pa.Array] = {}
     cols["duration"] = (_floats(t.column("duration")) if "duration" in t.column_names
@@ -158,8 +193,8 @@ def read_dataset_part(path: str) -> Any:
 def read_rejects_part(path: str, stage_id: str) -> Any:
     """One rejects part file as a frame (stage, reason, duration); a missing stage is the
     directory's stage id, a missing reason ``(unknown)``."""
-    names = set(pq.read_schema(path).names)
-    t = pq.read_table(path, columns=[c for c in ("stage", "reason", "duration") if c in names])
+    names = set(_schema(path).names)
+    t = _read_columns(path, [c for c in ("stage", "reason", "duration") if c in names])
     n = t.num_rows
     stage = pc.fill_null(_strings(t, "stage"), stage_id)
     reason = pc.fill_null(_strings(t, "reason"), UNKNOWN)
@@ -197,27 +232,47 @@ def _parts(d: Path) -> list[Path]:
 
 @dataclass
 class RunLayout:
-    """What the run directory holds: stages in DAG order and their committed files."""
+    """What the run directory holds: stages in DAG order and their committed files.
+    ``store``: the run's :class:`~speechmill.pipeline.store.ObjectRunStore` when it is on
+    object storage (``root`` is then its URL, and part files are named by URL)."""
 
     root: Path
     info: dict[str, Any]
     dag: dict[str, Any]
     order: list[str]
     uses: dict[str, str] = field(default_factory=dict)
+    store: Any = None
 
     def stage_dir(self, sid: str) -> Path:
         return self.root / "stages" / sid
 
-    def outputs(self, sid: str) -> list[Path]:
+    def has_stage(self, sid: str) -> bool:
+        if self.store is not None:
+            return bool(self.store.has_stage_dir(sid))
+        return self.stage_dir(sid).is_dir()
+
+    def outputs(self, sid: str) -> list[Any]:
+        if self.store is not None:
+            return self.store.output_parts(sid)
         return _parts(self.stage_dir(sid))
 
-    def rejects(self, sid: str) -> list[Path]:
+    def rejects(self, sid: str) -> list[Any]:
+        if self.store is not None:
+            return self.store.reject_parts(sid)
         return _parts(self.stage_dir(sid) / "rejects")
 
     def done(self, sid: str) -> bool:
+        if self.store is not None:
+            return bool(self.store.is_done(sid))
         return (self.stage_dir(sid) / "_SUCCESS").exists()
 
     def metrics(self, sid: str) -> dict[str, Any]:
+        if self.store is not None:
+            try:
+                m = self.store.read_metrics(sid)
+            except (OSError, ValueError):
+                return {}
+            return m if isinstance(m, dict) else {}
         p = self.stage_dir(sid) / "metrics.json"
         try:
             return json.loads(p.read_text()) if p.exists() else {}
@@ -233,24 +288,16 @@ def _read_json(p: Path) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def load_layout(run_dir: str | os.PathLike[str]) -> RunLayout:
-    """Read ``dag.yaml``/``run.json`` (both optional) and list the stages in DAG order
-    (dependencies first, file order otherwise); stage directories the DAG does not name
-    come last."""
-    import yaml
+def _json_obj(b: bytes | None) -> dict[str, Any]:
+    try:
+        obj = json.loads(b) if b else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise ConfigError(f"no run directory {str(root)!r}")
-    if not any((root / n).exists() for n in ("stages", "run.json", "dag.yaml")):
-        raise ConfigError(f"{str(root)!r} is not a run directory (no stages/, run.json or "
-                          "dag.yaml)")
-    info = _read_json(root / "run.json")
-    dag: dict[str, Any] = {}
-    with contextlib.suppress(OSError, yaml.YAMLError):
-        raw = yaml.safe_load((root / "dag.yaml").read_text())
-        dag = raw if isinstance(raw, dict) else {}
-    specs = [s for s in (dag.get("stages") or []) if isinstance(s, dict) and s.get("id")]
+
+def _order(specs: list[dict[str, Any]]) -> list[str]:
+    """Stage ids in DAG order: dependencies first, file order otherwise."""
     by_id = {str(s["id"]): s for s in specs}
     order: list[str] = []
 
@@ -264,6 +311,63 @@ def load_layout(run_dir: str | os.PathLike[str]) -> RunLayout:
 
     for s in specs:
         visit(str(s["id"]), ())
+    return order
+
+
+def _dag_specs(text: bytes | str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import yaml
+
+    dag: dict[str, Any] = {}
+    with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError):
+        raw = yaml.safe_load(text) if text else None
+        dag = raw if isinstance(raw, dict) else {}
+    specs = [s for s in (dag.get("stages") or []) if isinstance(s, dict) and s.get("id")]
+    return dag, specs
+
+
+def _load_object_layout(url: str) -> RunLayout:
+    """:func:`load_layout` for a run directory on object storage (read through its store:
+    listings bypass fsspec's cache, so a report at the end of the run sees every part)."""
+    from speechmill.pipeline.store import open_store
+
+    store = open_store(url)
+    if not store.exists():
+        raise ConfigError(f"{url!r} is not a run directory (no run.json or stages/)")
+    info = _json_obj(store.read_root_file("run.json"))
+    dag, specs = _dag_specs(store.read_root_file("dag.yaml"))
+    order = _order(specs)
+    by_id = {str(s["id"]): s for s in specs}
+    extra = [sid for sid in store.stage_ids() if sid not in by_id]
+
+    def when(sid: str) -> tuple[str, str]:
+        m = store.read_metrics(sid) if store.is_done(sid) else None
+        return (str((m or {}).get("finished_at") or "~"), sid)
+
+    order += sorted(extra, key=when)
+    uses = {sid: str(by_id[sid].get("uses", "")) for sid in by_id}
+    return RunLayout(root=url, info=info, dag=dag, order=order,  # type: ignore[arg-type]
+                     uses=uses, store=store)
+
+
+def load_layout(run_dir: str | os.PathLike[str]) -> RunLayout:
+    """Read ``dag.yaml``/``run.json`` (both optional) and list the stages in DAG order
+    (dependencies first, file order otherwise); stage directories the DAG does not name
+    come last. ``run_dir`` may be a URL (``s3://bucket/run``: read through fsspec)."""
+    if _is_url(os.fspath(run_dir)):
+        return _load_object_layout(os.fspath(run_dir).rstrip("/"))
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ConfigError(f"no run directory {str(root)!r}")
+    if not any((root / n).exists() for n in ("stages", "run.json", "dag.yaml")):
+        raise ConfigError(f"{str(root)!r} is not a run directory (no stages/, run.json or "
+                          "dag.yaml)")
+    info = _read_json(root / "run.json")
+    text = None
+    with contextlib.suppress(OSError):
+        text = (root / "dag.yaml").read_text()
+    dag, specs = _dag_specs(text)
+    by_id = {str(s["id"]): s for s in specs}
+    order = _order(specs)
     stages_dir = root / "stages"
     if stages_dir.is_dir():
         extra = [p.name for p in stages_dir.iterdir() if p.is_dir() and p.name not in by_id]
@@ -284,7 +388,7 @@ def pick_dataset_stage(layout: RunLayout, stage: str | None = None,
     finished stage with no output rows at all (then the dataset is empty). None when no
     stage qualifies. Sinks are recognised by their ``metrics.json`` (``output_dir``)."""
     if stage:
-        if stage not in layout.order and not layout.stage_dir(stage).is_dir():
+        if stage not in layout.order and not layout.has_stage(stage):
             known = ", ".join(layout.order) or "none"
             raise ConfigError(f"no stage {stage!r} in this run (stages: {known})",
                               key="stage")
@@ -299,17 +403,17 @@ def pick_dataset_stage(layout: RunLayout, stage: str | None = None,
             continue
         for p in parts:
             with contextlib.suppress(OSError, pa.ArrowException):
-                if "duration" in pq.read_schema(p).names:
+                if "duration" in _schema(p).names:
                     return sid
     return None
 
 
-def _columns_present(parts: list[Path]) -> dict[str, bool]:
+def _columns_present(parts: list[Any]) -> dict[str, bool]:
     """Which report columns any part file has (footers only)."""
     have = dict.fromkeys(("duration", "language", "speaker", "source", "split",
                           *SCORE_COLUMNS), False)
     for p in parts:
-        s = pq.read_schema(p)
+        s = _schema(p)
         names = set(s.names)
         for c in ("duration", "language", "speaker", "split"):
             have[c] = have[c] or c in names
@@ -509,8 +613,8 @@ def compute_report(run_dir: str | os.PathLike[str], *, stage: str | None = None,
     stages = []
     for sid in layout.order:
         m = layout.metrics(sid)
-        out_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in layout.outputs(sid))
-        rej_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in layout.rejects(sid))
+        out_rows = sum(_num_rows(p) for p in layout.outputs(sid))
+        rej_rows = sum(_num_rows(p) for p in layout.rejects(sid))
         state = ("done" if layout.done(sid) else "running (this report)" if sid in
                  exclude_stages else "partial" if (out_rows or rej_rows) else "pending")
         stages.append({"stage": sid, "uses": layout.uses.get(sid) or m.get("uses"),
@@ -526,7 +630,8 @@ def compute_report(run_dir: str | os.PathLike[str], *, stage: str | None = None,
     return {
         "version": REPORT_VERSION,
         "run": {
-            "run_dir": str(Path(run_dir).resolve()),
+            "run_dir": (os.fspath(run_dir).rstrip("/") if layout.store is not None
+                        else str(Path(run_dir).resolve())),
             "name": info.get("name") or layout.dag.get("name"),
             "status": status,
             "attempt": info.get("attempt"),

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from speechmill.manifests.common import (
+    abs_audio_path,
     check_span,
     dumps_line,
     encode_audio,
@@ -211,8 +212,19 @@ def namer_for(table: pa.Table) -> ClipNamer:
 def published_dir(out_dir: Path, ctx: StageContext, output_root: str) -> Path:
     """Where ``out_dir`` ends up: the engine exports into ``.<id>.partial`` next to
     ``RUN_DIR/<output_root>/<id>`` and renames it afterwards, so absolute paths into the
-    export must name the final directory. Any other ``out_dir`` is its own final place."""
-    final = Path(os.path.abspath(Path(ctx.run_dir) / output_root / ctx.stage_id))
+    export must name the final directory. Any other ``out_dir`` is its own final place.
+    A ``file://`` run directory is a local one; on object storage (``s3://``) the export
+    is made in a local cache and uploaded, and only paths relative to it (or the media's
+    own URLs) resolve there."""
+    from speechmill.pipeline.audio import local_path
+    from speechmill.pipeline.store import is_url as is_run_url
+
+    run_dir = local_path(ctx.run_dir)
+    if is_run_url(run_dir):
+        return Path(os.path.abspath(out_dir))
+    final = Path(os.path.abspath(Path(run_dir) / output_root / ctx.stage_id))
+    if out_dir.name == f".{ctx.stage_id}.partial" and is_run_url(ctx.run_dir):
+        return final  # file://: made in the local cache, then copied there
     if (out_dir.name == f".{ctx.stage_id}.partial"
             and out_dir.parent.resolve() == final.parent.resolve()):
         return final  # abspath, not resolve(): relative paths survive moving the run dir
@@ -338,6 +350,16 @@ class NemoManifest(Stage):
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
         cfg = self.config
         out_dir = Path(out_dir)
+        if cfg.materialize and not cfg.tarred and cfg.paths == "absolute":
+            from speechmill.pipeline.audio import is_url as is_remote
+            from speechmill.pipeline.errors import ConfigError
+
+            if is_remote(self.ctx.run_dir):  # s3://...; file:// is a local directory
+                raise ConfigError(
+                    "paths: absolute with materialize: true names the clips by local path; "
+                    f"the run directory {self.ctx.run_dir!r} is on object storage, where "
+                    "the export is made locally and uploaded: use paths: relative",
+                    stage=self.ctx.stage_id, key="paths")
         pub_root = published_dir(out_dir, self.ctx, self.output_root)
         relative = cfg.paths == "relative"
         mode = "tarred" if cfg.tarred else "materialized" if cfg.materialize else "reference"
@@ -410,7 +432,7 @@ class NemoManifest(Stage):
             if not path:
                 rejects.append(reject(r, self.ctx.stage_id, "no_audio", "no audio_path"))
                 continue
-            if not is_url(path) and not os.path.isfile(path):
+            if not is_url(path) and not os.path.isfile(abs_audio_path(path)):
                 rejects.append(reject(r, self.ctx.stage_id, "unreadable",
                                       f"no such file: {path}"))
                 continue

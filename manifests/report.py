@@ -3,7 +3,8 @@
 It ignores its input rows (``needs:`` only orders it after the stages it reports on) and
 writes ``report.json``, the PNG plots and a self-contained ``index.html`` for the run
 directory into ``RUN_DIR/report/<stage id>/`` (see :mod:`speechmill.manifests.dataset_report`;
-``speechmill report RUN_DIR`` writes the same files into ``RUN_DIR/report/cli/``)::
+``speechmill report RUN_DIR`` writes the same files into ``RUN_DIR/report/cli/``). A run
+directory on object storage is read through fsspec; the engine uploads the files::
 
   - id: report
     uses: report
@@ -44,7 +45,6 @@ class Report(Stage):
     is_sink: ClassVar[bool] = True
     reads_inputs: ClassVar[bool] = False
     output_root: ClassVar[str] = "report"
-    local_run_dir_only: ClassVar[bool] = True  # the report reads RUN_DIR by local paths
 
     def export(self, inputs: pa.Table, out_dir: Path) -> SinkResult:
         from speechmill.manifests.dataset_report import build_report

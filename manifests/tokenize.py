@@ -10,7 +10,8 @@ k-means tokenizers (``kmeans-mel``, ``hubert-kmeans``) need a codebook: give one
 (``audio.codebook``) or let the driver-side ``prepare`` pass fit it on this stage's
 input (utterances in a seeded hash order until ``fit_max_frames`` frames are sampled).
 The fitted codebook is saved as ``RUN_DIR/models/<stage id>/codebook.npy`` (reuse it for
-other corpora with ``audio.codebook``) and reused on resume.
+other corpora with ``audio.codebook``) and reused on resume; on a run directory on object
+storage it is an object there, which every worker reads through fsspec.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from speechmill.manifests.tokenizers.base import (
 )
 from speechmill.pipeline.audio import AudioError
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageContext
+from speechmill.pipeline.store import is_url, open_store
 
 FITTED = ("kmeans-mel", "hubert-kmeans")
 
@@ -79,13 +81,19 @@ def _inputs_key(cfg: dict[str, Any], ids: pa.ChunkedArray | pa.Array) -> str:
     return h.hexdigest()[:16]
 
 
+def _root_path(store: Any, rel: str) -> str:
+    """``RUN_DIR/<rel>``: a local path, or the object's URL on object storage."""
+    if is_url(store.root):
+        return f"{store.url}/{rel}"
+    return str(Path(store.root) / rel)
+
+
 class Tokenize(Stage):
     name = "tokenize"
     description = "audio codes (k-means units, SNAC, Mimi, EnCodec, HuBERT units) + text ids"
     Config = TokenizeConfig
     resources = Resources(cpus=1)
     uses_model = True
-    local_run_dir_only = True  # the fitted codebook goes to RUN_DIR/models/ by local path
 
     @classmethod
     def gpu_share(cls, config: StageConfig) -> float:
@@ -127,11 +135,12 @@ class Tokenize(Stage):
         key = _inputs_key({"audio": a.model_dump(mode="json"),
                            "fit_max_utterances": config.fit_max_utterances},
                           inputs.column("id"))
-        run_dir = Path(ctx.run_dir) if ctx is not None else None
-        out = run_dir / "models" / ctx.stage_id if ctx is not None and run_dir else None
-        if out is not None and (out / "codebook.npy").exists() \
-                and (out / "fit_key").exists() and (out / "fit_key").read_text() == key:
-            return {"codebook": str(out / "codebook.npy")}
+        store = open_store(ctx.run_dir) if ctx is not None and ctx.run_dir else None
+        rel = f"models/{ctx.stage_id}" if ctx is not None else ""
+        # fit_key is written after the codebook: the key names a complete codebook
+        if store is not None and store.read_root_file(f"{rel}/fit_key") == key.encode() \
+                and store.read_root_file(f"{rel}/codebook.npy") is not None:
+            return {"codebook": _root_path(store, f"{rel}/codebook.npy")}
         tok = load_audio_tokenizer(a, offline=bool(ctx and ctx.offline))
         sr = tok.info.sample_rate
         rows = inputs.select([c for c in ("id", "audio_path", "offset", "duration")
@@ -148,16 +157,17 @@ class Tokenize(Stage):
 
         centroids = fit_codebook(tok, clips(), a)
         tok.close()
-        if out is None:  # unit tests without a run directory
+        meta = {"backend": a.backend, "fit_key": key, "n_units": a.n_units, "seed": a.seed}
+        if store is None:  # unit tests without a run directory
             import tempfile
 
-            out = Path(tempfile.mkdtemp(prefix="speechmill-codebook-"))
-        out.mkdir(parents=True, exist_ok=True)
-        save_codebook(out / "codebook.npy", centroids,
-                      {"backend": a.backend, "fit_key": key, "n_units": a.n_units,
-                       "seed": a.seed})
-        (out / "fit_key").write_text(key)
-        return {"codebook": str(out / "codebook.npy")}
+            path = str(Path(tempfile.mkdtemp(prefix="speechmill-codebook-")) / "codebook.npy")
+            save_codebook(path, centroids, meta)
+            return {"codebook": path}
+        path = _root_path(store, f"{rel}/codebook.npy")
+        save_codebook(path, centroids, meta)  # a local file, or an object (fsspec)
+        store.write_root_file(f"{rel}/fit_key", key.encode())
+        return {"codebook": path}
 
     def setup(self) -> None:
         from speechmill.manifests.tokenizers.base import (

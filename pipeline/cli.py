@@ -266,14 +266,10 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from speechmill.pipeline.store import is_url
+    from speechmill.pipeline.store import is_url, open_store
 
-    if is_url(args.run_dir):
-        print(f"speechmill: the report reads a local (or shared POSIX) run directory; "
-              f"{args.run_dir!r} is on object storage (not supported yet: `speechmill "
-              "status` works there)", file=sys.stderr)
-        return EXIT_CONFIG
-    if not os.path.isdir(args.run_dir):
+    url = is_url(args.run_dir)
+    if not url and not os.path.isdir(args.run_dir):
         print(f"speechmill: no run directory {args.run_dir!r}", file=sys.stderr)
         return EXIT_CONFIG
     from speechmill.pipeline import registry
@@ -284,9 +280,17 @@ def _report(args: argparse.Namespace) -> int:
     if args.out:  # a folder the user named: written into, never deleted
         out = Path(args.out)
         rep = report_stage.build(args.run_dir, out, atomic=False, **kw)
+        where = str(out.resolve() / "index.html")
+    elif url:  # made locally, then uploaded to RUN_DIR/report/cli/
+        store: Any = open_store(args.run_dir)
+        final = store.sink_dir("report", "cli")
+        scratch = store.export_scratch(final)
+        rep = report_stage.build(args.run_dir, scratch, atomic=False, **kw)
+        where = store.publish_export(scratch, final) + "/index.html"
     else:
         out = Path(args.run_dir) / "report" / "cli"
         rep = report_stage.build(args.run_dir, out, atomic=True, **kw)
+        where = str(out.resolve() / "index.html")
     from rich.markup import escape
 
     def hrs(h: float) -> str:
@@ -310,7 +314,7 @@ def _report(args: argparse.Namespace) -> int:
                       + ", ".join(f"{escape(r)} {a['rows']}" for r, a in top))
     for note in rep["notes"]:
         console.print(f"  [yellow]note[/]: {escape(note)}")
-    console.print(f"report: {escape(str((out / 'index.html').resolve()))}", soft_wrap=True)
+    console.print(f"report: {escape(where)}", soft_wrap=True)
     return 0
 
 

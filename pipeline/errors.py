@@ -34,6 +34,11 @@ class RunLockedError(SpeechmillError):
     """Another live process is running a DAG on the same run directory."""
 
 
+class LeaseLostError(RunLockedError):
+    """This run's lease on its run directory (on object storage) could not be renewed in
+    time or was taken over by another run: the run stops rather than write beside it."""
+
+
 class StageFailedError(SpeechmillError):
     """A stage cannot go on: its ``setup()`` failed, the run directory cannot be written,
     or it raised an error that no row is to blame for (disk full, a :class:`SpeechmillError`

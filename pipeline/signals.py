@@ -7,7 +7,9 @@ resumes. A second signal while that clean-up runs exits at once (still 130; comm
 batches are safe either way, each part is written whole or not at all).
 
 The stall watchdog interrupts the main thread through the same SIGINT handler
-(:func:`watchdog_interrupt_main`); that is not a user's signal and is not counted.
+(:func:`watchdog_interrupt_main`); that is not a user's signal and is not counted. So
+does a run's lost lease on an object-store run directory (:func:`raise_in_main`): the
+handler raises that error, and the run fails with it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from typing import Any
 EXIT_INTERRUPTED = 130
 
 _watchdog = threading.Event()
+#: errors other threads raise in the main thread through the SIGINT handler
+#: (:func:`raise_in_main`), and how many such interrupts are still to arrive
+_pending: list[BaseException] = []
+_expected = [0]
+_installed: list[GracefulSignals] = []
 
 
 def watchdog_interrupt_main() -> None:
@@ -30,6 +37,26 @@ def watchdog_interrupt_main() -> None:
 
     _watchdog.set()
     _thread.interrupt_main()
+
+
+def raise_in_main(exc: BaseException) -> bool:
+    """Raise ``exc`` in the main thread while a run's handlers are installed (a lost run
+    lease). Returns False, doing nothing, when they are not (no run in progress)."""
+    import _thread
+
+    if not _installed:
+        return False
+    _pending.append(exc)
+    _expected[0] += 1
+    _thread.interrupt_main()
+    return True
+
+
+def discard_pending(exc: BaseException) -> None:
+    """The main thread raised ``exc`` itself: the interrupt for it, when it comes, does
+    nothing."""
+    if exc in _pending:
+        _pending.remove(exc)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -62,6 +89,8 @@ class GracefulSignals:
             if current is not self._handle:
                 self._old.setdefault(sig, current)
                 signal.signal(sig, self._handle)
+        if self not in _installed:
+            _installed.append(self)
         return self
 
     def restore(self) -> None:
@@ -70,6 +99,8 @@ class GracefulSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self._old.clear()
+        if self in _installed:
+            _installed.remove(self)
 
     def __enter__(self) -> GracefulSignals:
         return self.install()
@@ -78,6 +109,11 @@ class GracefulSignals:
         self.restore()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and _expected[0] > 0:  # from raise_in_main
+            _expected[0] -= 1
+            if _pending:
+                raise _pending.pop(0)
+            return  # the main thread raised it already
         if signum == signal.SIGINT and _watchdog.is_set():
             _watchdog.clear()
             raise KeyboardInterrupt("stall watchdog")

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speechmill.pipeline.errors import ConfigError, RunLockedError
+from speechmill.pipeline.errors import ConfigError, LeaseLostError, RunLockedError
 from speechmill.pipeline.records import REJECT_SCHEMA, concat
 
 # s3://..., gs://..., abfs://..., file://... and fsspec chains (simplecache::s3://...)
@@ -579,8 +579,16 @@ class ObjectRunStore(RunStore):
         return self._list_parts(self.rejects_dir(stage_id))
 
     # -- writing: whole objects ---------------------------------------------------------
+    def _fence(self) -> None:
+        """Raise :class:`LeaseLostError` instead of writing when this process holds the
+        run's lease and lost it (another run may write here now)."""
+        lease = _LEASES.get(self.url)
+        if lease is not None:
+            lease.check()
+
     def put_file(self, local: str | os.PathLike[str], fs_path: str) -> str:
         """Upload a finished local file as one object; returns its URL."""
+        self._fence()
         self.fs.put_file(os.fspath(local), fs_path)
         return self.to_url(fs_path)
 
@@ -591,10 +599,12 @@ class ObjectRunStore(RunStore):
         files = sorted((p for p in root.rglob("*") if p.is_file()),
                        key=lambda p: (p.name in ("_SUCCESS", "metrics.json"), str(p)))
         for p in files:
+            self._fence()
             self.fs.put_file(str(p), f"{fs_path}/{p.relative_to(root).as_posix()}")
         return self.to_url(fs_path)
 
     def _put_bytes(self, fs_path: str, data: bytes) -> None:
+        self._fence()
         self.fs.pipe_file(fs_path, data)
 
     def local_media_dir(self, stage_id: str) -> Path:
@@ -630,6 +640,7 @@ class ObjectRunStore(RunStore):
         tmp = self.scratch_dir() / f".{uuid.uuid4().hex}.parquet.tmp"
         try:
             pq.write_table(table, tmp, compression="zstd")
+            self._fence()
             self.fs.put_file(str(tmp), fs_path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -676,6 +687,7 @@ class ObjectRunStore(RunStore):
         p = self.fs_path(path)
         if not p.startswith(self.base + "/"):
             raise ValueError(f"{path!r} is outside the run directory {self.url!r}")
+        self._fence()
         self.fs.invalidate_cache(p)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(p, recursive=True)
@@ -705,6 +717,7 @@ class ObjectRunStore(RunStore):
         self._put_parquet(f"{self.stage_dir(stage_id)}/{name}", table)
 
     def remove_part(self, part: Any) -> None:
+        self._fence()
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.fs_path(part))
 
@@ -817,6 +830,10 @@ class ObjectRunStore(RunStore):
         return None if b is None else json.loads(b)
 
     def write_run(self, info: dict[str, Any]) -> None:
+        try:
+            self._fence()
+        except LeaseLostError:
+            return  # run.json is the other run's now (the run is stopping with the error)
         self._put_bytes(self._p("run.json"), (json.dumps(info, indent=2) + "\n").encode())
 
     def lock(self, ttl_s: float | None = None) -> ObjectRunLock:  # type: ignore[override]
@@ -828,10 +845,19 @@ class ObjectRunLock:
 
     Created with a conditional PUT (S3 ``If-None-Match: *``): of two runs starting on the
     same prefix exactly one creates it, the other is refused. The holder renews it every
-    ``ttl_s / 3`` from a thread, each renewal a PUT with ``If-Match`` on the ETag it last
-    wrote, so a run that lost its lease notices (``lost`` is set). A run that died without
-    releasing leaves an object whose expiry passes after ``ttl_s``; the next run takes it
-    over with ``If-Match`` on that stale ETag, so of two runs taking over one wins.
+    ``ttl_s / 3`` (at most 10 s) from a thread, each renewal a PUT with ``If-Match`` on the
+    ETag it last wrote. A run that died without releasing leaves an object whose expiry
+    passes after ``ttl_s``; the next run takes it over with ``If-Match`` on that stale
+    ETag, so of two runs taking over one wins.
+
+    A lost lease stops the run: when a renewal finds the lease taken over (or deleted),
+    or the store refused renewals until the lease expired, ``lost`` holds a
+    :class:`LeaseLostError` naming the run directory and the new holder, the renewal
+    thread raises it in the main thread (through the run's SIGINT handler), and every
+    write of an :class:`ObjectRunStore` of this run in this process raises it instead of
+    writing (:meth:`check`, the fence; a write when the lease may have expired unnoticed,
+    e.g. after the process was paused, renews first). Workers in other processes (Ray)
+    are not fenced: they stop with the run's executor.
 
     Stores: AWS S3 honours both conditions (``If-None-Match`` since Aug 2024, ``If-Match``
     on PUT since Nov 2024), as does moto (tested); where the filesystem cannot send them
@@ -840,13 +866,19 @@ class ObjectRunLock:
     """
 
     def __init__(self, store: ObjectRunStore, ttl_s: float = LOCK_TTL_S) -> None:
+        import threading
+
         self.store = store
         self.fs = store.fs
         self.path = store._p("run.lock")
         self.ttl_s = ttl_s
         self.owner = uuid.uuid4().hex
         self.etag: str | None = None
-        self.lost = False
+        #: the error this run stops with once the lease is lost (None while it holds it)
+        self.lost: LeaseLostError | None = None
+        #: until when the lease is surely ours: the last renewal's send time + ttl_s
+        self.valid_until = 0.0
+        self._mutex = threading.Lock()
         self._stop: Any = None
         self._thread: Any = None
         self._conditional = type(self.fs).__module__.startswith("s3fs")
@@ -875,6 +907,7 @@ class ObjectRunLock:
 
     def __enter__(self) -> ObjectRunLock:
         for _ in range(3):
+            t0 = time.time()
             try:
                 self.etag = self._put(mode="create")
                 break
@@ -891,6 +924,7 @@ class ObjectRunLock:
                 other = {}
             if float(other.get("expires", 0)) > time.time():
                 raise self._refused(other)
+            t0 = time.time()
             try:  # expired lease: take it over, only if nobody else did first
                 self.etag = self._put(IfMatch=info.get("ETag", "")) if self._conditional \
                     else self._put()
@@ -901,8 +935,82 @@ class ObjectRunLock:
                 continue
         else:
             raise RunLockedError(f"could not lock {self.store.to_url(self.path)!r}")
+        self.valid_until = t0 + self.ttl_s
+        _LEASES[self.store.url] = self
         self._start_renewal()
         return self
+
+    # -- holding it: renewal, and the fence every write of this process goes through ------
+    def _holder(self) -> dict[str, Any] | None:
+        """Who the lease object names now (None: it is gone)."""
+        self.fs.invalidate_cache(self.path)
+        try:
+            return json.loads(self.fs.cat_file(self.path) or b"{}")
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def _lose(self, why: str) -> LeaseLostError:
+        self.lost = LeaseLostError(
+            f"run directory {self.store.url!r}: this run lost its lease "
+            f"{self.store.to_url(self.path)!r}: {why}. It stops here so that two runs never "
+            "write to the same run directory; every batch it committed is kept. Rerun once "
+            "the other run has finished (or stop it), and the rerun resumes")
+        return self.lost
+
+    def _taken_over(self) -> LeaseLostError:
+        other = self._holder()
+        late = time.time() - (self.valid_until - self.ttl_s)
+        if other is None:
+            return self._lose("the lease object was deleted")
+        return self._lose(
+            f"it was taken over by pid {other.get('pid')} on {other.get('host')} "
+            f"(owner {other.get('owner')}) after this run had not renewed it for "
+            f"{late:.0f} s (TTL {self.ttl_s:g} s)")
+
+    def _renew(self) -> None:
+        """Renew now (under the mutex); raises :class:`LeaseLostError` when the lease is
+        gone, or could not be renewed before it expired."""
+        with self._mutex:
+            if self.lost is not None:
+                raise self.lost
+            t0 = time.time()
+            try:
+                if self._conditional:
+                    self.etag = self._put(**({"IfMatch": self.etag} if self.etag else {}))
+                else:  # check-then-write: notices a takeover, cannot exclude a race
+                    other = self._holder()
+                    if (other or {}).get("owner") != self.owner:
+                        raise self._taken_over()
+                    self.etag = self._put()
+            except LeaseLostError:
+                raise
+            except Exception as e:
+                if _is_precondition_failed(e) or isinstance(e, FileNotFoundError):
+                    raise self._taken_over() from None
+                if time.time() < self.valid_until:
+                    return  # the store is unreachable for now: retried until expiry
+                raise self._lose(
+                    f"it could not be renewed before it expired ({type(e).__name__}: "
+                    f"{e}); another run may have taken it over since") from None
+            self.valid_until = t0 + self.ttl_s
+
+    def check(self) -> None:
+        """The fence: raises :class:`LeaseLostError` when the lease is lost. A write
+        when the lease may have expired (the process was paused, the renewal thread
+        starved) first renews it, so nothing is written once another run may hold it."""
+        if self.lost is not None:
+            raise self.lost
+        if time.time() < self.valid_until - self.ttl_s / 6:
+            return
+        try:
+            self._renew()
+        except LeaseLostError as e:
+            from speechmill.pipeline.signals import discard_pending
+
+            discard_pending(e)  # raised here: the renewal thread's interrupt is moot
+            raise
 
     def _start_renewal(self) -> None:
         import threading
@@ -910,12 +1018,18 @@ class ObjectRunLock:
         self._stop = threading.Event()
 
         def renew() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
+            from speechmill.pipeline.signals import raise_in_main
+
+            while not self._stop.wait(min(self.ttl_s / 3, 10.0)
+                                      if time.time() < self.valid_until - self.ttl_s / 2
+                                      else 1.0):  # retry soon while renewals fail
                 try:
-                    cond = {"IfMatch": self.etag} if self._conditional and self.etag else {}
-                    self.etag = self._put(**cond)
-                except Exception:  # taken over, or the store is unreachable
-                    self.lost = True
+                    self._renew()
+                except LeaseLostError as e:
+                    # stop the run: the main thread raises it (writes of this process
+                    # are fenced by check() meanwhile)
+                    if not self._stop.is_set():
+                        raise_in_main(e)
                     return
 
         self._thread = threading.Thread(target=renew, name="speechmill-lease", daemon=True)
@@ -925,7 +1039,9 @@ class ObjectRunLock:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=10)
-        if self.lost:
+        if _LEASES.get(self.store.url) is self:
+            del _LEASES[self.store.url]
+        if self.lost is not None:
             return  # someone else holds it now: leave their lease alone
         try:
             self.fs.invalidate_cache(self.path)
@@ -934,3 +1050,8 @@ class ObjectRunLock:
                 self.fs.rm_file(self.path)
         except (FileNotFoundError, json.JSONDecodeError):
             pass
+
+
+#: the leases this process holds, by run directory URL: every ObjectRunStore of that run
+#: in this process writes only through their fence (:meth:`ObjectRunLock.check`)
+_LEASES: dict[str, ObjectRunLock] = {}
