@@ -438,7 +438,8 @@ class Download(Stage):
             raise Reject(e.reason, e.detail) from None
         o = self.config.ytdlp_options
         outdir = self.ctx.media_dir / "ytdlp"
-        archive = Path(o.archive) if o.archive else Path(self.ctx.run_dir) / "ytdlp-archive.txt"
+        archive = Path(o.archive) if o.archive else _run_local_dir(self.ctx.run_dir) / (
+            "ytdlp-archive.txt")
         opts: dict[str, Any] = {
             "format": o.format, "outtmpl": str(outdir / "%(extractor_key)s-%(id)s.%(ext)s"),
             "restrictfilenames": True, "windowsfilenames": True, "quiet": True,
@@ -659,3 +660,11 @@ def _append_archive(path: Path, key: str, done: set[str]) -> None:
         with open(path, "a") as f:
             f.write(key + "\n")
         done.add(key)
+
+
+def _run_local_dir(run_dir: str) -> Path:
+    """Where this run keeps local files: the run dir itself, or for a run dir on object
+    storage the node's local cache of it (yt-dlp's archive only saves re-downloads)."""
+    from speechmill.pipeline.store import is_url, local_cache_dir
+
+    return local_cache_dir(run_dir) if is_url(run_dir) else Path(run_dir)

@@ -274,6 +274,8 @@ _PLAN_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int64()),
 
 
 class DialogueGenerate(Stage):
+    #: its LLM cache and dedup index live under RUN_DIR by local path (URL run dirs: refused)
+    local_run_dir_only: ClassVar[bool] = True
     name = "dialogue_generate"
     description = ("source: multi-turn user/assistant dialogues from an LLM (topics x "
                    "personas x styles), validated, QC'd and near-deduplicated")

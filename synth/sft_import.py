@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -229,6 +229,8 @@ def _cut(turns: list[dict[str, str]], max_turns: int | None) -> list[dict[str, s
 
 
 class SftImport(Stage):
+    #: its LLM cache lives under RUN_DIR by local path (URL run dirs: refused)
+    local_run_dir_only: ClassVar[bool] = True
     name = "sft_import"
     description = ("source: dialogues from text SFT sets (ShareGPT, OpenAI messages, Alpaca, "
                    "UltraChat; JSON/JSONL/Parquet, fsspec, HF hub) with content QC")

@@ -36,7 +36,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -138,6 +138,8 @@ class SpeechRewriteConfig(StageConfig):
 
 
 class SpeechRewrite(Stage):
+    #: its LLM cache lives under RUN_DIR by local path (URL run dirs: refused)
+    local_run_dir_only: ClassVar[bool] = True
     name = "speech_rewrite"
     description = ("rewrite dialogue turns for speech: rules (numbers, dates, units, "
                    "markdown) or an LLM prompt")

@@ -134,6 +134,8 @@ def assistant_bank_voice(config: TTSStageConfig, bank: Any) -> str | None:
 
 
 class TTS(Stage):
+    #: a voice bank named by stage id is found under RUN_DIR by local path (URL run dirs: refused)
+    local_run_dir_only: ClassVar[bool] = True
     name = "tts"
     description = "speak dialogue turns (voice bank, cloning / preset TTS) with QC and retries"
     Config = TTSStageConfig

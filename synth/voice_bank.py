@@ -221,6 +221,8 @@ def estimate_f0(x: np.ndarray, sr: int) -> float | None:
 
 
 class VoiceBank(Stage):
+    #: the bank is published under RUN_DIR by local path (URL run dirs: refused)
+    local_run_dir_only: ClassVar[bool] = True
     name = "voice_bank"
     description = "voice bank for dialogue synthesis: best prompt clips per speaker (sink)"
     Config = VoiceBankConfig

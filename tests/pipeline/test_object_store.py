@@ -101,6 +101,29 @@ def test_cli_refuses_unknown_url_run_dir_and_writes_nothing(tmp_path: Path) -> N
     assert os.listdir(cwd) == []  # no `nosuchfs:` directory, nothing at all
 
 
+@pytest.mark.parametrize("uses", ["sft_import", "speech_rewrite", "dialogue_generate",
+                                  "voice_bank", "tts"])
+def test_stages_that_keep_local_files_are_refused_on_a_url_run_dir(
+        uses: str, tmp_path: Path) -> None:
+    """Stages that keep caches or a published bank under the run dir by local path stop
+    before anything runs (they would write a local ``s3:`` directory), naming the stage."""
+    from types import SimpleNamespace
+
+    from speechmill.pipeline.registry import get
+    from speechmill.pipeline.runner import check_store_support
+
+    cls = get(uses)
+    assert cls.local_run_dir_only
+    url = "file:///nonexistent/run"
+    dag = SimpleNamespace(run_dir=url, stages=[
+        SimpleNamespace(id="ingest", spec=SimpleNamespace(uses="ingest"), cls=get("ingest")),
+        SimpleNamespace(id="the_stage", spec=SimpleNamespace(uses=uses), cls=cls)])
+    with pytest.raises(ConfigError) as ei:
+        check_store_support(dag, RunStore(url))  # type: ignore[arg-type]
+    assert "stage 'the_stage', key 'run_dir'" in str(ei.value)
+    assert "object storage" in str(ei.value)
+
+
 # -- the store's object-storage half, against a real S3 server (moto) on 127.0.0.1 -------
 # The commit semantics and the lock, store by store (a whole run: test_object_store_run.py).
 
