@@ -321,8 +321,9 @@ def _stats_row(stage_id: str, stats: dict[str, Any]) -> pa.Table:
                      "stats": pa.array([json.dumps({"stage": stage_id, **stats})])})
 
 
-def read_tagged(items: list[tuple[Any, Any]], to: int, stage_id: str) -> Any:
-    """Worker side: read one group of upstream units for member ``to``."""
+def read_tagged(items: list[tuple[Any, Any]], to: int, stage_id: str, size: int = 256) -> Any:
+    """Worker side: read one group of upstream units for member ``to``, in blocks of
+    ``size`` rows (its batch size: each block can go to another worker)."""
     from speechmill.pipeline.store import read_unit
 
     try:
@@ -330,11 +331,11 @@ def read_tagged(items: list[tuple[Any, Any]], to: int, stage_id: str) -> Any:
     except Exception as e:  # e.g. an unreadable upstream part: the chain cannot go on
         yield _stats_row(stage_id, {"fatal": fatal_info(e, "read")})
         return
-    for a in range(0, t.num_rows, 256):
-        yield _records(t.slice(a, 256), to)
+    for a in range(0, t.num_rows, size):
+        yield _records(t.slice(a, size), to)
 
 
-def _tagged_source(tasks: list[tuple[list[tuple[Any, Any]], int, str]]) -> Any:
+def _tagged_source(tasks: list[tuple[list[tuple[Any, Any]], int, str, int]]) -> Any:
     import functools
 
     from ray.data import Datasource, ReadTask
@@ -347,8 +348,8 @@ def _tagged_source(tasks: list[tuple[list[tuple[Any, Any]], int, str]]) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None)
-            return [ReadTask(functools.partial(read_tagged, g, to, sid), meta)
-                    for g, to, sid in tasks]
+            return [ReadTask(functools.partial(read_tagged, g, to, sid, size), meta)
+                    for g, to, sid, size in tasks]
 
     return _Tagged()
 
@@ -366,40 +367,46 @@ class _Step:
         self.store = RunStore(ctx.run_dir)
         self.stage, self.fatal = _set_up(st.cls, st.config, ctx)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Any:
+        """A generator: each batch's stats and outputs leave as their own block at once, so
+        the next operator starts on them while this one goes on."""
         import pyarrow.compute as pc
 
         from speechmill.pipeline.executors import _from_ipc, batches_of
 
         mine = pc.equal(batch.column("to"), self.k)
-        out = [batch.filter(pc.invert(mine))]
+        other = batch.filter(pc.invert(mine))
+        if other.num_rows:
+            yield other
         rows = batch.filter(mine).column("ipc").to_pylist()
-        if rows:
-            if self.fatal is not None:
-                return concat([*out, _stats_row(self.sid, {"fatal": self.fatal})])
-            t = concat([_from_ipc(r) for r in rows])
-            for b in batches_of(t, self.size, self.seconds):
-                try:
-                    stats = _timed_batch(self.stage, b, self.store)
-                except Exception as e:
-                    self.fatal = fatal_info(e, "batch")
-                    out.append(_stats_row(self.sid, {"fatal": self.fatal}))
-                    break
-                out.append(_stats_row(self.sid, stats))
-                if not self.last:
-                    o = committed_outputs(self.store, self.sid, b, stats)
-                    if o is not None and o.num_rows:
-                        out.append(_records(o, self.k + 1))
-        return concat(out)
+        if not rows:
+            return
+        if self.fatal is not None:
+            yield _stats_row(self.sid, {"fatal": self.fatal})
+            return
+        t = concat([_from_ipc(r) for r in rows])
+        for b in batches_of(t, self.size, self.seconds):
+            try:
+                stats = _timed_batch(self.stage, b, self.store)
+            except Exception as e:
+                self.fatal = fatal_info(e, "batch")
+                yield _stats_row(self.sid, {"fatal": self.fatal})
+                return
+            out = [_stats_row(self.sid, stats)]
+            if not self.last:
+                o = committed_outputs(self.store, self.sid, b, stats)
+                if o is not None and o.num_rows:
+                    out.append(_records(o, self.k + 1))
+            yield concat(out)
 
 
 def _step_task(batch: pa.Table, k: int, last: bool, st: PlannedStage,
-               ctx: StageContext) -> pa.Table:
+               ctx: StageContext) -> Any:
     key = (k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
     step = _TASK_STEPS.get(key)
     if step is None:
         step = _TASK_STEPS[key] = _Step(k, last, st, ctx)
-    return step(batch)
+    yield from step(batch)
 
 
 _TASK_STEPS: dict[tuple[int, bool, str, str, str], _Step] = {}  # per task worker
@@ -425,14 +432,20 @@ def _run_ray(exe: Any, members: list[_Member], store: RunStore, wave_rows: int,
 
     from speechmill.pipeline.runner import STREAM_GROUP_ROWS
 
-    tasks: list[tuple[list[tuple[Any, Any]], int, str]] = []
+    tasks: list[tuple[list[tuple[Any, Any]], int, str, int]] = []
     for k in range(len(members) - 1, -1, -1):  # backlogs nearest the end first
         m = members[k]
         if m.inp.pending:
             target = max(m.st.batch_size, min(STREAM_GROUP_ROWS, -(-m.inp.pending // 8)))
-            tasks.extend((g, k, m.id) for g in m.inp.groups(target))
+            tasks.extend((g, k, m.id, max(1, m.st.batch_size))
+                         for g in m.inp.groups(target))
     if not tasks:
         return True
+    # every batch an operator yields leaves as its own block (Ray Data would otherwise
+    # gather a call's yields into one block of up to 128 MiB, so the next operator
+    # could start only when the whole call ended): rows here are small records
+    dctx = ray.data.DataContext.get_current()
+    dctx.target_max_block_size = 1
     ds = ray.data.read_datasource(_tagged_source(tasks), override_num_blocks=len(tasks),
                                   num_cpus=0.25)
     fitted = fit_resources([m.st for m in members], exe.cluster_cpus, exe.cluster_gpus)
