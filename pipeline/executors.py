@@ -230,6 +230,14 @@ def _drain(ds: Any, on_stats: StatsFn, stage_id: str) -> Exception | None:
     """Pass every batch's stats on as the pipeline yields them. Returns the Ray error
     when a worker process died (segfault, OOM kill, lost node) more often than retried;
     raises :class:`StageFailedError` for a worker's fatal or an application error."""
+    return drain_rows(ds, stage_id, lambda row: _deliver(row["stats"], on_stats, stage_id))
+
+
+def drain_rows(ds: Any, stage_id: str, on_row: Callable[[dict[str, Any]], None]
+               ) -> Exception | None:
+    """Hand each row of ``ds`` to ``on_row`` as the pipeline yields it. Returns the Ray
+    error when a worker process died; an application error in a worker is raised as
+    :class:`StageFailedError` of ``stage_id``; the pipeline stops when this returns."""
     rows = iter(ds.iter_rows())
     try:
         while True:
@@ -243,7 +251,7 @@ def _drain(ds: Any, on_stats: StatsFn, stage_id: str) -> Exception | None:
                     return e
                 raise StageFailedError(stage_id, f"{app[0]}: {app[1]}", cause_type=app[0],
                                        cause=app[1]) from e
-            _deliver(row["stats"], on_stats, stage_id)
+            on_row(row)
     finally:
         # stop the pipeline now (Ray Data shuts its executor down when the iterator
         # closes): left running after a failure, its thread keeps scheduling work until

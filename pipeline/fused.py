@@ -479,34 +479,15 @@ def _drain_stats(ds: Any, by_id: dict[str, _Member], on_stats: Any) -> Exception
     """Driver side: pass each stats record to its member as the pipeline yields it.
     Returns the Ray error when a worker process died; raises a member's fatal or an
     application error as :class:`StageFailedError` (as the executor's ``_drain``)."""
-    import contextlib
+    from speechmill.pipeline.executors import drain_rows
 
-    from speechmill.pipeline.errors import StageFailedError
-    from speechmill.pipeline.executors import ray_application_error
+    def on_row(row: dict[str, Any]) -> None:
+        if row["to"] != _TO_DRIVER:
+            return
+        stats = json.loads(row["stats"])
+        m = by_id[stats.pop("stage")]
+        if "fatal" in stats:
+            raise stage_failed(m.id, stats["fatal"])
+        on_stats(m, stats)
 
-    head = next(iter(by_id))
-    rows = iter(ds.iter_rows())
-    try:
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return None
-            except Exception as e:
-                app = ray_application_error(e)
-                if app is None:
-                    return e
-                raise StageFailedError(head, f"{app[0]}: {app[1]}", cause_type=app[0],
-                                       cause=app[1]) from e
-            if row["to"] != _TO_DRIVER:
-                continue
-            stats = json.loads(row["stats"])
-            m = by_id[stats.pop("stage")]
-            if "fatal" in stats:
-                raise stage_failed(m.id, stats["fatal"])
-            on_stats(m, stats)
-    finally:
-        close = getattr(rows, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
+    return drain_rows(ds, next(iter(by_id)), on_row)
