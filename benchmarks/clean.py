@@ -305,11 +305,13 @@ def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: 
         {"id": "diarize", "uses": "diarize", "needs": ["standardize"]},
         {"id": "segment", "uses": "segment", "needs": ["diarize"],
          "with": segment_cfg(args)},
-        {"id": "link_speakers", "uses": "link_speakers", "needs": ["segment"]},
-        {"id": "transcribe", "uses": "transcribe", "needs": ["link_speakers"],
+        {"id": "transcribe", "uses": "transcribe", "needs": ["segment"],
          "with": transcribe_cfg(args, args.cpu_threads)},
         {"id": "annotate", "uses": "annotate", "needs": ["transcribe"],
          "with": annotate_cfg(args)},
+        # last, as in the loop: its prepare() reads every segment, so anywhere earlier
+        # it would split the per-file stages into two pipelines
+        {"id": "link_speakers", "uses": "link_speakers", "needs": ["annotate"]},
     ]
     text = common.dag_yaml("bench-clean", run_dir, stages, "ray", num_cpus=workers)
     return text.replace("executor:\n", f"executor:\n  fuse: {str(fuse).lower()}\n", 1)

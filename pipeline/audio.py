@@ -438,6 +438,44 @@ def load_audio(path: str, offset: float = 0.0, duration: float | None = None,
     return x, sr
 
 
+class AudioReader:
+    """Samples ``[a, b)`` (mono float32 at ``sample_rate``, counted from ``offset``) of one
+    stretch of a file, for code that walks a long recording piece by piece. Reads go
+    through :func:`load_audio` (which seeks) and keep the last ``span_s`` seconds read,
+    so walking forward in short pieces decodes each part of the file once and memory
+    stays at one span however long the file is. ``n`` is the stretch's length in
+    samples (from ``duration``); a read past the decoded end comes back short.
+    Raises :class:`AudioError` as :func:`load_audio` does."""
+
+    def __init__(self, path: str, offset: float, duration: float, sample_rate: int,
+                 span_s: float = 60.0, storage_options: dict[str, Any] | None = None
+                 ) -> None:
+        self.path = path
+        self.offset = float(offset)
+        self.sample_rate = int(sample_rate)
+        self.n = int(round(float(duration) * self.sample_rate))
+        self.span = max(1, int(span_s * self.sample_rate))
+        self.storage_options = storage_options
+        self._buf = np.zeros(0, np.float32)
+        self._at = 0
+        #: samples decoded so far (each part of the file once when walked forward)
+        self.decoded = 0
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        a, b = max(0, int(a)), min(int(b), self.n)
+        if b <= a:
+            return np.zeros(0, np.float32)
+        if not (self._at <= a and b <= self._at + self._buf.shape[0]):
+            length = min(max(b - a, self.span), self.n - a)
+            self._buf = np.zeros(0, np.float32)  # let the old span go before decoding
+            self._buf, _ = load_audio(self.path, self.offset + a / self.sample_rate,
+                                      length / self.sample_rate, self.sample_rate,
+                                      self.storage_options)
+            self._at = a
+            self.decoded += self._buf.shape[0]
+        return self._buf[a - self._at: b - self._at]
+
+
 class StreamResampler:
     """Chunked soxr resampling of a mono stream; ``flush()`` returns the tail."""
 

@@ -65,6 +65,11 @@ class ExecutorSpec(BaseModel):
     fuse: bool = Field(
         True, description="run consecutive row-local stages as one streamed pipeline "
         "(false: every stage finishes before the next starts, for debugging)")
+    colocate: bool | None = Field(
+        None, description="run every stage of a fused chain in the same Ray workers "
+        "(one operator, a pool of one worker per CPU, each holding every stage's model) "
+        "instead of one operator per stage; default: only on a single machine of fewer "
+        "than 4 CPUs with no GPU stage and no stage with its own `concurrency`")
     wave_rows: int = Field(
         200_000, ge=1, description="input rows a stage holds in memory at once where it "
         "runs in waves (local executor; Ray after a worker died; each wave starts its "

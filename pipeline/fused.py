@@ -32,6 +32,7 @@ the row that kills its worker).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ def run_chain(dag: Dag, chain: list[PlannedStage], store: RunStore, exe: Any, *,
 
         try:
             if getattr(exe, "streams", False):
-                streamed = _run_ray(exe, members, store, dag.spec.executor.wave_rows,
+                streamed = _run_ray(exe, members, store, dag.spec.executor.colocate,
                                     on_stats)
             else:
                 _run_local(members, store, dag.spec.executor.wave_rows, on_stats)
@@ -417,19 +418,76 @@ def fit_resources(members: list[PlannedStage], cpus: float, gpus: float
     """Each member's worker reservation, scaled down (CPUs and GPUs separately) when one
     worker of every member would not fit the cluster at once: every operator of the
     pipeline must be able to run, or the stream would wait forever."""
+    from speechmill.pipeline.executors import READ_TASK_CPUS
+
     res = [st.resources for st in members]
-    need_c = sum(r.cpus for r in res) + 0.25  # + the read tasks
+    need_c = sum(r.cpus for r in res)
     need_g = sum(r.gpus for r in res) if gpus > 0 else 0.0
-    fc = min(1.0, cpus / need_c) if need_c > 0 else 1.0
+    # the read tasks keep their share: the members' reservations fit in what is left
+    fc = min(1.0, (cpus - READ_TASK_CPUS) / need_c) if need_c > 0 else 1.0
     fg = min(1.0, gpus / need_g) if need_g > 0 else 1.0
     return [Resources(cpus=r.cpus * fc, gpus=(r.gpus * fg if gpus > 0 else 0.0),
                       memory_gb=r.memory_gb) for r in res]
 
 
-def _run_ray(exe: Any, members: list[_Member], store: RunStore, wave_rows: int,
+def colocated(members: list[PlannedStage], exe: Any, setting: bool | None) -> bool:
+    """Whether a chain runs as one operator whose workers hold every member
+    (``executor.colocate``; by default on a small single machine with no GPU stage and
+    no member with its own ``concurrency``)."""
+    from speechmill.pipeline.executors import SMALL_CLUSTER_CPUS
+
+    if setting is not None:
+        return setting
+    return (exe.single_node and exe.cluster_cpus < SMALL_CLUSTER_CPUS
+            and not any(st.resources.gpus > 0 or st.spec.concurrency for st in members))
+
+
+class _Chain:
+    """Every member of a chain in one worker (``executor.colocate``): each Ray batch goes
+    through the members in order, each running the rows tagged for it and passing its
+    committed outputs to the next within the call; stats leave at once. One worker per
+    CPU then works like one plain loop per CPU (models that members share are loaded
+    once per process; nothing waits on another process), while each member still
+    commits its own parts and rejects batch by batch."""
+
+    def __init__(self, specs: list[tuple[int, bool, PlannedStage, StageContext]]) -> None:
+        self.steps = [_Step(k, last, st, ctx) for k, last, st, ctx in specs]
+
+    def __call__(self, batch: pa.Table) -> Any:
+        import pyarrow.compute as pc
+
+        cur = [batch]
+        for step in self.steps:
+            nxt: list[pa.Table] = []
+            for t in cur:
+                for out in step(t):
+                    drv = pc.equal(out.column("to"), _TO_DRIVER)
+                    if pc.any(drv).as_py():
+                        yield out.filter(drv)
+                    rest = out.filter(pc.invert(drv))
+                    if rest.num_rows:
+                        nxt.append(rest)
+            cur = nxt
+
+
+def _chain_task(batch: pa.Table, specs: list[tuple[int, bool, PlannedStage, StageContext]]
+                ) -> Any:
+    key = tuple((k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
+                for k, last, st, ctx in specs)
+    chain = _TASK_CHAINS.get(key)
+    if chain is None:
+        chain = _TASK_CHAINS[key] = _Chain(specs)
+    yield from chain(batch)
+
+
+_TASK_CHAINS: dict[tuple[Any, ...], _Chain] = {}  # per task worker
+
+
+def _run_ray(exe: Any, members: list[_Member], store: RunStore, colocate: bool | None,
              on_stats: Any) -> bool:
     import ray.data
 
+    from speechmill.pipeline.executors import READ_TASK_CPUS
     from speechmill.pipeline.runner import STREAM_GROUP_ROWS
 
     tasks: list[tuple[list[tuple[Any, Any]], int, str, int]] = []
@@ -447,7 +505,55 @@ def _run_ray(exe: Any, members: list[_Member], store: RunStore, wave_rows: int,
     dctx = ray.data.DataContext.get_current()
     dctx.target_max_block_size = 1
     ds = ray.data.read_datasource(_tagged_source(tasks), override_num_blocks=len(tasks),
-                                  num_cpus=0.25)
+                                  num_cpus=READ_TASK_CPUS)
+    if colocated([m.st for m in members], exe, colocate):
+        ds = _map_chain(exe, ds, members)
+    else:
+        ds = _map_members(exe, ds, members)
+    by_id = {m.id: m for m in members}
+    failed = _drain_stats(ds, by_id, on_stats)
+    if failed is not None:  # a worker process died: recorded for the members' recovery
+        exe._lost(members[0].id, failed)
+    now = time.monotonic()
+    for m in members:
+        m.ended_mono = now
+    return failed is None
+
+
+def _map_chain(exe: Any, ds: Any, members: list[_Member]) -> Any:
+    """One operator for the whole chain: a pool of one worker per CPU (actors when a
+    member loads a model), each reserving an equal share of what the reads leave."""
+    import ray.data
+
+    from speechmill.pipeline.executors import READ_TASK_CPUS
+
+    specs = [(k, k == len(members) - 1, m.st, m.ctx) for k, m in enumerate(members)]
+    size = max(1, int(exe.cluster_cpus))
+    share = max(math.floor((exe.cluster_cpus - READ_TASK_CPUS) / size * 100) / 100, 0.01)
+    # a call is the unit the pool spreads over its workers: the smallest member batch,
+    # or less where that would leave fewer than four calls per worker
+    pending = sum(m.inp.pending for m in members)
+    batch = max(1, min(min(m.st.batch_size for m in members), -(-pending // (4 * size))))
+    common: dict[str, Any] = dict(batch_size=batch, batch_format="pyarrow", num_cpus=share)
+    mem = sum(m.st.resources.memory_gb for m in members)
+    if mem > 0:
+        common["memory"] = int(mem * 2**30)
+    if any(m.st.cls.uses_model for m in members):
+        return ds.map_batches(_Chain, fn_constructor_kwargs={"specs": specs},
+                              # one call at a time: a worker that starts first must
+                              # not queue the calls another one would take
+                              compute=ray.data.ActorPoolStrategy(
+                                  size=size, max_tasks_in_flight_per_actor=1),
+                              max_restarts=0, **common)
+    return ds.map_batches(_chain_task, fn_kwargs={"specs": specs},
+                          compute=ray.data.TaskPoolStrategy(size=size), max_retries=2,
+                          **common)
+
+
+def _map_members(exe: Any, ds: Any, members: list[_Member]) -> Any:
+    """One operator per member, each with its own pool and reservation."""
+    import ray.data
+
     fitted = fit_resources([m.st for m in members], exe.cluster_cpus, exe.cluster_gpus)
     for k, (m, res) in enumerate(zip(members, fitted, strict=True)):
         st = m.st
@@ -465,14 +571,7 @@ def _run_ray(exe: Any, members: list[_Member], store: RunStore, wave_rows: int,
             ds = ds.map_batches(_step_task, fn_kwargs=args,
                                 compute=ray.data.TaskPoolStrategy(size=size),
                                 max_retries=2, **common)
-    by_id = {m.id: m for m in members}
-    failed = _drain_stats(ds, by_id, on_stats)
-    if failed is not None:  # a worker process died: recorded for the members' recovery
-        exe._lost(members[0].id, failed)
-    now = time.monotonic()
-    for m in members:
-        m.ended_mono = now
-    return failed is None
+    return ds
 
 
 def _drain_stats(ds: Any, by_id: dict[str, _Member], on_stats: Any) -> Exception | None:

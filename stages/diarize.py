@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from speechmill.pipeline.audio import AudioError, load_audio
+from speechmill.pipeline.audio import AudioError, AudioReader, load_audio
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageContext
 
 SR = 16000
@@ -112,6 +112,11 @@ class Diarize(Stage):
                                     stage=ctx.stage_id)
         return None
 
+    #: the embed backend reads a recording longer than this (seconds; its ``CHUNK_S``)
+    #: a chunk at a time
+    _stream_above_s: float = float("inf")
+    _stream: Any = None
+
     def setup(self) -> None:
         c = self.config
         if c.backend == "pyannote":
@@ -138,6 +143,17 @@ class Diarize(Stage):
                     max_speakers=c.max_speakers, window_s=c.window_s, step_s=c.step_s,
                     threshold=c.threshold,
                 )
+
+            def stream(reader: AudioReader) -> Any:
+                return diarize_embed.diarize_stream(
+                    reader.read, reader.n, num_speakers=c.num_speakers,
+                    min_speakers=c.min_speakers, max_speakers=c.max_speakers,
+                    window_s=c.window_s, step_s=c.step_s, threshold=c.threshold,
+                    chunk_s=self._stream_above_s,
+                )
+
+            self._stream = stream
+            self._stream_above_s = diarize_embed.CHUNK_S
         self._run = run
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -146,11 +162,18 @@ class Diarize(Stage):
         if dur > c.max_duration_s:
             raise Reject("too_long", f"{dur:.0f} s > max_duration_s")
         try:
-            audio, _ = load_audio(row["audio_path"], float(row.get("offset") or 0.0),
-                                  dur or None, SR)
+            if self._stream is not None and dur > self._stream_above_s:
+                # a long recording is read a chunk at a time: memory does not grow
+                # with its length
+                res = self._stream(AudioReader(row["audio_path"],
+                                               float(row.get("offset") or 0.0), dur, SR,
+                                               span_s=self._stream_above_s))
+            else:
+                audio, _ = load_audio(row["audio_path"], float(row.get("offset") or 0.0),
+                                      dur or None, SR)
+                res = self._run(audio, SR, str(row.get("id") or "audio"))
         except AudioError as e:
             raise Reject(e.reason, e.detail) from None
-        res = self._run(audio, SR, str(row.get("id") or "audio"))
         if not res.turns:
             raise Reject("no_speech", "no speech found")
         return {

@@ -57,10 +57,14 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+#: ``read(a, b)``: samples ``[a, b)`` of the audio, mono float32 at 16 kHz
+Reader = Callable[[int, int], np.ndarray]
 
 __all__ = [
     "DEFAULT_AHC_THRESHOLD",
@@ -69,6 +73,7 @@ __all__ = [
     "SAMPLE_RATE",
     "DiarizationResult",
     "diarize",
+    "diarize_stream",
     "load_models",
     "speech_regions",
 ]
@@ -93,6 +98,13 @@ SMOOTH_WINDOWS = 3
 #: Overlap heuristic: second-best centroid similarity floor and best-second margin.
 OVERLAP_MIN_SIM = 0.6
 OVERLAP_MARGIN = 0.1
+
+#: Audio longer than this is read, VAD-ed and embedded this many seconds at a time
+#: (:func:`diarize_stream`), so memory does not grow with a recording's length.
+CHUNK_S = 300.0
+#: Speech regions of two chunks that meet within this many samples of the boundary
+#: are one region (the VAD closes a region at the end of its input).
+_JOIN = SAMPLE_RATE // 10
 
 _RESAMPLE_BLOCK = SAMPLE_RATE * 60
 _VAD_OPTIONS: dict[str, Any] = {
@@ -257,6 +269,20 @@ def _speech_regions_16k(x: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s["start"]), int(s["end"])) for s in stamps if s["end"] > s["start"]]
 
 
+def _speech_regions_chunked(read: Reader, n: int, chunk: int) -> list[tuple[int, int]]:
+    """VAD regions of ``n`` samples read ``chunk`` at a time; a region cut by a chunk
+    boundary is joined again."""
+    regions: list[tuple[int, int]] = []
+    for a in range(0, n, chunk):
+        for s, e in _speech_regions_16k(read(a, min(a + chunk, n))):
+            s, e = s + a, e + a
+            if regions and a > 0 and regions[-1][1] >= a - _JOIN and s <= a + _JOIN:
+                regions[-1] = (regions[-1][0], e)
+            else:
+                regions.append((s, e))
+    return regions
+
+
 def speech_regions(audio: np.ndarray, sr: int) -> list[tuple[float, float]]:
     """Silero VAD speech regions ``(start_s, end_s)`` of ``audio`` (any rate, mono)."""
     x = _to_mono_16k(audio, sr)
@@ -292,6 +318,22 @@ def _normalise_volume(w: np.ndarray) -> np.ndarray:
         return w
     gain = 10 ** (_NORM_DBFS / 20) / rms
     return w * np.float32(gain) if gain > 1.0 else w  # increase only, like Resemblyzer
+
+
+def _embed_windows_chunked(read: Reader, bounds: np.ndarray, chunk: int) -> np.ndarray:
+    """:func:`_embed_windows` over windows read a run at a time: consecutive windows
+    whose audio spans at most ``chunk`` samples share one read."""
+    out = np.zeros((len(bounds), EMBED_DIM), dtype=np.float32)
+    i = 0
+    while i < len(bounds):
+        j = i + 1
+        while j < len(bounds) and bounds[j, 1] - bounds[i, 0] <= chunk:
+            j += 1
+        a = int(bounds[i, 0])
+        b = int(bounds[i:j, 1].max())
+        out[i:j] = _embed_windows(read(a, b), bounds[i:j] - a)
+        i = j
+    return out
 
 
 def _embed_windows(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -568,22 +610,45 @@ def diarize(audio: np.ndarray, sr: int, *, min_speakers: int | None = None,
     a cosine similarity in (-1, 1) uses average-linkage clustering cut at it instead.
     Audio without speech gives an empty result. See the module docstring for details.
     """
-    kmin, kmax = _speaker_bounds(num_speakers, min_speakers, max_speakers)
     if sr <= 0:
         raise ValueError(f"sr must be positive, got {sr}")
+    x = _to_mono_16k(audio, sr)
+    return diarize_stream(lambda a, b: x[a:b], len(x), min_speakers=min_speakers,
+                          max_speakers=max_speakers, num_speakers=num_speakers,
+                          window_s=window_s, step_s=step_s, threshold=threshold,
+                          chunk_s=max(CHUNK_S, len(x) / SAMPLE_RATE))
+
+
+def diarize_stream(read: Reader, n: int, *, min_speakers: int | None = None,
+                   max_speakers: int | None = None, num_speakers: int | None = None,
+                   window_s: float = 1.5, step_s: float = 0.75,
+                   threshold: float | None = None, chunk_s: float = CHUNK_S
+                   ) -> DiarizationResult:
+    """:func:`diarize` of ``n`` samples of mono 16 kHz float32 audio that ``read(a, b)``
+    returns piece by piece (e.g. :class:`speechmill.pipeline.audio.AudioReader`): the
+    VAD and the speaker encoder see at most ``chunk_s`` seconds at once, and only the
+    windows' embeddings (1 KiB each) are kept, so memory does not grow with ``n``.
+    Audio of at most ``chunk_s`` is read once and gives :func:`diarize`'s result."""
+    kmin, kmax = _speaker_bounds(num_speakers, min_speakers, max_speakers)
     if not 0 < step_s <= window_s:
         raise ValueError("need 0 < step_s <= window_s")
     if threshold is not None and not -1.0 < threshold < 1.0:
         raise ValueError("threshold is a cosine similarity in (-1, 1)")
-    x = _to_mono_16k(audio, sr)
-    regions = _speech_regions_16k(x)
+    chunk = max(int(chunk_s * SAMPLE_RATE), SAMPLE_RATE)
+    if n <= chunk:  # one read serves the VAD and the embeddings
+        x = read(0, n)
+        regions = _speech_regions_16k(x)
+
+        def read(a: int, b: int) -> np.ndarray:
+            return x[a:b]
+    else:
+        regions = _speech_regions_chunked(read, n, chunk)
     if not regions:
         return DiarizationResult()
     win = max(1, int(round(window_s * SAMPLE_RATE)))
     step = max(1, int(round(step_s * SAMPLE_RATE)))
     bounds, region_of = _windows(regions, win, step)
-    emb = _embed_windows(x, bounds)
-    del x
+    emb = _embed_windows_chunked(read, bounds, chunk)
 
     labels = _cluster_bounded(emb, kmin, kmax, threshold)
     labels = _mode_filter(labels, region_of, SMOOTH_WINDOWS)

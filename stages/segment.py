@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.pipeline.audio import AudioError, load_audio
+from speechmill.pipeline.audio import AudioError, AudioReader, load_audio
 from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.records import recording_id, reject, rejects_table, segment_id
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageResult
@@ -82,6 +82,8 @@ class Segment(Stage):
 
         diarize_embed.load_models()
         self.vad = diarize_embed.speech_regions
+        #: a recording longer than this (seconds) is read turn by turn, not whole
+        self.stream_above_s = diarize_embed.CHUNK_S
 
     def process(self, batch: pa.Table) -> StageResult:
         outs: list[dict[str, Any]] = []
@@ -107,8 +109,14 @@ class Segment(Stage):
         if not turns:
             return [], [self.reject_row(row, "no_speech", "no diarization turns")]
         base = float(row.get("offset") or 0.0)
-        audio, _ = load_audio(row["audio_path"], base, row.get("duration"), SR)
-        total = audio.shape[0] / SR
+        dur = float(row.get("duration") or 0.0)
+        if dur > self.stream_above_s:  # a long recording: one minute in memory at a time
+            reader = AudioReader(row["audio_path"], base, dur, SR)
+            total = dur
+        else:
+            audio, _ = load_audio(row["audio_path"], base, row.get("duration"), SR)
+            reader = None
+            total = audio.shape[0] / SR
         overlaps = [(float(o["start"]), float(o["end"])) for o in row.get("overlaps") or []]
         audio_id = recording_id(row["id"])
         emb = {e["speaker"]: e["embedding"] for e in row.get("speaker_embeddings") or []}
@@ -121,8 +129,9 @@ class Segment(Stage):
             if t1 - t0 <= 0:
                 continue
             spans.append((t0, t1, t["speaker"]))
-            regions = [(t0 + s, t0 + e) for s, e in
-                       self.vad(audio[int(t0 * SR): int(t1 * SR)], SR)]
+            piece = (audio[int(t0 * SR): int(t1 * SR)] if reader is None
+                     else reader.read(int(t0 * SR), int(t1 * SR)))
+            regions = [(t0 + s, t0 + e) for s, e in self.vad(piece, SR)]
             if not c.keep_overlaps:
                 regions, cut = _subtract(regions, overlaps)
                 for s, e in cut:

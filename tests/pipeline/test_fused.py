@@ -51,11 +51,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _yaml(inputs: Path, run_dir: Path, executor: str = "local", fuse: bool = True) -> str:
+def _yaml(inputs: Path, run_dir: Path, executor: str = "local", fuse: bool = True,
+          colocate: bool | None = None) -> str:
+    co = "" if colocate is None else f", colocate: {str(colocate).lower()}"
     return f"""
 name: fused
 run_dir: {run_dir}
-executor: {{type: {executor}, fuse: {str(fuse).lower()}, num_cpus: 2, stall_timeout_s: 300}}
+executor: {{type: {executor}, fuse: {str(fuse).lower()}, num_cpus: 2, stall_timeout_s: 300{co}}}
 stages:
   - {{id: ingest, uses: ingest, with: {{inputs: ["{inputs}"]}}}}
   - {{id: standardize, uses: standardize, needs: ingest, batch_size: 1,
@@ -206,13 +208,20 @@ def _kill_mid_pipeline(cmd: list[str], run_dir: Path) -> None:
     assert not any(store.is_done(s) for s in CHAIN), "a chain stage had finished"
 
 
-@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize("executor", [
+    "local",
+    # on 2 CPUs a chain runs co-located by default: one operator, every stage per worker
+    pytest.param("ray", marks=pytest.mark.ray),
+    # one Ray Data operator per stage, as on a cluster
+    pytest.param("ray-operators", marks=pytest.mark.ray)])
 def test_sigkill_mid_pipeline_then_resume(inputs: Path, tmp_path: Path, executor: str,
                                           reference: tuple[dict, dict, Path]) -> None:
     want, want_counts, reference_dir = reference
     run_dir = tmp_path / "run"
     dag = tmp_path / "dag.yaml"
-    dag.write_text(_yaml(inputs, run_dir, executor))
+    colocate = False if executor == "ray-operators" else None
+    executor = executor.split("-")[0]
+    dag.write_text(_yaml(inputs, run_dir, executor, colocate=colocate))
     _kill_mid_pipeline(_cmd(dag, executor), run_dir)
     r = subprocess.run(_cmd(dag, executor), capture_output=True, text=True, timeout=600,
                        env=cli_env())

@@ -300,6 +300,44 @@ def test_long_audio_bounded_memory(conversations: dict, monkeypatch: pytest.Monk
 
 
 @needs_espeak
+def test_streamed_long_audio_reads_bounded_chunks(conversations: dict) -> None:
+    """``diarize_stream`` (how the diarize stage reads a long recording) over 3.5 min
+    with 20 s chunks: no read is longer than a chunk, the VAD regions cut by chunk
+    boundaries are joined again, and the result is the in-memory one's (speakers,
+    purity/coverage against the truth and against the whole-audio result)."""
+    ref, audio, _ = conversations["3spk"]
+    reps, dur = 3, len(audio) / SR
+    long_audio = np.tile(audio, reps)
+    long_ref = [(s + i * dur, e + i * dur, lab) for i in range(reps) for s, e, lab in ref]
+    reads: list[int] = []
+
+    def read(a: int, b: int) -> np.ndarray:
+        reads.append(b - a)
+        return long_audio[a:b]
+
+    whole = diarize(long_audio, SR)
+    res = de.diarize_stream(read, len(long_audio), chunk_s=20.0)
+    total = len(long_audio) / SR
+    m = purity_coverage(long_ref, res.turns, total)
+    same = purity_coverage(whole.turns, res.turns, total)
+    print(f"\n{total:.0f} s in {len(reads)} reads (longest {max(reads) / SR:.1f} s): "
+          f"purity={m['purity']:.3f} coverage={m['coverage']:.3f}; vs in-memory "
+          f"{same['purity']:.3f}/{same['coverage']:.3f}")
+    assert max(reads) <= 20 * SR and len(reads) >= 2 * total / 20
+    assert res.num_speakers == whole.num_speakers == 3
+    assert m["purity"] >= 0.9 and m["coverage"] >= 0.9
+    assert same["purity"] >= 0.95 and same["coverage"] >= 0.95
+    # a region is never left split at a chunk boundary: the chunked VAD's regions are the
+    # whole signal's, give or take the VAD's own padding
+    whole_regions = de._speech_regions_16k(long_audio)
+    chunked = de._speech_regions_chunked(lambda a, b: long_audio[a:b], len(long_audio),
+                                         20 * SR)
+    assert abs(len(chunked) - len(whole_regions)) <= 2
+    speech = sum(e - s for s, e in whole_regions)
+    assert abs(sum(e - s for s, e in chunked) - speech) <= 0.02 * speech
+
+
+@needs_espeak
 def test_speech_regions(conversations: dict) -> None:
     import torch
 
