@@ -27,13 +27,16 @@ What it does
    ``OMP_NUM_THREADS=1`` (Whisper ``cpu_threads: 1``; onnxruntime and torch follow it).
    Oversubscription makes the second one faster on small machines; **the baseline is
    the faster of the two** (by its total, model loads included).
-3. **speechmill.** The DAG ``ingest -> standardize -> diarize -> segment -> link_speakers
-   -> transcribe -> annotate`` with the same configs (transcribe ``cpu_threads: 1``, one
-   per worker) on the Ray executor, once per ``--workers`` value (the CPUs of the
-   embedded Ray: ``executor.num_cpus``) and per ``--fuse`` setting (``executor.fuse``:
-   fused, ``standardize -> diarize -> segment`` and ``link_speakers -> transcribe ->
-   annotate`` each run as one streamed pipeline; unfused, each stage ends before the
-   next starts), each in its own process into a fresh run directory. Per stage:
+3. **speechmill.** The DAG ``ingest -> standardize -> diarize -> segment -> transcribe
+   -> annotate -> link_speakers`` (the loop's order: ``link_speakers``' ``prepare()``
+   reads every segment, so it comes last) with the same configs (transcribe
+   ``cpu_threads: 1``, one per worker) on the Ray executor, once per ``--workers`` value
+   (the CPUs of the embedded Ray: ``executor.num_cpus``) and per ``--fuse`` setting
+   (``executor.fuse``: fused, ``standardize -> ... -> annotate`` runs as one streamed
+   pipeline, co-located on fewer than 4 CPUs, i.e. one worker per CPU holding every
+   stage; ``--colocate off`` gives one Ray Data operator per stage instead; unfused,
+   each stage ends before the next starts), each in its own process into a fresh run
+   directory. Per stage:
    ``wall_seconds`` and ``busy_seconds`` from ``metrics.json`` (wall: the runner's timer
    from the stage's start to its end, reads, worker start, ``setup()`` i.e. model load,
    processing, commits; fused stages overlap, so walls do not add up; busy: the batches'
@@ -314,7 +317,10 @@ def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path, workers: 
         {"id": "link_speakers", "uses": "link_speakers", "needs": ["annotate"]},
     ]
     text = common.dag_yaml("bench-clean", run_dir, stages, "ray", num_cpus=workers)
-    return text.replace("executor:\n", f"executor:\n  fuse: {str(fuse).lower()}\n", 1)
+    extra = f"  fuse: {str(fuse).lower()}\n"
+    if args.colocate != "auto":
+        extra += f"  colocate: {str(args.colocate == 'on').lower()}\n"
+    return text.replace("executor:\n", "executor:\n" + extra, 1)
 
 
 def run_speechmill(args: argparse.Namespace, workers: int, fuse: bool) -> dict[str, Any]:
@@ -528,6 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-s", type=float, default=30.0, help="segment max_s")
     ap.add_argument("--fuse", choices=("both", "on", "off"), default="both",
                     help="speechmill with stage fusion (executor.fuse), without, or both")
+    ap.add_argument("--colocate", choices=("auto", "on", "off"), default="auto",
+                    help="executor.colocate of the fused runs (auto: speechmill decides)")
     ap.add_argument("--loop", choices=("both", *LOOP_VARIANTS), default="both",
                     help="which loop threading settings to measure (baseline: the faster)")
     ap.add_argument("--tol", type=float, default=0.05,

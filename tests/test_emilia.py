@@ -48,7 +48,7 @@ def _final(run_dir: Path) -> tuple[list, list]:
                   for r in store.read_outputs("filter").to_pylist())
     rejected = sorted((sid, r["id"], r["reason"]) for sid in
                       ("ingest", "standardize", "separate", "diarize", "segment",
-                       "link_speakers", "transcribe", "annotate", "filter")
+                       "transcribe", "annotate", "link_speakers", "filter")
                       for r in store.read_rejects(sid).to_pylist())
     return kept, rejected
 

@@ -2,7 +2,7 @@
 server mode, the S3 HTTP API) on 127.0.0.1, credentials only in the environment.
 
 The full demo DAG (dags/demo.yaml: ingest -> standardize -> diarize -> segment ->
-link_speakers -> transcribe -> annotate -> filter -> split, then the NeMo, tarred NeMo,
+transcribe -> annotate -> link_speakers -> filter -> split, then the NeMo, tarred NeMo,
 Lhotse, Parquet exports, tokenize -> shards + Lhotse Shar, and the report) over real
 speech: a first run is SIGKILLed in the middle of diarize (a model stage reading the media
 standardize uploaded), a second run started while the first holds the lease is refused,
@@ -178,7 +178,7 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     assert killed_mid_stage, out[-3000:]
     assert second.returncode != 0
     assert "in use by pid" in refused_err, refused_err[-2000:]
-    # standardize -> diarize -> segment run fused: standardize may still have files to do
+    # standardize -> ... -> annotate run fused: standardize may still have files to do
     assert not store.is_done("diarize")
     n_before = len(store.output_parts("diarize"))
     assert 1 <= n_before < N_FILES
