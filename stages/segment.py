@@ -77,12 +77,15 @@ class Segment(Stage):
         if config.min_s >= config.max_s:
             raise ValueError("key 'with.min_s': must be < max_s")
 
+    #: a recording longer than this (seconds; ``diarize_embed.CHUNK_S``, set in
+    #: ``setup()``) is read turn by turn, not whole
+    stream_above_s: float = 300.0
+
     def setup(self) -> None:
         from speechmill.stages import diarize_embed
 
         diarize_embed.load_models()
         self.vad = diarize_embed.speech_regions
-        #: a recording longer than this (seconds) is read turn by turn, not whole
         self.stream_above_s = diarize_embed.CHUNK_S
 
     def process(self, batch: pa.Table) -> StageResult:
