@@ -403,14 +403,24 @@ class _Step:
 
 def _step_task(batch: pa.Table, k: int, last: bool, st: PlannedStage,
                ctx: StageContext) -> Any:
-    key = (k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
-    step = _TASK_STEPS.get(key)
-    if step is None:
-        step = _TASK_STEPS[key] = _Step(k, last, st, ctx)
-    yield from step(batch)
+    yield from _worker_cached(_spec_key(k, last, st, ctx),
+                              lambda: _Step(k, last, st, ctx))(batch)
 
 
-_TASK_STEPS: dict[tuple[int, bool, str, str, str], _Step] = {}  # per task worker
+def _spec_key(k: int, last: bool, st: PlannedStage, ctx: StageContext) -> tuple[Any, ...]:
+    return (k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
+
+
+def _worker_cached(key: Any, make: Any) -> Any:
+    """The step (or chain) a Ray task worker set up for ``key``, set up on first use: a
+    task worker keeps its stages' models between tasks."""
+    obj = _TASK_CACHE.get(key)
+    if obj is None:
+        obj = _TASK_CACHE[key] = make()
+    return obj
+
+
+_TASK_CACHE: dict[Any, Any] = {}  # per task worker
 
 
 def fit_resources(members: list[PlannedStage], cpus: float, gpus: float
@@ -472,15 +482,8 @@ class _Chain:
 
 def _chain_task(batch: pa.Table, specs: list[tuple[int, bool, PlannedStage, StageContext]]
                 ) -> Any:
-    key = tuple((k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
-                for k, last, st, ctx in specs)
-    chain = _TASK_CHAINS.get(key)
-    if chain is None:
-        chain = _TASK_CHAINS[key] = _Chain(specs)
-    yield from chain(batch)
-
-
-_TASK_CHAINS: dict[tuple[Any, ...], _Chain] = {}  # per task worker
+    yield from _worker_cached(tuple(_spec_key(*spec) for spec in specs),
+                              lambda: _Chain(specs))(batch)
 
 
 def _run_ray(exe: Any, members: list[_Member], store: RunStore, colocate: bool | None,
