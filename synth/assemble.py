@@ -322,11 +322,11 @@ class _Writers:
             self.cut_f = open_text_out(lh / "cuts.jsonl.gz")
 
     def write_wav(self, rel: str, x: np.ndarray, sr: int) -> None:
-        import soundfile as sf
+        from speechmill.pipeline.audio_write import write_audio
 
         path = self.sub / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, np.clip(x, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
+        write_audio(path, x, sr, format="WAV", subtype="PCM_16")
 
     def write_text(self, rel: str, text: str) -> None:
         path = self.sub / rel

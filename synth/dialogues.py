@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -143,24 +142,33 @@ def survey(table: pa.Table, run_dir: str | None = None, splits: bool = True) -> 
 
 def upstream_reasons(run_dir: str, ids: Iterable[str]) -> dict[str, str]:
     """``id -> "stage reason"`` for the ``ids`` some stage of ``run_dir`` rejected (read
-    from the rejects parts, only their id/stage/reason columns, filtered with Arrow)."""
-    import pyarrow.parquet as pq
+    from the rejects parts, only their id/stage/reason columns, filtered with Arrow). The
+    run directory may be local or on object storage (read through its store)."""
+    from speechmill.pipeline.store import open_store
 
     want = pa.array(sorted(set(ids)), pa.string())
     found: dict[str, str] = {}
-    root = Path(run_dir) / "stages"
-    if not len(want) or not root.is_dir():
+    if not len(want):
         return found
-    for part in sorted(root.glob("*/rejects/part-*.parquet")):
-        try:
-            t = pq.read_table(part, columns=["id", "stage", "reason"])
-        except Exception:  # noqa: BLE001 - a detail is best effort, never an export failure
-            continue
-        t = t.filter(pc.fill_null(pc.is_in(t.column("id").cast(pa.string()), value_set=want),
-                                  False))
-        for i, st, rs in zip(*(t.column(c).to_pylist() for c in ("id", "stage", "reason")),
-                             strict=True):
-            found.setdefault(i, f"{st} {rs}")
+    try:
+        store = open_store(run_dir)
+        stage_ids = store.stage_ids()
+    except Exception:  # noqa: BLE001 - a detail is best effort, never an export failure
+        return found
+    for sid in stage_ids:
+        for part in store.reject_parts(sid):
+            try:
+                t = store.read_outputs_part(part, ["id", "stage", "reason"])
+            except Exception:  # noqa: BLE001 - as above
+                continue
+            if "id" not in t.column_names:
+                continue
+            t = t.filter(pc.fill_null(
+                pc.is_in(t.column("id").cast(pa.string()), value_set=want), False))
+            cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
+                    for c in ("id", "stage", "reason")]
+            for i, st, rs in zip(*cols, strict=True):
+                found.setdefault(i, f"{st or sid} {rs}")
     return found
 
 

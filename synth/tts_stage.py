@@ -388,16 +388,15 @@ class TTS(Stage):
         return StageResult(self._table(outputs), rejects_table(rejects))
 
     def _write(self, row: dict[str, Any], audio: np.ndarray, sr: int) -> Path:
-        import soundfile as sf
-
         from speechmill.manifests.nemo import clip_stem
+        from speechmill.pipeline.audio_write import write_audio
 
         d = self.media / clip_stem(row.get("dialogue_id") or "turns")
         d.mkdir(parents=True, exist_ok=True)
         ext = self.config.audio_format
         path = d / f"{clip_stem(row['id'])}.{ext}"
         tmp = d / f".{path.name}.{os.getpid()}.tmp"
-        sf.write(tmp, np.clip(audio, -1.0, 1.0), sr, format=ext.upper(), subtype="PCM_16")
+        write_audio(tmp, audio, sr, format=ext.upper(), subtype="PCM_16")  # ENOSPC stays fatal
         os.replace(tmp, path)
         return Path(os.path.abspath(path))
 

@@ -393,10 +393,10 @@ class VoiceBank(Stage):
             dn = float(v) if math.isfinite(v) else None
         f0 = estimate_f0(y, sr) if c.estimate_gender else None
         rel = Path("clips") / clip_stem(voice_id) / f"{clip_stem(cand['id'])}.wav"
-        import soundfile as sf
+        from speechmill.pipeline.audio_write import write_audio
 
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(out_dir / rel, np.clip(y, -1.0, 1.0), sr, format="WAV", subtype="PCM_16")
+        write_audio(out_dir / rel, y, sr, format="WAV", subtype="PCM_16")
         return {"voice_id": voice_id, "clip_id": str(cand["id"]),
                 "audio_path": str(final / rel), "duration": round(dur, 4),
                 "sample_rate": int(sr), "text": cand["text"], "language": cand.get("language"),

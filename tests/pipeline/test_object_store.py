@@ -314,3 +314,26 @@ def test_object_store_media_uploaded_and_read_back_ranged(
     assert np.allclose(y, want[16000:24000], atol=1e-4)
     assert read_unit(part, columns=["id", "nope"]).column_names == ["id"]
     shutil.rmtree(st.scratch_dir())
+
+
+def test_dialogue_sinks_read_upstream_reasons_from_object_storage(
+        s3_server: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dialogue sink names why a missing turn is missing by reading the run's rejects;
+    on object storage it reads them through the store, not as a local path."""
+    from speechmill.pipeline.records import reject, rejects_table
+    from speechmill.pipeline.store import open_store
+    from speechmill.synth.dialogues import upstream_reasons
+
+    for k, v in (("AWS_ACCESS_KEY_ID", _KEY), ("AWS_SECRET_ACCESS_KEY", _SECRET),
+                 ("AWS_ENDPOINT_URL", s3_server), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(k, v)
+    url = f"s3://{bucket}/runs/synth"
+    st = open_store(url)
+    st.write_rejects("tts", "p0", rejects_table(
+        [reject({"id": "d1-002"}, "tts", "qc_wer", "wer 0.4"),
+         reject({"id": "d2-000"}, "tts", "tts_error", "empty text")]))
+    st.write_rejects("generate", "p0", rejects_table(
+        [reject({"id": "d3-001"}, "generate", "llm_refusal", "")]))
+    assert upstream_reasons(url, ["d1-002", "d3-001", "d9-000"]) == {
+        "d1-002": "tts qc_wer", "d3-001": "generate llm_refusal"}
+    assert upstream_reasons(f"s3://{bucket}/runs/nothing-here", ["d1-002"]) == {}

@@ -172,3 +172,21 @@ def test_plain_preset_needs_no_bank_and_other_languages_are_rejected(tmp_path: P
     assert [r["reason"] for r in rej.to_pylist()] == ["unsupported_language"]
     (r,) = out.to_pylist()
     assert r["voice_source"] == "preset" and r["voice_id"] == "piper:default"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_full_disk_under_the_clips_fails_the_stage(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clip that cannot be written (ENOSPC) stops the stage with the OSError; it never
+    becomes a reject row (libsndfile alone would report its own error, errno dropped)."""
+    import errno
+
+    from speechmill.pipeline import audio_write
+    from speechmill.pipeline.errors import is_fatal
+
+    real = audio_write.write_audio
+    monkeypatch.setattr(audio_write, "write_audio",
+                        lambda path, *a, **kw: real("/dev/full", *a, **kw))
+    with pytest.raises(OSError) as ei:
+        run_stage(turns(DIALOGUES[:1]), tmp_path / "run", qc={"enabled": False})
+    assert ei.value.errno == errno.ENOSPC and is_fatal(ei.value)
