@@ -71,6 +71,8 @@ class PiperBackend(TTSBackend):
                               "speaker_id": self.speaker_id}
         if self.spec.noise_scale is not None:
             kw["noise_scale"] = self.spec.noise_scale
+        if self.spec.noise_w_scale is not None:
+            kw["noise_w_scale"] = self.spec.noise_w_scale
         chunks = list(self.voice.synthesize(text, syn_config=SynthesisConfig(**kw)))
         if not chunks:
             return np.zeros(0, np.float32)

@@ -66,7 +66,7 @@ KEYS: dict[str, set[str]] = {
                           "reference_template", "prompt_sample_rate", "model", "voice"},
     "openai": {"base_url", "api_key_env", "model", "voice", "instructions", "timeout_s",
                "max_retries", "max_concurrency", "voice_match"},
-    "piper": {"name", "path", "config", "voice", "noise_scale", "voice_match"},
+    "piper": {"name", "path", "config", "voice", "noise_scale", "noise_w_scale", "voice_match"},
     "espeak": {"voice", "pitch", "voice_match"},
 }
 # logical request fields each HTTP backend maps to the server's names (`fields:`)
@@ -107,6 +107,8 @@ class TTSSpec(BaseModel):
     sway_sampling_coef: float = -1.0
     quantize: bool = False
     noise_scale: float | None = Field(None, ge=0.0)
+    noise_w_scale: float | None = Field(None, ge=0.0, description="piper: phoneme-duration "
+                                        "noise (0 with noise_scale 0: the same clip each call)")
     pitch: int | None = Field(None, ge=0, le=99, description="espeak pitch (0-99)")
     instructions: str | None = Field(None, description="openai: speaking-style instructions")
     max_chars: int | None = Field(None, ge=20, description="characters per call (backend "
