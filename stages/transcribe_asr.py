@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +69,33 @@ def _weighted(values: list[tuple[float, float]]) -> float | None:
     return float(sum(v * w for v, w in values) / tot)
 
 
+_BLAS_LIMIT_LOCK = threading.Lock()
+
+
+class _OneBlasThread:
+    """faster-whisper's feature extractor, run with one BLAS thread. Its log-mel is a NumPy
+    matmul whose float rounding follows OpenBLAS's thread count, and beam search can turn
+    that last-bit difference into other words: a local run (all cores) and a Ray actor
+    (``OMP_NUM_THREADS=1``) transcribed the same clip as "out of the history on maps" and
+    "out in the history of maps". One thread everywhere gives every executor the same
+    transcripts; the matmul is ~50 MFLOP per 30 s window, so it costs nothing measurable."""
+
+    def __init__(self, fe: Any) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        self._fe = fe
+        self._ctl = ThreadpoolController()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fe, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # the limit is process-wide: one holder at a time, so overlapping callers cannot
+        # restore each other's setting and leave the process at one thread for good
+        with _BLAS_LIMIT_LOCK, self._ctl.limit(limits=1, user_api="blas"):
+            return self._fe(*args, **kwargs)
+
+
 class FasterWhisper:
     """CTranslate2 Whisper; int8 on CPU, float16 on GPU by default."""
 
@@ -81,6 +109,7 @@ class FasterWhisper:
             ctype = "float16" if device == "cuda" else "int8"
         self.model = WhisperModel(self.resolved.location, device=device, compute_type=ctype,
                                   cpu_threads=cpu_threads, local_files_only=offline)
+        self.model.feature_extractor = _OneBlasThread(self.model.feature_extractor)
 
     def transcribe(self, audio: np.ndarray, opts: DecodeOptions) -> AsrResult:
         segs, info = self.model.transcribe(

@@ -70,11 +70,9 @@ stages:
 """
 
 
-def _snapshot(run_dir: Path, texts: bool = True) -> dict[str, list[tuple]]:
-    """Every chain stage's outputs and rejects, comparable across run directories.
-    ``texts=False``: transcripts only as empty or not (whisper's float summation order
-    follows the process's thread settings, which differ in a Ray actor: a beam can then
-    pick "1-234" over "1 2 3 4" for the same audio, fused or not)."""
+def _snapshot(run_dir: Path) -> dict[str, list[tuple]]:
+    """Every chain stage's outputs (transcripts included) and rejects, comparable across
+    run directories."""
     store = RunStore(run_dir)
     snap: dict[str, list[tuple]] = {}
     for sid in CHAIN:
@@ -86,7 +84,7 @@ def _snapshot(run_dir: Path, texts: bool = True) -> dict[str, list[tuple]]:
                 audio = (sr, hashlib.sha256(x.tobytes()).hexdigest())
             rows.append((r["id"], r["parent_id"], Path(r["source_url"]).name, audio,
                          round(r["duration"], 4), round(r.get("offset") or 0.0, 4),
-                         r.get("speaker"), r.get("text") if texts else bool(r.get("text"))))
+                         r.get("speaker"), r.get("text")))
         snap[sid] = sorted(rows, key=repr)
         snap[sid + "/rejects"] = sorted(
             (r["id"], r["stage"], r["reason"], Path(r["source_url"] or "").name)
@@ -216,7 +214,7 @@ def _kill_mid_pipeline(cmd: list[str], run_dir: Path) -> None:
     pytest.param("ray-operators", marks=pytest.mark.ray)])
 def test_sigkill_mid_pipeline_then_resume(inputs: Path, tmp_path: Path, executor: str,
                                           reference: tuple[dict, dict, Path]) -> None:
-    want, want_counts, reference_dir = reference
+    want, want_counts, _ = reference
     run_dir = tmp_path / "run"
     dag = tmp_path / "dag.yaml"
     colocate = False if executor == "ray-operators" else None
@@ -227,10 +225,8 @@ def test_sigkill_mid_pipeline_then_resume(inputs: Path, tmp_path: Path, executor
                        env=cli_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fused: standardize -> diarize -> segment -> transcribe" in r.stdout
-    if executor == "local":
-        assert _snapshot(run_dir) == want
-    else:
-        assert _snapshot(run_dir, texts=False) == _snapshot(reference_dir, texts=False)
+    # transcripts too: Whisper's log-mel runs on one BLAS thread on every executor
+    assert _snapshot(run_dir) == want
     assert _counts(run_dir) == want_counts
     assert not list(run_dir.rglob("*.tmp"))
 

@@ -87,6 +87,28 @@ def _long_recording(tmp_path: Path) -> tuple[Path, list[str]]:
     return p, texts
 
 
+def test_log_mel_does_not_follow_the_blas_thread_count(asr: Transcribe) -> None:
+    """A Ray actor runs NumPy's BLAS on one thread, a local run on all cores; Whisper's
+    log-mel (a NumPy matmul) then differed in the last bit and beam search turned that into
+    other words for the same clip. The stage computes it on one BLAS thread whatever the
+    process has, so every executor gets the same features (and transcripts)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tests.audio_factory import load_speech
+
+    x = load_speech(10.0, 16000, seed=1).astype(np.float32)
+    fe = asr.asr.model.feature_extractor
+    with threadpool_limits(1, "blas"):
+        one = fe(x)
+    with threadpool_limits(2, "blas"):
+        two = fe(x)
+    np.testing.assert_array_equal(one, two)
+    # and the process's own setting is left as it was
+    with threadpool_limits(2, "blas"):
+        fe(x)
+        assert all(i["num_threads"] == 2 for i in threadpool_info() if i["user_api"] == "blas")
+
+
 def test_long_file_is_cut_by_vad(asr: Transcribe, tmp_path: Path) -> None:
     p, texts = _long_recording(tmp_path)
     row = _row(p, "0123456789abcdef0123")
