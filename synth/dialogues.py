@@ -156,19 +156,18 @@ def upstream_reasons(run_dir: str, ids: Iterable[str]) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a detail is best effort, never an export failure
         return found
     for sid in stage_ids:
-        for part in store.reject_parts(sid):
-            try:
-                t = store.read_outputs_part(part, ["id", "stage", "reason"])
-            except Exception:  # noqa: BLE001 - as above
-                continue
-            if "id" not in t.column_names:
-                continue
-            t = t.filter(pc.fill_null(
-                pc.is_in(t.column("id").cast(pa.string()), value_set=want), False))
-            cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
-                    for c in ("id", "stage", "reason")]
-            for i, st, rs in zip(*cols, strict=True):
-                found.setdefault(i, f"{st or sid} {rs}")
+        try:
+            t = store.read_rejects(sid, ["id", "stage", "reason"])
+        except Exception:  # noqa: BLE001 - as above
+            continue
+        if t.num_rows == 0 or "id" not in t.column_names:
+            continue
+        t = t.filter(pc.fill_null(
+            pc.is_in(t.column("id").cast(pa.string()), value_set=want), False))
+        cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
+                for c in ("id", "stage", "reason")]
+        for i, st, rs in zip(*cols, strict=True):
+            found.setdefault(i, f"{st or sid} {rs}")
     return found
 
 

@@ -74,12 +74,17 @@ def world_analyze(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return f0, sp, ap
 
 
-def median_f0(x: np.ndarray, sr: int) -> float | None:
+def f0_track(x: np.ndarray, sr: int) -> np.ndarray:
+    """f0 per FRAME_MS frame (DIO refined by StoneMask); 0 where unvoiced."""
     import pyworld as pw
 
     x64 = np.ascontiguousarray(x, dtype=np.float64)
     f0, t = pw.dio(x64, sr, frame_period=FRAME_MS)
-    f0 = pw.stonemask(x64, f0, t, sr)
+    return pw.stonemask(x64, f0, t, sr)
+
+
+def median_f0(x: np.ndarray, sr: int) -> float | None:
+    f0 = f0_track(x, sr)
     voiced = f0[f0 > 0]
     return float(np.median(voiced)) if voiced.shape[0] >= 10 else None
 
