@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from speechmill.pipeline.audio import is_url, load_audio, local_path
+from speechmill.pipeline.safe_names import safe_name
 from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter_rows re-exported
     ORDER_KEY,
     SPLIT_ORDER,
@@ -38,6 +39,8 @@ from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter
     split_rank,
 )
 
+#: longest split directory name (bytes of UTF-8)
+SPLIT_NAME_BYTES = 100
 #: rows turned into Python dicts at a time (exporters convert a slice, use it, drop it)
 SLICE_ROWS = 4096
 #: durations read into Python at a time when cutting shards by bytes
@@ -85,12 +88,27 @@ def _ordered_by(table: pa.Table, order: str) -> bool:
 
 
 def safe_split_name(name: str) -> str:
-    """A split value as a directory name: never a path (``/``, ``..``), only word
-    characters, dots and dashes."""
+    """A split value as a directory name: :func:`~speechmill.pipeline.safe_names.safe_name`
+    (never a path, no leading ``.``/``-``, at most :data:`SPLIT_NAME_BYTES` bytes; ``train``,
+    ``dev``, ``test``... stay as they are, other values get a readable part and a hash,
+    so two splits never share a directory)."""
+    return safe_name(str(name), max_bytes=SPLIT_NAME_BYTES)
+
+
+def data_file_split(split: str | None, taken: set[str]) -> str:
+    """A split's name in Hugging Face data file names (``{name}-00000-of-00001.parquet``)
+    and dataset cards: ``train`` without a split, else ``split`` with every non-word
+    character replaced by ``_`` (``datasets`` wants ``\\w+`` split names); a name an
+    earlier split of the export took (``a.b`` and ``a_b``) gets ``_`` and the split's
+    hash until it is free. Adds the name to ``taken``."""
+    import hashlib
     import re
 
-    s = re.sub(r"[^\w.-]", "_", str(name))
-    return "_" + s if s in ("", ".", "..") or s.startswith(".") else s
+    name = re.sub(r"\W", "_", split) if split else "train"
+    while name in taken:
+        name += "_" + hashlib.sha256(str(split).encode("utf-8")).hexdigest()[:8]
+    taken.add(name)
+    return name
 
 
 def sort_by_id(table: pa.Table) -> pa.Table:

@@ -40,8 +40,14 @@ manifests, so ``cut.load_codes()`` returns every frame, never re-sliced by durat
 
 The tokenizer identities (``audio_tokenizer`` / ``text_tokenizer`` JSON columns) become the cut's
 ``custom["codec"]`` / ``custom["text_tokenizer"]``. In Shar each cut starts at 0 on its own
-clip, so alignments are relative to the clip start. Shards hold ``shard_size`` exported
-cuts; every field's tar has the same shards (a missing value is a ``.nodata`` placeholder).
+clip, so alignments are relative to the clip start. A Shar cut's id names its tar members
+(``<cut id>.flac``, ``<cut id>.json``; Lhotse checks that they match), so it is the row
+id made a safe name (:func:`speechmill.pipeline.safe_names.safe_name`, at most
+:data:`SHAR_ID_BYTES` bytes): an ordinary id stays as it is; an id such as
+``../../escape``, ``/etc/passwd``, ``''`` or ``-rf`` becomes a readable part plus a hash,
+and the row id is kept in the supervision's id and in ``custom["origin"]["id"]``. Shards
+hold ``shard_size`` exported cuts; every field's tar has the same shards (a missing value
+is a ``.nodata`` placeholder).
 Rows whose audio cannot be decoded become rejects.
 
 Both write one subdirectory per split when the input has a ``split`` column. Outputs are
@@ -82,12 +88,16 @@ from speechmill.manifests.common import (
 )
 from speechmill.pipeline.audio import AudioError, is_url, local_path, probe
 from speechmill.pipeline.records import recording_id, reject, rejects_table
+from speechmill.pipeline.safe_names import is_safe_name, safe_name
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
 
 #: a span ending at most this far past its file's end is clamped to the end, not rejected
 CLAMP_TOLERANCE_S = 0.05
 #: Shar: decoded audio this much shorter than ``duration`` is a reject, less is zero-padded
 SHORT_AUDIO_TOLERANCE_S = 0.05
+#: Shar: longest cut id (= tar member name before its extension) in bytes of UTF-8, so a
+#: member such as ``<id>.nometa`` stays a valid file name (255 bytes) when extracted
+SHAR_ID_BYTES = 200
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,7 +447,8 @@ def _codes_plan(table: pa.Table, layout: str) -> tuple[str | None, int]:
 class _SharShards:
     """Writes Shar shards: one cuts jsonl.gz plus one tar per field, rotated together
     every ``shard_size`` cuts. Tar members: ``<cut id>.<ext>`` then ``<cut id>.json``, or
-    ``<cut id>.nodata`` + ``<cut id>.nometa`` where a cut has no value."""
+    ``<cut id>.nodata`` + ``<cut id>.nometa`` where a cut has no value. A cut id must be
+    a safe name already (``LhotseShar._row`` makes it one)."""
 
     def __init__(self, out: Path, fields: list[str], shard_size: int,
                  shard_bytes: int | None = None) -> None:
@@ -468,6 +479,8 @@ class _SharShards:
             self._rotate()
         self.bytes += size
         cid = str(cut["id"])
+        if not is_safe_name(cid, max_bytes=SHAR_ID_BYTES):
+            raise ValueError(f"cut id {cid!r} is not a safe tar member name")
         for f in self.fields:
             m = members.get(f)
             if m is None:
@@ -586,7 +599,12 @@ class LhotseShar(Stage):
                         sampling_rate=sr, num_samples=want, duration=dur)
         members: dict[str, Any] = {
             "recording": (fmt, encode_audio(x, sr, fmt), rec.to_dict())}
-        custom: dict[str, Any] = {"origin": {"audio_path": path, "offset": off}}
+        row_id = "" if row.get("id") is None else str(row["id"])
+        cut_id = safe_name(row_id, max_bytes=SHAR_ID_BYTES)
+        origin: dict[str, Any] = {"audio_path": path, "offset": off}
+        if cut_id != row_id:
+            origin["id"] = row_id
+        custom: dict[str, Any] = {"origin": origin}
         arrays: dict[str, np.ndarray] = {}
         codes = row.get("codes") if layout else None
         if codes:
@@ -613,7 +631,7 @@ class LhotseShar(Stage):
             members[f] = ("npy", _npy(arr), placeholder.to_dict())
             custom[f] = placeholder
         sup = _supervision(row, rid, 0.0, dur, ali_base=0.0)
-        cut = MonoCut(id=str(row["id"]), start=0.0, duration=dur, channel=0, recording=rec,
+        cut = MonoCut(id=cut_id, start=0.0, duration=dur, channel=0, recording=rec,
                       supervisions=[sup], custom=custom)
         return cut.to_dict(), members, dur
 

@@ -17,8 +17,9 @@ Three layouts (per split, in ``<split>/`` when the input has a ``split`` column)
   entries carry ``shard_id``. As NeMo's ``TarredAudioToTextDataset`` and its Lhotse adapter
   read them, a tar member's name is the entry's ``audio_filepath`` (a bare file name) and
   its stem (up to the extension) is the key the manifest is indexed by, so every name is
-  ``<id>.<ext>`` made unique and safe: no ``/``, no ``.`` before the extension, and never
-  ending in ``-sub<N>`` (the suffix NeMo uses for several offsets of one file).
+  ``<id>.<ext>`` made unique and safe: no ``/``, no ``.`` before the extension, no leading
+  ``-``, and never ending in ``-sub<N>`` (the suffix NeMo uses for several offsets of one
+  file).
 
 Scores become top-level keys (``dnsmos_ovrl``, ``snr_db``, ...; a score named like a
 NeMo key is written as ``score_<name>``). Rows without text are exported with ``"text":
@@ -65,6 +66,7 @@ from speechmill.manifests.common import (
 )
 from speechmill.pipeline.audio import AudioError, is_url
 from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.safe_names import readable_part
 from speechmill.pipeline.stage import (
     Resources,
     SinkResult,
@@ -142,10 +144,12 @@ def encode_clips(rows: Iterable[Mapping[str, Any]], fmt: str, sample_rate: int |
 
 def clip_stem(row_id: Any) -> str:
     """A clip's file name before any ``_<k>`` suffix and the extension: the id with
-    anything outside ``[A-Za-z0-9_-]`` replaced, at most 200 characters, never ending in
-    ``-sub<N>`` (NeMo's offset marker)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", str(row_id or "")) or "_"
-    stem = stem[:200]
+    anything outside ``[A-Za-z0-9_-]`` replaced and no leading ``-``
+    (:func:`speechmill.pipeline.safe_names.readable_part`, strict), at most 200
+    characters, never ending in ``-sub<N>`` (NeMo's offset marker). Not unique on its
+    own: :func:`clip_name` / :class:`ClipNamer` make the names of one export unique
+    (``_<k>``, names NeMo's readers need stable for ordinary ids)."""
+    stem = readable_part(str(row_id or ""), strict=True)[:200]
     if re.search(r"-sub\d+$", stem):
         stem += "_"
     return stem

@@ -22,7 +22,6 @@ Rows are ordered by id, so the same input gives byte-identical files.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +29,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.manifests.common import iter_rows, shard_bounds, split_groups, track
+from speechmill.manifests.common import (
+    data_file_split,
+    iter_rows,
+    shard_bounds,
+    split_groups,
+    track,
+)
 from speechmill.manifests.nemo import (
     FLAC_RATIO,
     drop_textless,
@@ -114,8 +119,9 @@ class ParquetExport(Stage):
         seconds = 0.0
         # rows become Python dicts a slice at a time; a shard's records become Arrow
         # every RECORD_BATCH_ROWS rows, so no split (nor shard) is ever a list of dicts
+        taken: set[str] = set()
         for split, group in split_groups(inputs, cfg.by_split):
-            name = re.sub(r"\W", "_", split) if split else "train"
+            name = data_file_split(split, taken)
             table = row_columns(group, extras)
             keep = drop_textless(table, self.ctx.stage_id, rejects) if cfg.require_text \
                 else table

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.manifests.common import split_groups, track
+from speechmill.manifests.common import data_file_split, split_groups, track
 from speechmill.manifests.nemo import Clip, encode_clip, namer_for
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.records import reject, rejects_table
@@ -205,8 +205,9 @@ class VoiceAssistantExport(Stage):
         files: dict[str, list[str]] = {}
         seconds = 0.0
         no_snac = 0
+        taken: set[str] = set()
         for split, group in split_groups(inputs, cfg.by_split):
-            name = re.sub(r"\W", "_", split) if split else "train"
+            name = data_file_split(split, taken)
             namer = namer_for(group)
             writer = _Shards(data_dir, name, schema, cfg)
             n_rows, n_dlg, secs = 0, 0, 0.0

@@ -9,6 +9,7 @@ turn into reject rows.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,6 +22,18 @@ MEDIA_EXTENSIONS: tuple[str, ...] = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".m4v",
     ".mkv", ".webm", ".mov", ".avi", ".wma", ".aiff", ".aif", ".au", ".caf", ".amr", ".3gp",
 )
+
+
+#: more channels than this is no recording (libsndfile's own limit): ``unsupported_channels``
+MAX_CHANNELS = 1024
+#: a sample rate outside this range is a broken header, not audio: ``unsupported_sample_rate``
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 1_536_000
+#: samples (all channels) read per soundfile call, whatever the rate and channel count
+_SF_MAX_BLOCK = 1 << 22
+#: libswresample's SWR_CH_MAX: FFmpeg's converter takes no more channels than this, so
+#: wider files are read with soundfile (WAV, FLAC, AIFF, CAF, ...) or rejected
+_SWR_MAX_CHANNELS = 64
 
 
 class AudioError(Exception):
@@ -110,17 +123,25 @@ def _stream_info(container: Any) -> AudioInfo:
     if cc is None or getattr(cc, "codec", None) is None:
         raise AudioError("unsupported_codec", "no decoder for the audio codec")
     codec = getattr(cc, "name", None) or "unknown"
+    rate = int(cc.sample_rate or 0)
+    exact = codec.startswith("pcm_") or codec in ("flac", "alac", "wavpack")
     dur = None
     if st.duration is not None and st.time_base is not None:
-        dur = float(st.duration * st.time_base)
+        tb = st.time_base
+        if (container.format.name == "flac" and tb.numerator == 1 and rate > 0
+                and tb.denominator != rate):
+            # STREAMINFO's rate contradicts the frames': its total still counts samples
+            dur = st.duration / rate
+        else:
+            dur = float(st.duration * tb)
     elif container.duration is not None:
         dur = container.duration / 1_000_000
-    rate = int(cc.sample_rate or 0)
+        exact = False  # FFmpeg's estimate (from the bit rate), not a header's count
     layout = getattr(cc, "layout", None)
     channels = int(getattr(layout, "nb_channels", 0) or getattr(cc, "channels", 0) or 0)
     if rate <= 0 or channels <= 0:
         raise AudioError("not_audio", f"audio stream without rate/channels ({codec})")
-    return AudioInfo(
+    return _checked(AudioInfo(
         container=container.format.name,
         codec=codec,
         duration=dur,
@@ -128,8 +149,22 @@ def _stream_info(container: Any) -> AudioInfo:
         channels=channels,
         bit_rate=int(container.bit_rate) if container.bit_rate else None,
         has_video=bool(container.streams.video),
-        exact_duration=codec.startswith("pcm_") or codec in ("flac", "alac", "wavpack"),
-    )
+        exact_duration=exact,
+    ))
+
+
+def _checked(info: AudioInfo) -> AudioInfo:
+    """``info`` when its rate and channel count are something we can decode and use."""
+    if not MIN_SAMPLE_RATE <= info.sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError("unsupported_sample_rate",
+                         f"{info.sample_rate} Hz ({info.container}/{info.codec})")
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise AudioError("unsupported_channels",
+                         f"{info.channels} channels ({info.container}/{info.codec})")
+    if info.duration is not None and not (math.isfinite(info.duration)
+                                          and info.duration >= 0):
+        info.duration = None
+    return info
 
 
 def check_wav_header(path: str) -> None:
@@ -173,19 +208,30 @@ def probe(path: str, storage_options: dict[str, Any] | None = None) -> AudioInfo
     """Container, codec, declared duration, rate and channels; raises AudioError."""
     with open_binary(path, storage_options) as src:
         try:
-            container = _av_open(src)
+            with _av_open(src) as container:
+                info = _stream_info(container)
         except AudioError as e:
             if e.reason != "not_audio":
                 raise
-            info = _sf_probe(src)
+            info = _sf_probe(src)  # PyAV cannot open it or finds no rate/channels
             if info is None:
                 raise
             return info
-        with container:
-            info = _stream_info(container)
+        if info.channels > _SWR_MAX_CHANNELS:
+            info = _wide_sf_probe(src, info)
     if not is_url(path) and info.container == "wav":
         check_wav_header(path)
     return info
+
+
+def _wide_sf_probe(src: IO[bytes] | str, info: AudioInfo) -> AudioInfo:
+    """soundfile's info for a file with more channels than FFmpeg's converter takes."""
+    wide = _sf_probe(src)
+    if wide is None:
+        raise AudioError("unsupported_channels",
+                         f"{info.channels} channels of {info.container}/{info.codec} "
+                         f"(FFmpeg converts at most {_SWR_MAX_CHANNELS})")
+    return wide
 
 
 _TEXT_MAGIC = (b"<!doctype", b"<html", b"<?xml", b"{", b"[", b"<head", b"<body")
@@ -220,14 +266,15 @@ def _sf_probe(src: IO[bytes] | str) -> AudioInfo | None:
         if not isinstance(src, str):
             src.seek(0)
         with sf.SoundFile(src) as f:
-            return AudioInfo(
+            info = AudioInfo(
                 container=f.format.lower(), codec=f.subtype.lower(),
-                duration=f.frames / f.samplerate if f.samplerate else None,
+                duration=f.frames / f.samplerate if f.samplerate > 0 else None,
                 sample_rate=f.samplerate, channels=f.channels, backend="soundfile",
                 exact_duration=True,
             )
     except Exception:
         return None
+    return _checked(info)
 
 
 @dataclass
@@ -280,23 +327,30 @@ def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = N
             cm.__exit__(None, None, None)
 
     try:
-        container = _av_open(src)
-    except AudioError as e:
-        if e.reason == "not_audio":
-            info = _sf_probe(src)
-            if info is not None:
-                return info, Chunks(_sf_chunks(src, release, info, chunk_seconds, stats,
-                                               start), [release])
+        try:
+            with contextlib.ExitStack() as closing:  # the container, unless handed on
+                container = _av_open(src)
+                closing.callback(container.close)
+                info = _stream_info(container)
+                if info.channels <= _SWR_MAX_CHANNELS:
+                    closing.pop_all()
+                    return info, Chunks(_av_chunks(container, release, info, chunk_seconds,
+                                                   stats, start, src),
+                                        [container.close, release])
+            info = _wide_sf_probe(src, info)  # too wide for FFmpeg's converter
+        except AudioError as e:
+            if e.reason != "not_audio":
+                raise
+            # PyAV cannot open it or finds no rate/channels: soundfile may
+            sf_info = _sf_probe(src)
+            if sf_info is None:
+                raise
+            info = sf_info
+    except BaseException:
         release()
         raise
-    try:
-        info = _stream_info(container)
-    except AudioError:
-        container.close()
-        release()
-        raise
-    return info, Chunks(_av_chunks(container, release, info, chunk_seconds, stats, start),
-                        [container.close, release])
+    return info, Chunks(_sf_chunks(src, release, info, chunk_seconds, stats, start),
+                        [release])
 
 
 # codecs whose seeks land on exact timestamps; others (mp3, aac: bit-rate estimates,
@@ -304,14 +358,73 @@ def decode(path: str, chunk_seconds: float = 30.0, stats: DecodeStats | None = N
 _EXACT_SEEK = {"flac", "vorbis", "opus", "alac", "wavpack"}
 
 
+class _Downmix:
+    """Decoded PyAV frames -> mono float32 at ``rate``, by way of FFmpeg's converter to
+    *packed* float (``flt``).
+
+    PyAV's ``AudioFrame.planes`` (used by ``to_ndarray``) counts planes by walking
+    ``frame->extended_data`` until it meets a NULL pointer. That array has exactly one
+    pointer per channel for planar audio (the frame's 8 ``data`` slots for <= 8
+    channels), so with 8 or more planar channels there is no NULL at the end: the walk
+    reads past the array and ``to_ndarray`` dereferences garbage -> SIGSEGV (issue 21;
+    PyAV 18.1). A packed frame has one plane and ``data[1]`` is NULL, so packed ``flt``
+    is the only layout ever read here; the channel count is checked before a frame is
+    handed to the converter (which takes at most 64, see ``_SWR_MAX_CHANNELS``). The
+    converter is rebuilt when the stream's format/layout/rate changes mid-stream.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._rs: Any = None
+        self._key: tuple[Any, ...] | None = None
+
+    def __call__(self, frame: Any) -> list[np.ndarray]:
+        import av
+
+        nch = int(frame.layout.nb_channels)
+        key = (frame.format.name, nch, frame.layout.name, frame.sample_rate)
+        out: list[np.ndarray] = []
+        if key != self._key:
+            out.extend(self.flush())
+            if not 1 <= nch <= MAX_CHANNELS:
+                raise AudioError("unsupported_channels", f"a frame with {nch} channels")
+            if not MIN_SAMPLE_RATE <= frame.sample_rate <= MAX_SAMPLE_RATE:
+                raise AudioError("unsupported_sample_rate",
+                                 f"a frame at {frame.sample_rate} Hz")
+            self._rs = av.AudioResampler(format="flt", rate=self.rate)
+            self._key = key
+        out.extend(_packed_mono(o) for o in self._rs.resample(frame))
+        return out
+
+    def flush(self) -> list[np.ndarray]:
+        rs, self._rs, self._key = self._rs, None, None
+        return [_packed_mono(o) for o in rs.resample(None)] if rs is not None else []
+
+
+def _packed_mono(frame: Any) -> np.ndarray:
+    nch = int(frame.layout.nb_channels)
+    if frame.format.name != "flt" or not 1 <= nch <= MAX_CHANNELS:
+        # never call to_ndarray on a layout it cannot walk safely (planar, >= 8 channels)
+        raise AudioError("unsupported_channels",
+                         f"cannot convert {nch} channels of {frame.format.name}")
+    n = int(frame.samples)
+    arr = frame.to_ndarray().reshape(-1)[: n * nch]
+    if arr.shape[0] != n * nch:
+        raise AudioError("corrupt", f"frame holds {arr.shape[0]} of {n * nch} samples")
+    if nch == 1:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    return arr.reshape(n, nch).mean(axis=1, dtype=np.float32)
+
+
 def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: float,
-               stats: DecodeStats, start: float = 0.0) -> Iterator[np.ndarray]:
+               stats: DecodeStats, start: float = 0.0,
+               src: IO[bytes] | str | None = None) -> Iterator[np.ndarray]:
     import av
 
     target = max(1, int(chunk_seconds * (info.sample_rate or 16000)))
     buf: list[np.ndarray] = []
     have = 0
-    resampler = av.AudioResampler(format="fltp")
+    downmix = _Downmix(info.sample_rate)
     skip: int | None = 0  # samples still to drop before `start`; None: not known yet
     try:
         stream = container.streams.audio[0]
@@ -323,7 +436,14 @@ def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: flo
                                    backward=True)
                     skip = None  # known from the first frame's timestamp
                 except av.error.FFmpegError:  # unseekable: decode from the top and drop
-                    pass
+                    # a failed seek can leave the demuxer at the end (a short FLAC
+                    # without a seek table): start again from a fresh open
+                    if src is not None:
+                        container.close()
+                        if not isinstance(src, str):
+                            src.seek(0)
+                        container = _av_open(src)
+                        stream = container.streams.audio[0]
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
@@ -337,9 +457,7 @@ def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: flo
                 if skip is None:  # first frame after a seek: where did we land?
                     t = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
                     skip = max(int(round((start - t) * info.sample_rate)), 0)
-                for out in resampler.resample(frame):
-                    arr = out.to_ndarray()
-                    mono = arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
+                for mono in downmix(frame):
                     if skip:
                         drop = min(skip, mono.shape[0])
                         mono, skip = mono[drop:], skip - drop
@@ -352,10 +470,11 @@ def _av_chunks(container: Any, release: Any, info: AudioInfo, chunk_seconds: flo
                         stats.samples += chunk.shape[0]
                         yield chunk
                         buf, have = [], 0
-        for out in resampler.resample(None):
-            arr = out.to_ndarray()
-            mono = arr.mean(axis=0, dtype=np.float32) if arr.shape[0] > 1 else arr[0]
-            buf.append(np.ascontiguousarray(mono, dtype=np.float32))
+        for mono in downmix.flush():
+            if skip:
+                drop = min(skip, mono.shape[0])
+                mono, skip = mono[drop:], skip - drop
+            buf.append(mono)
         if buf:
             chunk = np.concatenate(buf)
             stats.samples += chunk.shape[0]
@@ -375,10 +494,22 @@ def _sf_chunks(src: Any, release: Any, info: AudioInfo, chunk_seconds: float,
     try:
         if not isinstance(src, str):
             src.seek(0)
-        block = max(1, int(chunk_seconds * info.sample_rate))
-        with sf.SoundFile(src) as f:
+        try:
+            f = sf.SoundFile(src)
+        except Exception as e:  # it opened when probed: changed or damaged since
+            raise AudioError("corrupt", f"{type(e).__name__}: {e}") from None
+        with f:
+            # bounded by samples, not seconds: a header's rate/channels cannot make a
+            # read allocate more than _SF_MAX_BLOCK floats
+            block = max(1, min(int(chunk_seconds * info.sample_rate),
+                               _SF_MAX_BLOCK // max(f.channels, 1)))
             if start > 0:
-                f.seek(min(int(round(start * info.sample_rate)), f.frames))
+                try:
+                    f.seek(min(int(round(start * info.sample_rate)), f.frames))
+                except Exception as e:  # a damaged stream that cannot seek: nothing there
+                    stats.decode_errors += 1
+                    stats.last_error = f"{type(e).__name__}: {e}"
+                    return
             while True:
                 try:
                     data = f.read(block, dtype="float32", always_2d=True)

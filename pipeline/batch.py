@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from speechmill.pipeline.errors import StoreError, is_fatal
-from speechmill.pipeline.failures import error_counts
+from speechmill.pipeline.failures import error_counts, transient_counts
 from speechmill.pipeline.records import (
     REJECT_SCHEMA,
     concat,
@@ -103,6 +103,7 @@ def run_batch(stage: Stage, batch: pa.Table, store: RunStore) -> dict[str, Any]:
         "seconds_rejected": _rejected_seconds(rejects),
         "reasons": dict(reasons),
         "errors": error_counts(rejects),
+        "transient": transient_counts(rejects),
         "busy_s": time.perf_counter() - t0,
         **where_run(),
     }

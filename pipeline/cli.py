@@ -18,7 +18,9 @@ def _add_dag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="STAGE.KEY=VALUE",
                    help="override a stage key (also executor.KEY=V, run_dir=V); repeatable")
-    p.add_argument("--run-dir", help="run directory (overrides the DAG's run_dir)")
+    p.add_argument("--run-dir", help="run directory (overrides the DAG's run_dir): a new or "
+                   "empty folder, an earlier run's directory (resumed), or s3://, gs://, "
+                   "abfs://, file:// URLs; a folder of other files is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     p.add_argument("--executor", choices=["ray", "local"], help="override executor.type")
     p.add_argument("--ray-address", default=None,
-                   help="existing Ray cluster (default: $RAY_ADDRESS or embedded Ray)")
+                   help="run on this existing Ray cluster (default: $RAY_ADDRESS, else an "
+                   "embedded Ray of the run's own, even where `ray start` runs a cluster)")
     p.add_argument("--offline", action="store_true", help="never download models")
     p.add_argument("--restart-from", metavar="STAGE",
                    help="discard STAGE and everything downstream of it, then run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--break-lease", action="store_true",
+                   help="object-store run dir (s3://...): take over the lease of a run on "
+                   "another host now instead of waiting for it to expire (up to "
+                   "$SPEECHMILL_LEASE_TTL_S, 120 s); only when you know that run is gone. "
+                   "A lease of a killed run on this host is taken over without it; a live "
+                   "run on this host is never broken")
 
     p = sub.add_parser("validate", help="check a DAG and print its plan")
     _add_dag_args(p)
@@ -150,6 +159,12 @@ def _run(args: argparse.Namespace) -> int:
             _print_estimates(d, console)
             console.print("dry run: nothing executed")
         return 0
+    if args.break_lease:
+        from speechmill.pipeline.store import is_url, open_store
+
+        if is_url(d.run_dir):  # take the lease over and hand it back: the run takes it
+            with open_store(d.run_dir).lock(break_lease=True):
+                pass
     from speechmill.pipeline.runner import run
 
     run(d, executor=args.executor, ray_address=args.ray_address, offline=args.offline,

@@ -20,8 +20,10 @@ stage id and key it concerns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,7 +37,10 @@ from speechmill.pipeline import registry
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.stage import Resources, Stage, StageConfig
 
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")  # whole id (fullmatch): a directory name
+#: values a DAG (after YAML aliases, env and --set) may hold: aliases can make a small
+#: file expand to billions of values (validation would never end)
+MAX_DAG_VALUES = 200_000
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_RE = re.compile(
     r"(api_?key|(^|_)token($|_)|secret|password|passwd|credential|(^|_)auth($|_|orization)|"
@@ -77,8 +82,12 @@ class ExecutorSpec(BaseModel):
     max_error_fraction: float = Field(
         0.05, ge=0, le=1, description="error budget of every stage (a stage's own "
         "`max_error_fraction` wins): the stage fails when more of its rows than this fail "
-        "with `error` / `worker_crash` (counted from 20 rows on; a stage whose every row "
-        "fails always fails)")
+        "with `error` / `worker_crash` or as transient rejects (a service failed after its "
+        "retries; counted from 20 rows on; a stage whose every row fails always fails)")
+    transient_retries: int = Field(
+        3, ge=0, description="runs that retry a row rejected as transient (a service or "
+        "resource failed after its retries); after that many, its reject is final and the "
+        "stage can complete")
 
 
 class StageSpec(BaseModel):
@@ -208,22 +217,59 @@ def loads(
     run_dir: str | None = None,
     source: str | None = None,
 ) -> Dag:
+    """Like :func:`load`, from the DAG's text. Every problem is a :class:`ConfigError`
+    (nothing else escapes, whatever the text, overrides or environment)."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"DAG is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("DAG must be a mapping with name, run_dir and stages")
-    secret_env: dict[str, str] = {}
-    raw = _interpolate(raw, os.environ if env is None else env, [], secret_env)
-    for ov in overrides or []:
-        _apply_override(raw, ov)
-    if run_dir is not None:
-        raw["run_dir"] = run_dir
-    dag = build(raw)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"DAG is not valid YAML: {_yaml_problem(e)}") from None
+        except (ValueError, TypeError, OverflowError) as e:  # a value YAML cannot make
+            raise ConfigError(f"DAG is not valid YAML: {_one_line(e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("DAG must be a mapping with name, run_dir and stages")
+        _check_size(raw)
+        secret_env: dict[str, str] = {}
+        raw = _interpolate(raw, os.environ if env is None else env, [], secret_env)
+        for ov in overrides or []:
+            _apply_override(raw, ov)
+        if run_dir is not None:
+            raw["run_dir"] = run_dir
+        _check_size(raw)
+        dag = build(raw)
+    except RecursionError:
+        raise ConfigError("DAG is nested too deeply") from None
     dag.source_path = source
     dag.secret_env = secret_env
     return dag
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    what = getattr(e, "problem", None) or getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if what and mark is not None:
+        return f"{_one_line(what)} (line {mark.line + 1}, column {mark.column + 1})"
+    return _one_line(e)
+
+
+def _check_size(raw: Any) -> None:
+    """Refuse a DAG of more than :data:`MAX_DAG_VALUES` values once YAML aliases are
+    expanded (a few lines of ``&a``/``*a`` can name billions): counted without expanding,
+    by walking at most that many nodes."""
+    n = 0
+    todo = [raw]
+    while todo:
+        obj = todo.pop()
+        n += 1
+        if n > MAX_DAG_VALUES:
+            raise ConfigError(f"DAG is too large (more than {MAX_DAG_VALUES:,} values "
+                              "once YAML aliases are expanded)")
+        if isinstance(obj, dict):
+            todo.extend(obj.values())
+            n += len(obj)
+        elif isinstance(obj, list | tuple | set):
+            todo.extend(obj)
 
 
 def build(raw: dict[str, Any]) -> Dag:
@@ -238,8 +284,9 @@ def build(raw: dict[str, Any]) -> Dag:
     errors: list[str] = []
     ids: dict[str, StageSpec] = {}
     for st in spec.stages:
-        if not _ID_RE.match(st.id):
-            errors.append(f"stage {st.id!r}: key 'id': must match {_ID_RE.pattern}")
+        bad_id = _id_problem(st.id)
+        if bad_id:
+            errors.append(f"stage {st.id!r}: key 'id': {bad_id}")
         if st.id in ids:
             errors.append(f"stage {st.id!r}: key 'id': duplicate stage id")
         ids[st.id] = st
@@ -256,6 +303,8 @@ def build(raw: dict[str, Any]) -> Dag:
         try:
             config = cls.Config.model_validate(st.with_)
             cls.validate_config(config)
+        except RecursionError:
+            raise
         except ValidationError as e:
             for err in e.errors():
                 key = ".".join(str(x) for x in err["loc"]) or "with"
@@ -268,17 +317,25 @@ def build(raw: dict[str, Any]) -> Dag:
         except (ValueError, ConfigError) as e:
             errors.append(f"stage {st.id!r}: {e}")
             continue
+        except Exception as e:  # a stage's validator choked on a value: still the config's
+            errors.append(f"stage {st.id!r}: key 'with': invalid config "
+                          f"({type(e).__name__}: {_one_line(e)})")
+            continue
         bad_res = set(st.resources or {}) - {"cpus", "gpus", "memory_gb"}
         if bad_res:
             errors.append(f"stage {st.id!r}: key 'resources.{sorted(bad_res)[0]}': unknown "
                           "resource (cpus, gpus, memory_gb)")
+        for k, v in sorted((st.resources or {}).items()):
+            if k in ("cpus", "gpus", "memory_gb") and not (math.isfinite(v) and v >= 0):
+                errors.append(f"stage {st.id!r}: key 'resources.{k}': must be a finite "
+                              f"number >= 0, not {v!r}")
         if cls.is_source and st.needs:
             errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} is a source stage")
         if not cls.is_source and not st.needs and not cls.inputs_optional:
             errors.append(f"stage {st.id!r}: key 'needs': {st.uses!r} needs an upstream stage")
         planned[st.id] = PlannedStage(spec=st, cls=cls, config=config)
     if errors:
-        raise ConfigError("invalid DAG:\n  " + "\n  ".join(errors))
+        raise _invalid(errors)
 
     order = _toposort(spec.stages)
     stages = [planned[i] for i in order]
@@ -290,14 +347,66 @@ def build(raw: dict[str, Any]) -> Dag:
                                           for u in sorted(upstream[s.id])})
         except (ValueError, ConfigError) as e:
             errors.append(f"stage {s.id!r}: {e}")
+        except RecursionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as for validate_config above
+            errors.append(f"stage {s.id!r}: invalid config ({type(e).__name__}: "
+                          f"{_one_line(e)})")
     if errors:
-        raise ConfigError("invalid DAG:\n  " + "\n  ".join(errors))
+        raise _invalid(errors)
     for s in stages:
         for need in sorted(s.spec.needs):
             planned[need].downstream.append(s.id)
-        s.fingerprint = _fingerprint(s, planned, legacy=False)
-        s.legacy_fingerprint = _fingerprint(s, planned, legacy=True)
+        try:
+            s.fingerprint = _fingerprint(s, planned, legacy=False)
+            s.legacy_fingerprint = _fingerprint(s, planned, legacy=True)
+        except (ValueError, TypeError) as e:  # a value with no JSON form (binary data)
+            raise ConfigError(f"a value cannot be stored ({type(e).__name__}: "
+                              f"{_one_line(e)})", stage=s.id, key="with") from None
     return Dag(spec=spec, stages=stages)
+
+
+def _one_line(e: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_ERR_RE = re.compile(r"^stage (?P<stage>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
+                     r"(?:: key '(?P<key>[^']*)')?")
+
+
+def _invalid(errors: list[str]) -> ConfigError:
+    """The problems :func:`build` found, as one error: one line for one problem (with
+    its ``stage`` and ``key``), a list for several (``stage`` / ``key`` of the first)."""
+    lines = [_one_line(x, 1000) for x in errors]
+    e = ConfigError("invalid DAG: " + lines[0] if len(lines) == 1 else
+                    "invalid DAG:\n  " + "\n  ".join(lines))
+    m = _ERR_RE.match(lines[0])
+    if m:
+        import ast
+
+        with contextlib.suppress(ValueError, SyntaxError):
+            e.stage = ast.literal_eval(m.group("stage"))
+        e.key = m.group("key")
+    return e
+
+
+def _id_problem(sid: str) -> str | None:
+    """Why ``sid`` cannot be a stage id (it names the stage's directories), or None."""
+    if not sid:
+        return "is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in sid):
+        return "has a control character"
+    if "/" in sid or "\\" in sid:
+        return "has a path separator"
+    if ".." in sid:
+        return "has '..'"
+    if sid[0] in "-.":
+        return f"starts with {sid[0]!r}"
+    if not _ID_RE.fullmatch(sid):
+        return ("must start with a letter and have only letters, digits, '_' and '-' "
+                f"(it names the stage's directories): {_ID_RE.pattern}")
+    return None
 
 
 def _fingerprint(s: PlannedStage, planned: dict[str, PlannedStage], legacy: bool,
@@ -411,21 +520,31 @@ def _loc_stage_key(loc: list[str]) -> tuple[str | None, str | None]:
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     """``stage_id.key[.sub]=value``, ``executor.key=value`` or ``run_dir=value``."""
-    if "=" not in override:
+    if not isinstance(override, str) or "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
     path, _, text = override.partition("=")
     try:
         value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
         value = text
+    if isinstance(value, dict | list):
+        _check_size(value)
     parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {override!r}: empty key in {path.strip()!r} "
+                          "(expected STAGE.KEY=VALUE)")
     if parts[0] in ("name", "run_dir") and len(parts) == 1:
         raw[parts[0]] = value
         return
     if parts[0] == "executor":
+        if not isinstance(raw.get("executor", {}), dict):
+            raise ConfigError(f"--set {override!r}: 'executor' is not a mapping",
+                              key="executor")
         _set_path(raw.setdefault("executor", {}), parts[1:], value, override)
         return
     stages = raw.get("stages") or []
+    if not isinstance(stages, list):
+        raise ConfigError(f"--set {override!r}: 'stages' is not a list", key="stages")
     for st in stages:
         if isinstance(st, dict) and st.get("id") == parts[0]:
             if len(parts) < 2:
@@ -476,12 +595,19 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact(obj: Any, key: str = "") -> Any:
+    """``obj`` with the values of secret-looking keys replaced by :data:`REDACTED`; the
+    strings it keeps go through :func:`speechmill.pipeline.redact.redact_text` (secrets
+    the process registered, credentials in URLs)."""
     if is_secret_key(key) and obj not in (None, "", False, {}, []):
         return REDACTED  # the whole subtree: a secret may be a mapping (service account)
     if isinstance(obj, dict):
         return {k: redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v, key) for v in obj]
+    if isinstance(obj, str) and len(obj) >= 4:
+        from speechmill.pipeline.redact import redact_text
+
+        return redact_text(obj, patterns=False)
     return obj
 
 

@@ -339,6 +339,21 @@ def _quiet_worker() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
+def _note_local_cluster() -> None:
+    """Say so when a `ray start` cluster runs on this machine: the embedded Ray does not
+    join it (that takes ``--ray-address`` or ``RAY_ADDRESS``)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - only a note; Ray internals may move
+        return
+    if found:
+        log.warning("`ray start` on this machine recorded a cluster at %s; this run starts "
+                    "its own embedded Ray (to run on that cluster: --ray-address %s or "
+                    "RAY_ADDRESS)", found, found)
+
+
 class RayExecutor:
     """Ray Data: embedded local Ray by default, or an existing cluster."""
 
@@ -349,6 +364,7 @@ class RayExecutor:
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        asked = "--ray-address / executor.ray_address" if address else "RAY_ADDRESS"
         address = address or os.environ.get("RAY_ADDRESS") or None
         self._owned = not ray.is_initialized()
         if self._owned:
@@ -358,10 +374,18 @@ class RayExecutor:
                 log_to_driver=True,
                 configure_logging=True,
             )
-            if address:
+            if address:  # a cluster only when the user asked for one
                 kwargs["address"] = address
-            elif num_cpus:
-                kwargs["num_cpus"] = num_cpus
+                log.warning("joining the Ray cluster at %s (%s)%s", address, asked,
+                            "; executor.num_cpus is ignored there" if num_cpus else "")
+            else:
+                # embedded: always a Ray of its own. Without an address ray.init() joins
+                # the cluster a `ray start` on this machine recorded (and refuses
+                # num_cpus there); "local" starts a new one beside it
+                kwargs["address"] = "local"
+                if num_cpus:
+                    kwargs["num_cpus"] = num_cpus
+                _note_local_cluster()
             ray.init(**kwargs)
         import ray.data
 

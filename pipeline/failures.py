@@ -11,6 +11,8 @@ Two kinds of failure never become per-row rejects:
   and message;
 * an exhausted *error budget*: more rows failed with engine failure reasons (``error``:
   the stage raised on the row; ``worker_crash``: the row killed its worker even alone)
+  or as *transient* rejects (a service or resource failed after its retries: connection
+  refused, timeout, HTTP 5xx, 429 beyond the retry budget; ``kind == "transient"``)
   than the stage's ``max_error_fraction`` allows. A few such rows are bad input; many
   are a broken stage or environment. :class:`ErrorBudget` counts them from the stats
   every batch returns (``reasons``, and ``errors``: exception type -> count and a sample
@@ -28,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from speechmill.pipeline.errors import ErrorBudgetExceeded, StageFailedError, StoreError
+from speechmill.pipeline.records import TRANSIENT
 
 #: reject reasons that are failures of the stage or its environment, not of the data
 ENGINE_REASONS = ("error", "worker_crash")
@@ -47,6 +50,13 @@ def error_type(detail: str | None) -> str:
     return m.group(1).rsplit(".", 1)[-1] if m else "unknown"
 
 
+def is_transient(kinds: Any) -> Any:
+    """Boolean mask of the transient rejects among a ``kind`` column (null: data)."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(kinds, TRANSIENT), False)
+
+
 def error_counts(rejects: pa.Table) -> dict[str, list[Any]]:
     """Engine rejects of a batch by exception type: ``{type: [count, sample row id]}``."""
     out: dict[str, list[Any]] = {}
@@ -56,6 +66,20 @@ def error_counts(rejects: pa.Table) -> dict[str, list[Any]]:
     for rid, reason, detail in zip(*cols, strict=True):
         if reason in ENGINE_REASONS:
             entry = out.setdefault(error_type(detail), [0, rid])
+            entry[0] += 1
+    return out
+
+
+def transient_counts(rejects: pa.Table) -> dict[str, list[Any]]:
+    """Transient rejects of a batch by reason: ``{reason: [count, sample row id, its
+    detail]}``."""
+    out: dict[str, list[Any]] = {}
+    if not rejects.num_rows or "kind" not in rejects.column_names:
+        return out
+    cols = [rejects.column(c).to_pylist() for c in ("id", "reason", "kind", "detail")]
+    for rid, reason, kind, detail in zip(*cols, strict=True):
+        if kind == TRANSIENT:
+            entry = out.setdefault(str(reason), [0, rid, (detail or "")[:300]])
             entry[0] += 1
     return out
 
@@ -125,6 +149,7 @@ class ErrorBudget:
         self.failed = 0
         self.types: Counter[str] = Counter()
         self.samples: dict[str, str] = {}
+        self.details: dict[str, str] = {}
 
     def add(self, stats: dict[str, Any]) -> None:
         self.rows += int(stats.get("rows_in", 0))
@@ -138,6 +163,13 @@ class ErrorBudget:
             self.samples.setdefault(typ, str(sample))
         if failed > typed:
             self.types["unknown"] += failed - typed
+        for reason, (n, sample, *detail) in (stats.get("transient") or {}).items():
+            typ = f"{reason} (transient)"
+            self.failed += int(n)
+            self.types[typ] += int(n)
+            self.samples.setdefault(typ, str(sample))
+            if detail and detail[0]:
+                self.details.setdefault(typ, str(detail[0]))
 
     def exceeded(self, final: bool = False) -> bool:
         if not self.failed:
@@ -158,8 +190,10 @@ class ErrorBudget:
     def error(self) -> ErrorBudgetExceeded:
         frac = self.failed / max(self.rows, 1)
         top = ", ".join(
-            f"{typ} x{n}" + (f" (e.g. row {self.samples[typ]!r})" if typ in self.samples
+            f"{typ} x{n}" + (f" (e.g. row {self.samples[typ]!r}" if typ in self.samples
                              else "")
+            + (f": {self.details[typ]}" if typ in self.details else "")
+            + (")" if typ in self.samples else "")
             for typ, n in self.types.most_common(3))
         if self.failed >= self.rows:
             why = "every row failed" + (" (too few rows for max_error_fraction "

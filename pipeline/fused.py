@@ -124,10 +124,10 @@ def run_chain(dag: Dag, chain: list[PlannedStage], store: RunStore, exe: Any, *,
         store.make_stage_dir(st.id)
         store.write_fingerprint(st.id, st.fingerprint)
         store.clear_scratch(st.id)
-        retry = R.clear_engine_failures(store, st.id)
+        retry = R.clear_engine_failures(store, st.id, dag.spec.executor.transient_retries)
         if retry:
-            console.print(f"  {st.id}: retrying {retry} rows that failed with errors in an "
-                          "earlier attempt")
+            console.print(f"  {st.id}: retrying {retry} rows that failed with errors or "
+                          "transient service failures in an earlier attempt")
         inp = R.read_stage_input(dag, st, store, ctx)
         if st.cls.has_prepare():  # the head's over its whole input; others' need none
             rows = (inp.read_all(st.cls.prepare_columns) if i == 0
@@ -215,7 +215,7 @@ def _finish(dag: Dag, m: _Member, store: RunStore, exe: Any, t0: float,
         "busy_seconds": round(m.tally.busy_s, 3),
         "fused": {"chain": m.chain, "first_batch_started_at": m.first_start,
                   "last_batch_ended_at": m.last_end},
-    })
+    }, dag.spec.executor.transient_retries)
 
 
 def committed_outputs(store: RunStore, stage_id: str, batch: pa.Table,

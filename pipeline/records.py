@@ -49,8 +49,15 @@ REJECT_SCHEMA = pa.schema(
         ("source_url", pa.string()),
         ("audio_path", pa.string()),
         ("duration", pa.float64()),
+        # "data" (the input is bad: final) or "transient" (a service or resource failed
+        # after its retries: counts toward the error budget and a plain rerun retries it)
+        ("kind", pa.string()),
     ]
 )
+
+#: reject kinds (the ``kind`` column; null in parts written before it existed = data)
+DATA = "data"
+TRANSIENT = "transient"
 
 
 def content_id(sha256_hex: str) -> str:
@@ -76,9 +83,14 @@ def recording_id(row_id: str) -> str:
 
 
 def reject(
-    row: Mapping[str, Any], stage: str, reason: str, detail: str = ""
+    row: Mapping[str, Any], stage: str, reason: str, detail: str = "", *,
+    transient: bool = False,
 ) -> dict[str, Any]:
-    """A reject row for input ``row``: it keeps the input's id so resume sees it consumed."""
+    """A reject row for input ``row``: it keeps the input's id so resume sees it consumed.
+
+    ``transient=True`` when a service or resource failed after its retries (connection
+    refused, timeout, HTTP 5xx, 429 beyond the retry budget): such a row counts toward the
+    stage's error budget and is not final (a plain rerun retries it)."""
     dur = row.get("duration")
     return {
         "id": row.get("id"),
@@ -88,6 +100,7 @@ def reject(
         "source_url": row.get("source_url"),
         "audio_path": row.get("audio_path"),
         "duration": float(dur) if isinstance(dur, int | float) else None,
+        "kind": TRANSIENT if transient else DATA,
     }
 
 

@@ -97,12 +97,20 @@ class StageProgress:
     def finish(self, m: dict[str, Any]) -> None:
         reasons = ", ".join(f"{k} {v}" for k, v in (m.get("reasons") or {}).items())
         speed = m.get("speed_x_realtime")
+        word = "[yellow]incomplete[/]" if m.get("incomplete") else "[green]done[/]"
         self.console.print(
-            f"  [green]done[/] {self.stage_id}: {m['rows_in']} in -> {m['rows_out']} out, "
-            f"{m['rows_rejected']} rejected{f' ({reasons})' if reasons else ''}; "
+            f"  {word} {self.stage_id}: {m['rows_in']} in -> {m['rows_out']} out, "
+            f"{_rejected(m)} rejected{f' ({reasons})' if reasons else ''}; "
             f"{_hours(m['audio_hours_out'])} audio out in {_secs(m['wall_seconds'])}"
             + (f" ({speed:.1f}x realtime)" if speed else "")
         )
+
+
+def _rejected(m: dict[str, Any]) -> str:
+    """Rejects, with the transient ones (retried by a rerun) apart from the data ones."""
+    n = m.get("rows_rejected", "-")
+    t = int(m.get("rows_transient") or 0)
+    return f"{n} ({t} transient)" if t else str(n)
 
 
 def summary_table(stages: list[dict[str, Any]], title: str = "speechmill run summary") -> Any:
@@ -121,7 +129,7 @@ def summary_table(stages: list[dict[str, Any]], title: str = "speechmill run sum
             str(m.get("state", "")),
             str(m.get("rows_in", "-")),
             str(m.get("rows_out", "-")),
-            str(m.get("rows_rejected", "-")),
+            _rejected(m),
             _hours(m.get("audio_hours_in")),
             _hours(m.get("audio_hours_out")),
             _secs(m.get("wall_seconds")),
@@ -135,9 +143,12 @@ def render_summary(stages: list[dict[str, Any]], console: Any, run_dir: str) -> 
     console.print()
     console.print(summary_table(stages))
     rejected = sum(int(s.get("rows_rejected", 0) or 0) for s in stages)
+    transient = sum(int(s.get("rows_transient", 0) or 0) for s in stages)
     console.print(
         f"outputs: {run_dir}/stages/<stage>/part-*.parquet   "
         f"rejects: {rejected} rows in {run_dir}/stages/<stage>/rejects/"
+        + (f" ({rejected - transient} data, {transient} transient: a rerun retries "
+           "the transient ones)" if transient else "")
     )
     sinks = [f"{s['stage']}: {s['output_dir']}" for s in stages if s.get("output_dir")]
     for line in sinks:
@@ -175,6 +186,8 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         m = store.read_metrics(sid)
         if store.is_done(sid):
             state = "done"
+        elif m and m.get("incomplete") and info.get("status") != "running":
+            state = "incomplete"
         elif outs or rej:
             state = "partial" if info.get("status") != "running" else "running"
         else:
@@ -182,7 +195,8 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         row: dict[str, Any] = {"stage": sid, "state": state, "rows_out": outs,
                                "rows_rejected": rej}
         if m:
-            row.update({k: m[k] for k in ("rows_in", "audio_hours_in", "audio_hours_out",
+            row.update({k: m[k] for k in ("rows_in", "rows_transient", "audio_hours_in",
+                                           "audio_hours_out",
                                            "wall_seconds", "realtime_factor", "reasons",
                                            "output_dir")
                         if k in m})

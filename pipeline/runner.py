@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from speechmill.pipeline.dag import Dag, PlannedStage, written_by_version
 from speechmill.pipeline.errors import ConfigError, SpeechmillError, StallError
 from speechmill.pipeline.executors import LocalExecutor, RayExecutor, Watchdog, batches_of
-from speechmill.pipeline.failures import ENGINE_REASONS, ErrorBudget
+from speechmill.pipeline.failures import ENGINE_REASONS, ErrorBudget, is_transient
 from speechmill.pipeline.nodes import NodeTally, recovery_metrics
 from speechmill.pipeline.records import (
     REJECT_SCHEMA,
@@ -67,6 +67,10 @@ class RunResult:
     @property
     def rejected(self) -> int:
         return sum(int(s.get("rows_rejected", 0)) for s in self.stages)
+
+
+def _state(metrics: dict[str, Any]) -> str:
+    return "incomplete" if metrics.get("incomplete") else "done"
 
 
 def _now() -> str:
@@ -229,13 +233,20 @@ def run(
                 if st.id in chains:  # consecutive row-local stages: one pipeline
                     for m in run_chain(dag, chains[st.id], store, exe, offline=offline,
                                        show=show, console=console):
-                        result.stages.append({**m, "state": "done"})
+                        result.stages.append({**m, "state": _state(m)})
                     fused.update(s.id for s in chains[st.id])
                     continue
                 m = _run_stage(dag, st, store, exe, offline=offline, show=show,
                                console=console)
-                result.stages.append({**m, "state": "done"})
+                result.stages.append({**m, "state": _state(m)})
             result.status = "succeeded"
+            retry = sum(int(m.get("rows_transient") or 0) for m in result.stages)
+            if retry:
+                info["transient_rejects"] = retry
+                console.print(
+                    f"[yellow]{retry} rows failed transiently (a service or resource failed "
+                    "after its retries); they are not final: rerun the same command to "
+                    "retry them[/]")
         except KeyboardInterrupt as e:
             result.status = "interrupted"
             result.error = str(e) if isinstance(e, RunInterrupted) else "interrupted"
@@ -427,10 +438,10 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
     store.make_stage_dir(st.id)
     store.write_fingerprint(st.id, st.fingerprint)
     store.clear_scratch(st.id)  # spools/temp files a killed attempt left behind
-    retry = clear_engine_failures(store, st.id)
+    retry = clear_engine_failures(store, st.id, dag.spec.executor.transient_retries)
     if retry:
-        console.print(f"  {st.id}: retrying {retry} rows that failed with errors in an "
-                      "earlier attempt")
+        console.print(f"  {st.id}: retrying {retry} rows that failed with errors or "
+                      "transient service failures in an earlier attempt")
     t0 = time.monotonic()
     inp = read_stage_input(dag, st, store, ctx)
     if st.cls.has_prepare():
@@ -507,18 +518,19 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                              "busy_seconds": round(tally.busy_s, 3)}
     if recovery:
         extra["recovery"] = recovery
-    return finish_stage(st, store, inp, wall, budget, prog, console, extra)
+    return finish_stage(st, store, inp, wall, budget, prog, console, extra,
+                        dag.spec.executor.transient_retries)
 
 
 def finish_stage(st: PlannedStage, store: RunStore, inp: StageInput, wall: float,
                  budget: ErrorBudget, prog: StageProgress, console: Any,
-                 extra: dict[str, Any]) -> dict[str, Any]:
+                 extra: dict[str, Any], transient_retries: int = 3) -> dict[str, Any]:
     """A stage's end, once every batch ran (unfused or as a member of a fused chain):
     the final error budget, dedup, metrics (plus ``extra``), summary, ``_SUCCESS``."""
     budget.check(final=True)
     if st.cls.unique_output_ids:
         _dedup_outputs(st, store)
-    metrics = _metrics(st, inp, store, wall)
+    metrics = _metrics(st, inp, store, wall, transient_retries)
     metrics.update(extra)
     summary = None
     if st.cls.has_summary():
@@ -527,7 +539,7 @@ def finish_stage(st: PlannedStage, store: RunStore, inp: StageInput, wall: float
     if summary:
         metrics["stage_summary"] = summary
     store.write_metrics(st.id, metrics)
-    store.mark_done(st.id)
+    mark_complete(st, store, metrics)
     prog.finish(metrics)
     if summary:
         for line in st.cls.summary_lines(summary):
@@ -541,26 +553,88 @@ def max_error_fraction(dag: Dag, st: PlannedStage) -> float:
     return dag.spec.executor.max_error_fraction if own is None else own
 
 
-def clear_engine_failures(store: RunStore, stage_id: str) -> int:
-    """Remove the stage's rejects with engine reasons (``error``, ``worker_crash``) so
-    their rows run again: they failed because of the stage or its environment (often
-    what made the last attempt fail), not because of the row. Each reject part is
-    rewritten atomically (or removed when nothing is left), so an interruption here is
-    harmless. Returns how many rows will be retried."""
-    n = 0
+#: per stage: how many runs already retried each row rejected as transient
+TRANSIENT_LEDGER = "_transient_retries.parquet"
+
+
+def _ledger(store: RunStore, stage_id: str) -> dict[str, int]:
+    t = store.read_stage_table(stage_id, TRANSIENT_LEDGER)
+    if t is None:
+        return {}
+    return dict(zip(t.column("id").to_pylist(), t.column("retries").to_pylist(), strict=True))
+
+
+def _retriable(t: pa.Table, ledger: dict[str, int], max_retries: int) -> Any:
+    """Mask of the reject rows of ``t`` that run again: engine reasons, and transient
+    rejects retried fewer than ``max_retries`` times."""
+    retry = pc.fill_null(pc.is_in(t.column("reason"),
+                                  value_set=pa.array(ENGINE_REASONS, pa.string())), False)
+    if "kind" not in t.column_names:
+        return retry
+    spent = pa.array([ledger.get(i, 0) < max_retries for i in t.column("id").to_pylist()],
+                     pa.bool_())
+    return pc.or_(retry, pc.and_(is_transient(t.column("kind")), spent))
+
+
+def clear_engine_failures(store: RunStore, stage_id: str, max_retries: int = 3) -> int:
+    """Remove the stage's rejects that are not final so their rows run again: engine
+    reasons (``error``, ``worker_crash``: the stage or its environment failed, often what
+    made the last attempt fail) and transient rejects (a service or resource failed after
+    its retries) that fewer than ``max_retries`` runs retried already (a ledger in the
+    stage's directory counts them; after that the reject is final). Each reject part is
+    rewritten atomically (or removed when nothing is left), and the ledger is written
+    first, so an interruption here is harmless. Returns how many rows will be retried."""
+    ledger = _ledger(store, stage_id)
+    todo: list[tuple[Any, pa.Table, Any, int]] = []
+    retried: list[str] = []
     for part in store.reject_parts(stage_id):
-        reasons = store.read_outputs_part(part, ["reason"]).column("reason")
-        engine = pc.is_in(reasons, value_set=pa.array(ENGINE_REASONS, pa.string()))
-        bad = int(pc.sum(pc.fill_null(engine, False)).as_py() or 0)
+        t = store.read_outputs_part(part, None)
+        retry = _retriable(t, ledger, max_retries)
+        bad = int(pc.sum(retry).as_py() or 0)
         if not bad:
             continue
+        todo.append((part, t, retry, bad))
+        if "kind" in t.column_names:
+            trans = pc.and_(retry, is_transient(t.column("kind")))
+            retried.extend(t.filter(trans).column("id").to_pylist())
+    if retried:
+        for i in retried:
+            ledger[i] = ledger.get(i, 0) + 1
+        store.write_stage_table(stage_id, TRANSIENT_LEDGER, pa.table(
+            {"id": pa.array(list(ledger), pa.string()),
+             "retries": pa.array(list(ledger.values()), pa.int32())}))
+    n = 0
+    for part, t, retry, bad in todo:
         n += bad
-        if bad == len(reasons):
+        if bad == t.num_rows:
             store.remove_part(part)
         else:
-            t = store.read_outputs_part(part, None)
-            store.replace_part(part, t.filter(pc.invert(pc.fill_null(engine, False))))
+            store.replace_part(part, t.filter(pc.invert(retry)))
     return n
+
+
+def transient_left(store: RunStore, stage_id: str, max_retries: int = 3) -> int:
+    """How many of the stage's transient rejects the next run retries."""
+    t = store.read_rejects(stage_id, ["id", "reason", "kind"])
+    if not t.num_rows or "kind" not in t.column_names:
+        return 0
+    ledger = _ledger(store, stage_id)
+    mask = pc.and_(_retriable(t, ledger, max_retries), is_transient(t.column("kind")))
+    return int(pc.sum(mask).as_py() or 0)
+
+
+def mark_complete(st: PlannedStage, store: RunStore, metrics: dict[str, Any]) -> None:
+    """``_SUCCESS`` for a stage that has nothing left to retry: no transient rejects of
+    its own and every upstream stage complete. Otherwise the stage stays open, so the
+    next run retries those rows and carries what they make downstream."""
+    waiting = [n for n in st.spec.needs if not store.is_done(n)]
+    if metrics.get("rows_transient") or waiting:
+        metrics["incomplete"] = (
+            f"{metrics['rows_transient']} transient rejects" if metrics.get("rows_transient")
+            else f"upstream {', '.join(waiting)} incomplete")
+        store.write_metrics(st.id, metrics)
+        return
+    store.mark_done(st.id)
 
 
 def sink_dir(store: RunStore, st: PlannedStage) -> Any:
@@ -640,7 +714,7 @@ def _run_sink(dag: Dag, st: PlannedStage, store: RunStore, *, offline: bool,
     if res.summary:
         metrics["stage_summary"] = res.summary
     store.write_metrics(st.id, metrics)
-    store.mark_done(st.id)
+    mark_complete(st, store, metrics)
     console.print(
         f"  done {st.id}: {n_in} in -> {res.rows_out} exported, "
         f"{rejects.num_rows} rejected; {res.seconds_out / 3600:.3f} h in {wall:.1f} s"
@@ -702,8 +776,8 @@ def _reason_counts(rejects: pa.Table) -> dict[str, int]:
                                            vc.field("counts").to_pylist(), strict=True)}
 
 
-def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float
-             ) -> dict[str, Any]:
+def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float,
+             transient_retries: int = 3) -> dict[str, Any]:
     outs = store.read_outputs(st.id, ["id", "duration"])
     rejects = store.read_rejects(st.id, ["id", "reason", "duration"])
     sec_out = total_seconds(outs)
@@ -718,6 +792,7 @@ def _metrics(st: PlannedStage, inp: StageInput, store: RunStore, wall: float
         "rows_in": inp.rows_in,
         "rows_out": outs.num_rows,
         "rows_rejected": rejects.num_rows,
+        "rows_transient": transient_left(store, st.id, transient_retries),
         "audio_hours_in": sec_in / 3600.0,
         "audio_hours_out": sec_out / 3600.0,
         "wall_seconds": round(wall, 3),

@@ -261,8 +261,9 @@ class Stage:
             return pa.table({"id": pa.array([], pa.string()), "parent_id": pa.array([], pa.string())})
         return conform(pa.Table.from_pylist(rows))
 
-    def reject_row(self, row: dict[str, Any], reason: str, detail: str = "") -> dict[str, Any]:
-        return reject(row, self.ctx.stage_id, reason, detail)
+    def reject_row(self, row: dict[str, Any], reason: str, detail: str = "", *,
+                   transient: bool = False) -> dict[str, Any]:
+        return reject(row, self.ctx.stage_id, reason, detail, transient=transient)
 
 
 def config_fields(cls: type[StageConfig]) -> list[tuple[str, str, Any, str]]:

@@ -3,7 +3,8 @@
 ::
 
     RUN_DIR/
-      dag.yaml  run.json
+      dag.yaml  run.json  _SPEECHMILL_RUN     (the marker: a run only writes in a folder
+                                          that is new, empty or has it / run.json)
       stages/<id>/part-*.parquet          outputs (tmp + rename)
       stages/<id>/rejects/part-*.parquet
       stages/<id>/metrics.json  _SUCCESS  _fingerprint
@@ -46,19 +47,53 @@ def url_scheme(url: str | os.PathLike[str]) -> str:
     return re.split(r"://|::", os.fspath(url), maxsplit=1)[0].lower()
 
 
+#: URL schemes a run directory may use: the object stores the project supports (s3fs is in
+#: uv.lock; gcsfs / adlfs when installed) and fsspec's local filesystem. Everything else
+#: fsspec knows (http://, ftp://, zip://, memory://, ...) is read-only, archive-backed,
+#: in-process or otherwise no place for a run directory, and is refused up front.
+RUN_DIR_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "file",
+                             "local"})
+#: a local path starting ``s3:`` (one slash, none) is a mistyped URL, not a folder name
+_MISTYPED_URL_RE = re.compile(
+    r"^(s3a?|gs|gcs|abfss?|az|adl|https?|s?ftp|ssh|hdfs|webhdfs|file|memory|zip|hf):(?!//)",
+    re.I)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: written into a run directory when a run first claims it (before anything else)
+RUN_MARKER = "_SPEECHMILL_RUN"
+_HOW = "pick a new or empty directory (e.g. run_dir: runs/NAME or --run-dir runs/NAME)"
+
+
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
     """Refuse a run directory the store cannot write to, before anything runs.
 
-    Local (or mounted shared POSIX) paths, and URLs of a filesystem fsspec knows and can
-    load (``s3://`` with s3fs, ``gs://`` with gcsfs, ``abfs://`` with adlfs, ``file://``,
-    ...). An unknown scheme, a filesystem whose package is missing and fsspec chains
-    (``simplecache::s3://...``: a cache in front of writes would lose them) are refused,
-    never taken as a relative local path (which used to create a directory named ``s3:``
-    under the working directory and leave the data on the local disk).
+    Local (or mounted shared POSIX) paths, and URLs of the object stores speechmill
+    supports whose fsspec package is installed (``s3://`` with s3fs, ``gs://`` with
+    gcsfs, ``abfs://`` with adlfs, ``file://``). Refused with a one-line
+    :class:`ConfigError` naming ``run_dir``: an empty path (an unset ``${VAR:-}``), one
+    with control characters, a mistyped URL (``s3:/bucket``), any other scheme
+    (``http://``, ``ftp://``, ``zip://``, unknown ones), a filesystem whose package is
+    missing and fsspec chains (``simplecache::s3://...``: a cache in front of writes would
+    lose them), never taken as a relative local path (which used to create a directory
+    named ``s3:`` under the working directory and leave the data on the local disk).
+    Whether an existing directory may be used is checked when a run claims it
+    (:func:`check_run_dir_contents`).
     """
-    if not is_url(run_dir):
-        return
     url = os.fspath(run_dir)
+    if not isinstance(url, str):
+        raise ConfigError(f"{url!r} is not a path", key="run_dir")
+    if not url.strip():
+        raise ConfigError(
+            "is empty (an unset ${VAR:-}?); a run directory must be named: " + _HOW,
+            key="run_dir")
+    if _CONTROL_RE.search(url):
+        raise ConfigError(f"{url!r} has a control character; " + _HOW, key="run_dir")
+    if not is_url(url):
+        m = _MISTYPED_URL_RE.match(url)
+        if m:
+            raise ConfigError(
+                f"{url!r} looks like a mistyped URL (did you mean {m.group(1)}://...?); "
+                "a local folder may not be named like a URL scheme", key="run_dir")
+        return
     scheme = url_scheme(url)
     if "::" in url:
         raise ConfigError(
@@ -70,15 +105,100 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
 
     if scheme not in known_implementations:
         raise ConfigError(
-            f"{url!r}: unknown filesystem {scheme}://; a run directory is a local path or a "
-            "URL of a filesystem fsspec knows (s3://, gs://, abfs://, file://, ...)",
+            f"{url!r}: unknown filesystem {scheme}://; a run directory is a local path or an "
+            "object-store URL (s3://, gs://, abfs://, file://)",
             key="run_dir")
+    if scheme not in RUN_DIR_SCHEMES:
+        raise ConfigError(
+            f"{url!r}: a run directory cannot live on {scheme}:// (not an object store or "
+            "local filesystem speechmill writes to); use a local path or s3://, gs://, "
+            "abfs://, file://", key="run_dir")
     try:
         fsspec.get_filesystem_class(scheme)
     except ImportError as e:
         raise ConfigError(
             f"{url!r}: the {scheme}:// filesystem is not installed "
             f"({known_implementations[scheme].get('err') or e})", key="run_dir") from None
+    rest = url.split("://", 1)[1]
+    if scheme not in ("file", "local") and not rest.strip("/"):
+        raise ConfigError(f"{url!r} names no bucket", key="run_dir")
+
+
+def _json_object(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def is_run_dir_listing(names: list[str], read: Any) -> bool:
+    """Whether a folder holding ``names`` (its entries, bare names) is a speechmill run
+    directory, or empty: it holds the marker :data:`RUN_MARKER` (written when a run
+    first claims a directory), or ``run.json`` as speechmill writes it (``status`` and
+    ``attempt``: every version wrote them, so run directories of older versions resume),
+    or nothing but a lock a killed run left (``run.lock`` naming a pid and host).
+    ``read(name)`` gives a file's bytes (None when it cannot be read)."""
+    have = set(names)
+    if not have or RUN_MARKER in have:
+        return True
+    if "run.json" in have:
+        info = _json_object(read("run.json"))
+        if info is not None and "status" in info and "attempt" in info:
+            return True
+    if "run.lock" in have:
+        lock = _json_object(read("run.lock"))
+        if lock is not None and "pid" in lock and "host" in lock:
+            return True
+    return False
+
+
+def _not_a_run_dir(where: str, names: list[str]) -> ConfigError:
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    return ConfigError(
+        f"{where!r} is not empty and is not a speechmill run directory (it holds {shown}; "
+        f"no {RUN_MARKER} or run.json of an earlier run); a run never writes into a "
+        "folder of other files: " + _HOW, key="run_dir")
+
+
+def check_run_dir_contents(root: str | os.PathLike[str]) -> None:
+    """Before a run writes anything into a local run directory: it must not exist yet,
+    be empty or be a speechmill run directory (:func:`is_run_dir_listing`). A folder of
+    other files (``run_dir: .`` beside the DAG file) is refused with a
+    :class:`ConfigError` naming ``run_dir``: the run would write ``dag.yaml`` over the
+    user's DAG file."""
+    p = Path(root)
+    if not p.exists():
+        if p.is_symlink():
+            raise ConfigError(f"{str(p)!r} is a dangling symlink; " + _HOW, key="run_dir")
+        return
+    if not p.is_dir():
+        raise ConfigError(f"{str(p)!r} is a file, not a directory; " + _HOW, key="run_dir")
+    try:
+        names = os.listdir(p)
+    except OSError as e:
+        raise ConfigError(f"cannot read {str(p)!r}: {e.strerror}", key="run_dir") from None
+
+    def read(name: str) -> bytes | None:
+        try:
+            with open(p / name, "rb") as f:
+                return f.read(1 << 20)
+        except OSError:
+            return None
+
+    if not is_run_dir_listing(names, read):
+        raise _not_a_run_dir(str(p), names)
+
+
+def _write_marker(path: Any, put: Any) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("speechmill")
+    except PackageNotFoundError:
+        v = None
+    put(path, (json.dumps({"speechmill_run_dir": 1, "created_at": time.time(),
+                           "speechmill_version": v}) + "\n").encode())
 
 
 def local_cache_dir(url: str) -> Path:
@@ -212,6 +332,11 @@ class RunStore:
         """A stage's own side table (``stages/<id>/<name>``), written whole."""
         atomic_write_parquet(self.stage_dir(stage_id) / name, table)
 
+    def read_stage_table(self, stage_id: str, name: str) -> pa.Table | None:
+        """A side table written by :meth:`write_stage_table`; None when there is none."""
+        p = self.stage_dir(stage_id) / name
+        return pq.read_table(p) if p.exists() else None
+
     def remove_part(self, part: Any) -> None:
         Path(part).unlink(missing_ok=True)
 
@@ -314,8 +439,12 @@ class RunStore:
         atomic_write_json(self.root / "run.json", info)
 
     # -- lock ----------------------------------------------------------------------------
-    def lock(self) -> RunLock:
-        return RunLock(self.root / "run.lock")
+    def lock(self, break_lease: bool = False) -> RunLock:
+        """The run's lock; entering it claims the directory: it must be new, empty or a
+        speechmill run directory (:func:`check_run_dir_contents`, a :class:`ConfigError`
+        otherwise, before anything is written), and gets the marker :data:`RUN_MARKER`.
+        ``break_lease`` is for object stores (a local lock dies with its holder)."""
+        return RunLock(self.root / "run.lock", claim=True)
 
 
 class RunLock:
@@ -329,9 +458,21 @@ class RunLock:
     its pid is dead on this host.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, claim: bool = False) -> None:
         self.path = path
         self.fd: int | None = None
+        #: check that the folder may be a run directory before locking, then mark it
+        self.claim = claim
+
+    def _claimed(self) -> RunLock:
+        """Locked: mark the folder as a run directory (first run only)."""
+        if self.claim and not (self.path.parent / RUN_MARKER).exists():
+            try:
+                _write_marker(self.path.parent / RUN_MARKER, atomic_write_bytes)
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
 
     def _me(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -349,6 +490,8 @@ class RunLock:
         import errno
         import fcntl
 
+        if self.claim:
+            check_run_dir_contents(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -369,7 +512,7 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.write(fd, self._me())
             self.fd = fd
-            return self
+            return self._claimed()
         raise RunLockedError(f"could not lock {str(self.path)!r}")
 
     def _enter_exclusive(self) -> RunLock:
@@ -395,7 +538,7 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            return self
+            return self._claimed()
         raise RunLockedError(f"could not lock {str(self.path)!r}")
 
     def __exit__(self, *exc: object) -> None:
@@ -716,6 +859,13 @@ class ObjectRunStore(RunStore):
     def write_stage_table(self, stage_id: str, name: str, table: pa.Table) -> None:
         self._put_parquet(f"{self.stage_dir(stage_id)}/{name}", table)
 
+    def read_stage_table(self, stage_id: str, name: str) -> pa.Table | None:
+        p = f"{self.stage_dir(stage_id)}/{name}"
+        self.fs.invalidate_cache(p)
+        if not self.fs.exists(p):
+            return None
+        return self._read([p], None)
+
     def remove_part(self, part: Any) -> None:
         self._fence()
         with contextlib.suppress(FileNotFoundError):
@@ -836,8 +986,13 @@ class ObjectRunStore(RunStore):
             return  # run.json is the other run's now (the run is stopping with the error)
         self._put_bytes(self._p("run.json"), (json.dumps(info, indent=2) + "\n").encode())
 
-    def lock(self, ttl_s: float | None = None) -> ObjectRunLock:  # type: ignore[override]
-        return ObjectRunLock(self, ttl_s=lease_ttl_s() if ttl_s is None else ttl_s)
+    def lock(self, ttl_s: float | None = None,  # type: ignore[override]
+             break_lease: bool = False) -> ObjectRunLock:
+        """The run's lease (see :class:`ObjectRunLock`); entering it claims the prefix
+        like :meth:`RunStore.lock` (a :class:`ConfigError` naming ``run_dir`` when it holds
+        other objects, or the store cannot be reached)."""
+        return ObjectRunLock(self, ttl_s=lease_ttl_s() if ttl_s is None else ttl_s,
+                             break_lease=break_lease, claim=True)
 
 
 class ObjectRunLock:
@@ -848,7 +1003,12 @@ class ObjectRunLock:
     ``ttl_s / 3`` (at most 10 s) from a thread, each renewal a PUT with ``If-Match`` on the
     ETag it last wrote. A run that died without releasing leaves an object whose expiry
     passes after ``ttl_s``; the next run takes it over with ``If-Match`` on that stale
-    ETag, so of two runs taking over one wins.
+    ETag, so of two runs taking over one wins. It does not wait for the expiry when the
+    lease names this machine (host name, boot id, pid namespace) and a pid that is gone
+    (or now another process: its start time differs): a run SIGKILLed and rerun at once
+    on the same host goes on at once. Another host's lease is taken over before it
+    expires only with ``break_lease`` (``speechmill run --break-lease``); a live holder on
+    this machine never.
 
     A lost lease stops the run: when a renewal finds the lease taken over (or deleted),
     or the store refused renewals until the lease expired, ``lost`` holds a
@@ -865,10 +1025,17 @@ class ObjectRunLock:
     the race between two runs started at the same moment.
     """
 
-    def __init__(self, store: ObjectRunStore, ttl_s: float = LOCK_TTL_S) -> None:
+    def __init__(self, store: ObjectRunStore, ttl_s: float = LOCK_TTL_S,
+                 break_lease: bool = False, claim: bool = False) -> None:
         import threading
 
         self.store = store
+        #: take over another host's live lease (the user says that run is gone)
+        self.break_lease = break_lease
+        #: check the prefix may be a run directory before locking, then mark it
+        self.claim = claim
+        #: what taking the lease did ("" when it was free or expired), for the run's log
+        self.took_over = ""
         self.fs = store.fs
         self.path = store._p("run.lock")
         self.ttl_s = ttl_s
@@ -887,7 +1054,8 @@ class ObjectRunLock:
         now = time.time()
         return json.dumps({"owner": self.owner, "pid": os.getpid(),
                            "host": socket.gethostname(), "since": now,
-                           "expires": now + self.ttl_s}).encode()
+                           "expires": now + self.ttl_s, **_machine_ident(os.getpid())
+                           }).encode()
 
     def _put(self, **cond: str) -> str | None:
         if self._conditional:
@@ -899,13 +1067,73 @@ class ObjectRunLock:
         return None
 
     def _refused(self, other: dict[str, Any]) -> RunLockedError:
-        left = float(other.get("expires", 0)) - time.time()
+        left = _num(other.get("expires")) - time.time()
+        if _same_machine(other):
+            what = ("that process is still running on this host: stop it or let it "
+                    "finish, then rerun")
+        else:
+            what = ("if that run is gone, wait for the lease to expire or rerun with "
+                    "--break-lease to take it over now")
         return RunLockedError(
             f"run directory {self.store.url!r} is in use by pid {other.get('pid')} on "
             f"{other.get('host')} (lease {self.store.to_url(self.path)!r} expires in "
-            f"{max(0.0, left):.0f} s unless renewed)")
+            f"{max(0.0, left):.0f} s unless renewed); {what}")
+
+    def _takeover(self, other: dict[str, Any]) -> str | None:
+        """Whether a lease another run wrote may be taken over now: None (no), "" (it
+        expired) or what is said about it (its holder is gone; --break-lease)."""
+        who = f"pid {other.get('pid')} on {other.get('host')}"
+        if _num(other.get("expires")) <= time.time():
+            return ""
+        if _same_machine(other):
+            if _holder_alive(other):
+                return None  # a live run on this machine: never broken
+            return (f"took over the lease of {who}: that process is gone (a run killed "
+                    "before it could release it)")
+        if self.break_lease:
+            return (f"broke the lease of {who} before it expired (--break-lease): that "
+                    "run, if it still runs, stops at its next renewal")
+        return None
+
+    def _unreachable(self, e: BaseException, doing: str) -> ConfigError:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return ConfigError(f"{self.store.url!r}: cannot {doing} ({type(e).__name__}: "
+                           f"{first}); check the URL, the endpoint and the credentials",
+                           key="run_dir")
+
+    def _check_contents(self) -> None:
+        """Claiming the prefix: the run's first access to the store. The prefix must hold
+        nothing or a speechmill run directory (as :func:`check_run_dir_contents`); a store
+        that cannot be reached is one :class:`ConfigError` naming ``run_dir``."""
+        base = self.store.base
+        try:
+            self.fs.invalidate_cache(base)
+            try:
+                entries = [str(x).rstrip("/") for x in self.fs.ls(base, detail=False)]
+            except (FileNotFoundError, NotADirectoryError):
+                entries = []
+            if entries == [base] and self.fs.isfile(base):
+                raise ConfigError(f"{self.store.url!r} is an object, not a prefix; " + _HOW,
+                                  key="run_dir")
+            names = [x.rsplit("/", 1)[-1] for x in entries]
+
+            def read(name: str) -> bytes | None:
+                try:
+                    return self.store._get(f"{base}/{name}")
+                except (OSError, ValueError):
+                    return None
+
+            ok = is_run_dir_listing(names, read)
+        except (ConfigError, RunLockedError):
+            raise
+        except Exception as e:
+            raise self._unreachable(e, "list the run directory") from None
+        if not ok:
+            raise _not_a_run_dir(self.store.url, names)
 
     def __enter__(self) -> ObjectRunLock:
+        if self.claim:
+            self._check_contents()
         for _ in range(3):
             t0 = time.time()
             try:
@@ -913,21 +1141,22 @@ class ObjectRunLock:
                 break
             except Exception as e:
                 if not _is_precondition_failed(e):
-                    raise
+                    raise self._unreachable(e, "create its lease object") from None
             self.fs.invalidate_cache(self.path)
             try:
                 info = self.fs.info(self.path)
-                other = json.loads(self.fs.cat_file(self.path) or b"{}")
+                raw = self.fs.cat_file(self.path)
             except FileNotFoundError:
                 continue  # released meanwhile: try to create again
-            except json.JSONDecodeError:
-                other = {}
-            if float(other.get("expires", 0)) > time.time():
+            other = _json_object(raw) or {}
+            why = self._takeover(other)
+            if why is None:
                 raise self._refused(other)
             t0 = time.time()
-            try:  # expired lease: take it over, only if nobody else did first
+            try:  # take it over, only if nobody else did first
                 self.etag = self._put(IfMatch=info.get("ETag", "")) if self._conditional \
                     else self._put()
+                self.took_over = why
                 break
             except Exception as e:
                 if not _is_precondition_failed(e):
@@ -938,6 +1167,19 @@ class ObjectRunLock:
         self.valid_until = t0 + self.ttl_s
         _LEASES[self.store.url] = self
         self._start_renewal()
+        if self.took_over:
+            import logging
+
+            logging.getLogger("speechmill").warning(
+                "run directory %s: %s", self.store.url, self.took_over)
+        if self.claim:
+            marker = self.store._p(RUN_MARKER)
+            try:
+                if self.store._get(marker) is None:
+                    _write_marker(marker, self.fs.pipe_file)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     # -- holding it: renewal, and the fence every write of this process goes through ------
@@ -1050,6 +1292,65 @@ class ObjectRunLock:
                 self.fs.rm_file(self.path)
         except (FileNotFoundError, json.JSONDecodeError):
             pass
+
+
+def _num(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return x if x == x else 0.0  # NaN: no expiry
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux); None if unknown."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    try:
+        return stat.rsplit(")", 1)[1].split()[19]
+    except IndexError:
+        return None
+
+
+def _machine_ident(pid: int) -> dict[str, str]:
+    """What tells this machine and process apart beyond the host name (Linux): the boot
+    id, the pid namespace and the process's start time (a reused pid starts later)."""
+    out = {"boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+           "pid_start": _pid_start(pid)}
+    with contextlib.suppress(OSError):
+        out["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    return {k: v for k, v in out.items() if v}
+
+
+def _same_machine(other: dict[str, Any]) -> bool:
+    """Whether a lease was written on this machine, in this pid namespace (so its pid
+    can be checked here): same host name, and same boot id and pid namespace where the
+    lease records them (leases of older versions name only the host)."""
+    if other.get("host") != socket.gethostname():
+        return False
+    mine = _machine_ident(os.getpid())
+    return all(other[k] == mine.get(k) for k in ("boot_id", "pid_ns") if k in other)
+
+
+def _holder_alive(other: dict[str, Any]) -> bool:
+    """Whether the pid a lease of this machine names still runs that process."""
+    try:
+        pid = int(other.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if not _alive(pid):
+        return False
+    start = other.get("pid_start")
+    return not start or _pid_start(pid) in (None, start)
 
 
 #: the leases this process holds, by run directory URL: every ObjectRunStore of that run

@@ -25,6 +25,9 @@ Per dialogue (complete ones; see :mod:`speechmill.synth.dialogues` for incomplet
   supervision per turn (``speaker`` = voice id, ``text``, word alignment on the
   conversation's timeline, ``custom`` with the turn's role, round and provenance).
 
+File names are the dialogue id as a safe name (``<dialogue_id>`` above:
+:func:`speechmill.pipeline.safe_names.safe_name`; an id that is not a plain file name gets
+a readable part plus a hash, so two dialogues never share a file).
 Files are byte-identical for the same input (jitter seeded by ``seed`` and the dialogue
 id; 16-bit PCM WAV; gzip without mtime). A turn whose clip cannot be read rejects its
 dialogue whole (that turn with the decoder's reason, the others ``dialogue_incomplete``).
@@ -50,9 +53,10 @@ from speechmill.manifests.common import (
     split_groups,
     track,
 )
-from speechmill.manifests.nemo import clip_stem, published_dir
+from speechmill.manifests.nemo import published_dir
 from speechmill.pipeline.audio import AudioError
 from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.safe_names import safe_name
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
 from speechmill.synth.dialogues import (
     DIALOGUE_COLUMNS,
@@ -228,7 +232,7 @@ class DialogueAssemble(Stage):
             starts.append(pos)
             pos += x.shape[0] + (gap_n[i] if i < len(gap_n) else 0)
         total = pos
-        stem = clip_stem(d.dialogue_id)
+        stem = safe_name(d.dialogue_id, max_bytes=200)  # distinct ids, distinct files
         if cfg.mono:
             mono = np.zeros(total, np.float32)
             for s, x in zip(starts, clips, strict=True):

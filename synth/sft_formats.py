@@ -12,7 +12,8 @@ Formats (one row = one dialogue):
 * ``ultrachat``: ``{"id", "data": [user, assistant, user, ...]}``.
 
 :func:`to_dialogue` returns the dialogue or raises :class:`RowError` with a reject
-reason: ``malformed`` (not the format's shape), ``bad_roles`` (a role the format does not
+reason: ``malformed`` (not the format's shape, text that is not valid Unicode, nesting
+deeper than :data:`MAX_DEPTH`), ``bad_roles`` (a role the format does not
 know, a tool/function turn, a system turn that is not first), ``empty_turn`` (a turn
 with no text) or ``no_turns``. A trailing user turn without an answer is dropped (a
 dialogue is whole rounds).
@@ -20,6 +21,7 @@ dialogue is whole rounds).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +37,9 @@ SHAREGPT_ROLES = {
 }
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system",
                 "developer": "system"}
+#: a row nested deeper than this is ``malformed`` (a real SFT row is a few levels deep)
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RowError(Exception):
@@ -51,6 +56,37 @@ class Dialogue:
     language: str | None = None
     row_id: str | None = None  # the dataset's own id of the row, if it has one
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    out = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    return (out[:80] + "...") if len(out) > 80 else (out or "row")
+
+
+def check_row(row: Any) -> None:
+    """Raise :class:`RowError` (``malformed``) for a row nested deeper than
+    :data:`MAX_DEPTH` or holding a string that is not valid Unicode (a lone surrogate,
+    e.g. an escaped ``"\\ud800"`` or a byte that was not UTF-8): such text cannot be
+    stored or spoken. Iterative, so a deep row cannot exhaust the stack."""
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(row, 0, ())]
+    while stack:
+        v, depth, path = stack.pop()
+        if isinstance(v, str):
+            m = None if v.isascii() else _SURROGATE.search(v)
+            if m is not None:
+                raise RowError("malformed", f"{_where(path)}: text is not valid Unicode (a "
+                               f"lone surrogate {m.group()!r} at {m.start()}: an escaped "
+                               "surrogate or bytes that are not UTF-8)")
+            continue
+        if isinstance(v, Mapping | list | tuple):
+            if depth >= MAX_DEPTH:
+                raise RowError("malformed", f"{_where(path)}: nested deeper than {MAX_DEPTH} "
+                               "levels")
+            items = v.items() if isinstance(v, Mapping) else enumerate(v)
+            for k, x in items:
+                if isinstance(k, str):
+                    stack.append((k, depth + 1, path))
+                stack.append((x, depth + 1, (*path, k) if len(path) < 8 else path))
 
 
 def detect(row: Any) -> str | None:
@@ -118,6 +154,7 @@ def to_dialogue(row: Any, fmt: str) -> Dialogue:
     """The dialogue of one ``fmt`` row; :class:`RowError` when it has none."""
     if not isinstance(row, Mapping):
         raise RowError("malformed", f"row is a {type(row).__name__}, not an object")
+    check_row(row)
     system = _str_or_none(row.get("system")) or _str_or_none(row.get("system_prompt"))
     raw_id = row.get("id", row.get("prompt_id"))
     row_id = None if raw_id is None else str(raw_id)

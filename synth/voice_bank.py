@@ -5,7 +5,13 @@ Input: a cleaning run's filtered, speaker-linked segments (a DAG dependency such
 ``offset``, ``duration``, ``speaker`` (run-wide, from ``link_speakers``), ``language``,
 ``text``, ``words``, ``scores`` (``dnsmos_ovrl``, ``asr_avg_logprob``...) and ``split``.
 Plus user-supplied voices: ``folders`` of ``<name>/<clip>.wav`` with ``<clip>.txt`` (what
-is said in it); the folder name is the voice id.
+is said in it); the folder name is the voice id. A transcript is read as UTF-8 (a BOM is
+dropped; UTF-16 when it starts with a UTF-16 BOM); one that is not UTF-8 is decoded with
+``transcript_encoding``, by default ``latin-1`` (which reads any bytes, so such text may
+show wrong accents when it was in another code page: set the key to its real encoding,
+e.g. ``cp1252``). With ``transcript_encoding: null``, or when that encoding fails too,
+the clip is skipped: counted as ``folder_bad_encoding`` in ``skipped``, the file named in
+the log and in the summary's ``bad_transcripts``.
 
 Per speaker it keeps the ``clips_per_voice`` best clips that are
 
@@ -30,22 +36,27 @@ and rows whose ``source_url`` or ``audio_path`` matches an ``exclude_sources`` g
 opt-out list), also for folders (the folder name / path).
 
 Writes ``RUN_DIR/voices/<id>/``: ``clips/<voice>/<clip>.wav`` (16-bit mono at the source
-rate) and ``voices.parquet``, one row per clip: ``voice_id``, ``clip_id``, ``audio_path``
-(absolute), ``duration``, ``sample_rate``, ``text``, ``language``, ``gender``, ``f0_hz``,
-``embedding`` (Resemblyzer, 256 floats, unit norm), ``dnsmos``, ``asr_conf``, ``source``
-(``cleaning`` | ``folder``), ``source_id`` (segment id or file), ``source_url``, ``rank``
-(0 = the voice's best clip). ``gender`` is an *estimate*, one per voice, from the median
-of its clips' median f0 (``f0_hz``, WORLD/pyworld; below ``male_below_hz`` "male", else
-"female"): pitch is not gender (Piper's joe speaks at ~160 Hz),
-so treat it as a hint for matching, nothing more (null without pyworld). ``voices.json``
-summarises the bank and what was left out.
+rate; ``<voice>`` and ``<clip>`` (the segment id, or a folder clip's file name) made safe
+names by :func:`speechmill.pipeline.safe_names.safe_name`: an ordinary name stays as it
+is (``张三`` too), any other gets a readable part plus a hash, so ``Anna Smith`` and
+``Anna_Smith`` never share a directory) and ``voices.parquet``, one row per clip:
+``voice_id``, ``clip_id``, ``audio_path`` (absolute), ``duration``, ``sample_rate``,
+``text``, ``language``, ``gender``, ``f0_hz``, ``embedding`` (Resemblyzer, 256 floats,
+unit norm), ``dnsmos``, ``asr_conf``, ``source`` (``cleaning`` | ``folder``),
+``source_id`` (segment id or file), ``source_url``, ``rank`` (0 = the voice's best clip).
+``gender`` is an *estimate*, one per voice, from the median of its clips' median f0
+(``f0_hz``, WORLD/pyworld; below ``male_below_hz`` "male", else "female"): pitch is not
+gender (Piper's joe speaks at ~160 Hz), so treat it as a hint for matching, nothing more
+(null without pyworld). ``voices.json`` summarises the bank and what was left out.
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import heapq
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -86,6 +97,43 @@ BANK_SCHEMA = pa.schema([
     ("source_url", pa.string()), ("rank", pa.int32()),
 ])
 
+log = logging.getLogger("speechmill")
+
+
+class TranscriptEncodingError(ValueError):
+    """A folder transcript that is neither UTF-8 nor in ``transcript_encoding``."""
+
+
+def read_transcript(path: Path, fallback: str | None = "latin-1") -> str:
+    """A folder clip's transcript, stripped: UTF-8 (a BOM is dropped), UTF-16 when the file
+    starts with a UTF-16 BOM, else decoded with ``fallback`` (the ``transcript_encoding``
+    key; latin-1 decodes any bytes, so with it a transcript is always read, possibly with
+    wrong accents when it was in another 8-bit code page). Raises
+    :class:`TranscriptEncodingError` naming the file when ``fallback`` is None or cannot
+    decode it either."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        tried = ["UTF-16"]
+        try:
+            return raw.decode("utf-16").strip()
+        except UnicodeDecodeError:
+            pass
+    else:
+        tried = ["UTF-8"]
+        try:
+            return raw.decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            pass
+    if fallback is not None:
+        tried.append(fallback)
+        try:
+            return raw.decode(fallback).strip()
+        except UnicodeDecodeError:
+            pass
+    raise TranscriptEncodingError(
+        f"transcript {str(path)!r} is not {' or '.join(tried)} text (set the voice_bank key "
+        "transcript_encoding to the encoding it is in)")
+
 
 class VoiceBankConfig(StageConfig):
     clips_per_voice: int = Field(3, ge=1, le=100, description="prompt clips kept per voice")
@@ -115,6 +163,10 @@ class VoiceBankConfig(StageConfig):
     folders: list[str] = Field(default_factory=list, description="user voices: folders of "
                                "<name>/*.wav with same-name .txt")
     folder_language: str | None = Field(None, description="language of the folder voices")
+    transcript_encoding: str | None = Field(
+        "latin-1", description="how a folder transcript (.txt) that is not UTF-8 is read "
+        "(UTF-8, with or without BOM, and UTF-16 with BOM come first); null: such a clip "
+        "is skipped (counted as folder_bad_encoding, the file named in the log)")
     estimate_gender: bool = Field(True, description="median-f0 gender estimate (pyworld)")
     male_below_hz: float = Field(165.0, gt=0, description="median f0 below: 'male'")
     max_voices: int | None = Field(None, ge=1, description="keep at most this many voices "
@@ -251,6 +303,12 @@ class VoiceBank(Stage):
         lo, hi = bounds_for(config)
         if lo >= hi:
             raise ValueError(f"key 'with.min_s': {lo:g} s is not below max_s {hi:g} s")
+        if config.transcript_encoding is not None:
+            try:
+                codecs.lookup(config.transcript_encoding)
+            except LookupError:
+                raise ValueError(f"key 'with.transcript_encoding': unknown encoding "
+                                 f"{config.transcript_encoding!r}") from None
         for f in config.folders:
             if not Path(f).is_dir():
                 raise ValueError(f"key 'with.folders': {f!r} is not a directory")
@@ -357,8 +415,8 @@ class VoiceBank(Stage):
 
     def _make_clip(self, voice_id: str, cand: dict[str, Any], out_dir: Path, final: Path,
                    stats: Counter[str]) -> dict[str, Any] | None:
-        from speechmill.manifests.nemo import clip_stem
         from speechmill.pipeline.audio import load_audio
+        from speechmill.pipeline.safe_names import safe_name
         from speechmill.stages.annotate_quality import clipping_ratio, dnsmos
         from speechmill.synth.voice_match import embed
 
@@ -392,7 +450,9 @@ class VoiceBank(Stage):
             v = dnsmos(y, sr)["dnsmos_ovrl"]
             dn = float(v) if math.isfinite(v) else None
         f0 = estimate_f0(y, sr) if c.estimate_gender else None
-        rel = Path("clips") / clip_stem(voice_id) / f"{clip_stem(cand['id'])}.wav"
+        # distinct voices / clips, distinct files (张三 and 李四, "Anna Smith" and "Anna_Smith")
+        rel = (Path("clips") / safe_name(voice_id)
+               / safe_name(cand.get("file_key") or cand["id"], suffix=".wav"))
         from speechmill.pipeline.audio_write import write_audio
 
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -408,9 +468,12 @@ class VoiceBank(Stage):
                 "source": cand.get("source", "cleaning"), "source_id": str(cand["id"]),
                 "source_url": cand.get("source_url")}
 
-    def _folder_candidates(self, stats: Counter[str]) -> dict[str, list[dict[str, Any]]]:
-        """``{voice: [candidate]}`` of the user folders (every clip with a transcript)."""
+    def _folder_candidates(self, stats: Counter[str], bad_text: list[str] | None = None
+                           ) -> dict[str, list[dict[str, Any]]]:
+        """``{voice: [candidate]}`` of the user folders (every clip with a transcript);
+        transcripts that cannot be decoded are appended to ``bad_text``."""
         c = self.config
+        bad_text = [] if bad_text is None else bad_text
         out: dict[str, list[dict[str, Any]]] = {}
         for root in c.folders:
             base = Path(root)
@@ -428,7 +491,14 @@ class VoiceBank(Stage):
                     if p.suffix.lower() not in AUDIO_EXTENSIONS or not p.is_file():
                         continue
                     txt = p.with_suffix(".txt")
-                    text = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+                    try:
+                        text = read_transcript(txt, c.transcript_encoding) \
+                            if txt.is_file() else ""
+                    except TranscriptEncodingError as e:
+                        stats["folder_bad_encoding"] += 1
+                        bad_text.append(str(txt))
+                        log.warning("voice_bank: %s: clip skipped", e)
+                        continue
                     if not text:
                         stats["folder_no_text"] += 1
                         continue
@@ -439,7 +509,8 @@ class VoiceBank(Stage):
                         "id": f"{voice}/{p.name}", "audio_path": str(p.resolve()),
                         "offset": 0.0, "duration": None, "text": " ".join(text.split()),
                         "language": c.folder_language, "source_url": str(p.resolve()),
-                        "dnsmos": None, "asr_conf": None, "source": "folder"})
+                        "dnsmos": None, "asr_conf": None, "source": "folder",
+                        "file_key": p.name})
         return out
 
     # -- export ---------------------------------------------------------------------------------
@@ -468,7 +539,8 @@ class VoiceBank(Stage):
                 voices[spk] = clips
             else:
                 stats["speakers_without_clip"] += 1
-        for voice, cands in sorted(self._folder_candidates(stats).items()):
+        bad_text: list[str] = []
+        for voice, cands in sorted(self._folder_candidates(stats, bad_text).items()):
             if voice in voices:
                 stats["folder_name_taken"] += 1
                 continue
@@ -507,6 +579,8 @@ class VoiceBank(Stage):
             "genders": dict(sorted(genders.items())),
             "skipped": dict(sorted(stats.items())),
         }
+        if bad_text:  # transcripts neither UTF-8 nor transcript_encoding: their files
+            summary["bad_transcripts"] = bad_text[:20]
         listing = {**summary, "voice_list": [
             {"voice_id": v, "clips": len(voices[v]), "source": voices[v][0]["source"],
              "gender": voices[v][0]["gender"], "language": voices[v][0]["language"],

@@ -7,8 +7,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.audio_factory import make_unreadable, write_bad_files, write_good_files
+
+# Fuzz targets (tests/fuzz): a small budget in `make test`; a long local run with
+# `pytest tests/fuzz --hypothesis-profile=long`. Failing examples found are committed as
+# @example regression cases next to the target.
+_FUZZ_CHECKS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+                          suppress_health_check=_FUZZ_CHECKS, print_blob=True)
+settings.register_profile("long", max_examples=20_000, deadline=None,
+                          suppress_health_check=_FUZZ_CHECKS, print_blob=True)
+settings.load_profile(os.environ.get("SPEECHMILL_HYPOTHESIS_PROFILE", "ci"))
 
 # reasons the pipeline must give for each bad-input category of the audio factory
 EXPECTED_REASON = {

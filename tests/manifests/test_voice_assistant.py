@@ -52,17 +52,21 @@ COLUMNS = ["split_name", "index", "round", "question", "question_audio", "answer
            "answer_voice", "question_voice_source", "answer_voice_source", "question_tts",
            "answer_tts", "provenance"]
 
-DECODE = r"""
-import io, json, sys
+#: can ``datasets`` decode Audio here: torchcodec (what it decodes with) loads FFmpeg on
+#: first use; an error here is the reason the decode test skips
+PROBE = r"""
+import io
 import numpy as np
 import soundfile as sf
-try:  # torchcodec loads FFmpeg on first use
-    from torchcodec.decoders import AudioDecoder
-    buf = io.BytesIO()
-    sf.write(buf, np.zeros(160, np.float32), 16000, format="WAV")
-    AudioDecoder(buf.getvalue()).get_all_samples()
-except Exception:
-    sys.exit(3)
+from torchcodec.decoders import AudioDecoder
+buf = io.BytesIO()
+sf.write(buf, np.zeros(160, np.float32), 16000, format="WAV")
+AudioDecoder(buf.getvalue()).get_all_samples()
+"""
+
+DECODE = r"""
+import json, sys
+import numpy as np
 import datasets
 files, cache, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 ds = datasets.load_dataset("parquet", data_files=files, cache_dir=cache)
@@ -118,25 +122,34 @@ def _files(d: Path) -> dict[str, list[str]]:
 
 
 def _decode(files: dict[str, list[str]], tmp: Path
-            ) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
-    """Question clips as ``datasets`` decodes them (torchcodec), or None where torchcodec
-    has no FFmpeg to load."""
+            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Question clips as ``datasets`` decodes them (torchcodec, in a subprocess: with the
+    FFmpeg this environment has, else with PyAV's bundled one). Skips, saying why, where
+    torchcodec can load neither."""
     from tests.manifests.test_parquet_export import ffmpeg_env
 
     out = tmp / "decoded.npz"
-    for env in (dict(os.environ), ffmpeg_env(tmp)):
+    why = []
+    for where, env in (("this environment", dict(os.environ)),
+                       ("PyAV's bundled FFmpeg", ffmpeg_env(tmp))):
         if env is None:
+            why.append(f"{where}: PyAV has no bundled FFmpeg")
+            continue
+        probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True,
+                               text=True, env=env, timeout=300)
+        if probe.returncode:
+            lines = probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"]
+            why.append(f"{where}: {lines[-1]}")
             continue
         p = subprocess.run([sys.executable, "-c", DECODE, json.dumps(files),
                             str(tmp / "hf-cache"), str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
-        if p.returncode == 3:
-            continue
         assert p.returncode == 0, p.stderr[-3000:]
         rates = json.loads(p.stdout.strip().splitlines()[-1])
         with np.load(out) as z:
             return {k: z[k] for k in z.files}, rates
-    return None
+    pytest.skip("datasets cannot decode Audio here: torchcodec cannot load FFmpeg ("
+                + "; ".join(why) + ")")
 
 
 def test_datasets_loads_one_row_per_round(exported, tmp_path: Path) -> None:
@@ -175,18 +188,23 @@ def test_datasets_loads_one_row_per_round(exported, tmp_path: Path) -> None:
         assert json.loads(ex["provenance"])["answer"]["voice_id"] == a["voice_id"]
         y, sr = sf.read(io.BytesIO(ex["answer_audio"]["bytes"]), dtype="float32")
         np.testing.assert_allclose(y, clip(a), atol=Q)
-    # the Audio feature decodes to the user turn's clip
-    decoded = _decode(files, tmp_path)
-    if decoded is None:  # no FFmpeg for torchcodec anywhere: decode the bytes ourselves
-        arrays, rates = {}, {}
-        for ex in got.values():
-            arrays[ex["question_id"]], rates[ex["question_id"]] = sf.read(
-                io.BytesIO(ex["question_audio"]["bytes"]), dtype="float32")
-    else:
-        arrays, rates = decoded
-    assert sorted(arrays) == sorted(ex["question_id"] for ex in got.values())
+
+
+def test_datasets_decodes_the_question_audio_to_the_user_turn(exported,
+                                                              tmp_path: Path) -> None:
+    """``datasets``' own Audio decoding (not soundfile on the bytes) gives each round's
+    user clip at its sample rate."""
+    run_dir, rows = exported
+    by_id = {r["id"]: r for r in rows.to_pylist()}
+    files = _files(run_dir / "exports/va")
+    qids = pa.concat_tables([pq.read_table(f, columns=["question_id"])
+                             for fs in files.values() for f in fs]).column(0).to_pylist()
+    assert len(qids) == 4
+    arrays, rates = _decode(files, tmp_path)
+    assert sorted(arrays) == sorted(qids)
     for qid, x in arrays.items():
         assert rates[qid] == by_id[qid]["sample_rate"]
+        assert x.shape == clip(by_id[qid]).shape
         np.testing.assert_allclose(x, clip(by_id[qid]), atol=Q)
 
 

@@ -1,17 +1,27 @@
 """The engine never reports success for a broken stage.
 
-A ``setup()`` that raises, a missing model, a full disk under the run store or in a
-stage's own writes stop the stage (exit 1, the cause in the message and in run.json) on
-both executors and never turn into per-row rejects; too many rows failing with errors
-exceed the stage's error budget. Every committed batch is kept, and a rerun after the fix
-completes with nothing duplicated.
+A ``setup()`` that raises, a missing model, or a full disk stop the stage (exit 1, the
+cause in the message and in run.json) on both executors and never turn into per-row
+rejects; too many rows failing with errors exceed the stage's error budget. Every
+committed batch is kept, and a rerun after the fix completes with nothing duplicated.
+
+The full disks are real: tmpfs filesystems (mounted by the test, which needs root; it
+skips otherwise) filled to their last block, one under the stage's directory in the run
+store and one under its media directory, so the writes fail in the kernel with
+``ENOSPC`` the way they do on a full volume. A run directory that fills up in the middle
+of a stage is a known engine defect (a strict ``xfail`` below says what happens).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +29,71 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from ray import cloudpickle
 
 from speechmill.pipeline import dag as dagmod
+from speechmill.pipeline import registry
+from speechmill.pipeline.audio_write import write_audio
 from speechmill.pipeline.errors import ErrorBudgetExceeded
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
 from tests.audio_factory import load_speech
-from tests.pipeline.fault_stages import write_faults
+from tests.pipeline.fault_stages import FaultyModel, write_faults
+
+
+class MediaModel(FaultyModel):
+    """``t_faulty_model`` (faults and all) that also writes each row's audio, as a real
+    media stage does: one second of noise (about 30 KB of FLAC) under its media
+    directory, through :func:`write_audio`, which keeps a failed write's ``OSError``."""
+
+    name = "t_media_model"
+
+    def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = super().process_row(row)
+        path = self.ctx.media_dir / f"{row['id']}.flac"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noise = np.random.default_rng(int(row["id"][1:])).uniform(-0.5, 0.5, 16000)
+        write_audio(path, noise, 16000, format="FLAC")
+        return {**out, "audio_path": str(path)}
+
+
+registry.register(MediaModel)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get the class
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (a tmpfs) mounted at ``path`` while the block runs;
+    skips the test where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                            str(path)], capture_output=True, text=True, timeout=30)
+        why = p.stderr.strip() if p.returncode else ""
+    except OSError as e:  # no mount(8)
+        why = str(e)
+    if why:
+        pytest.skip(f"a real full disk needs a tmpfs mount, which needs root "
+                    f"(CAP_SYS_ADMIN): mount failed: {why}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=True)  # a file still open
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill the filesystem at ``disk`` with one file until the kernel refuses a write
+    (``ENOSPC``), then free ``leave`` bytes of it again. Returns the file."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as e:
+        while True:
+            f.write(bytes(1 << 16))
+    assert e.value.errno == errno.ENOSPC
+    assert os.statvfs(disk).f_bavail == 0  # not a block left
+    if leave:
+        os.truncate(filler, filler.stat().st_size - leave)
+    return filler
 
 
 @pytest.fixture(scope="module")
@@ -128,30 +196,19 @@ stages:
                for r in rejects)
     kept = parts(store, "m")
     assert kept  # the good rows' batches are committed
+    # (a full disk: test_full_disk_fails_the_stage_and_keeps_every_batch)
 
-    # 3. the disk under the run store is full: exit 1, the OSError, no row rejected
-    write_faults(faults, {"m": {"enospc_store": True}})
-    rc, text = cli(capsys, dag)
-    assert rc == 1 and "stage 'm': cannot write to the run directory" in text, text
-    assert "[Errno 28] No space left on device" in text
-    assert "No space left on device" in run_json(run_dir)["error"]
-    assert store.count_rows("m")[1] == 0  # earlier error rows are retried, none rejected
-    assert parts(store, "m") == kept  # every committed batch is still there, untouched
-
-    # 4. the stage's own write (its media) hits ENOSPC: the same, not an `error` reject
-    write_faults(faults, {"m": {"enospc_process": True}})
-    rc, text = cli(capsys, dag)
-    assert rc == 1 and "stage 'm': OSError: [Errno 28] No space left on device" in text, text
-    assert store.count_rows("m")[1] == 0 and parts(store, "m") == kept
-
-    # 5. the task stage's setup() raises (Ray: tasks, not an actor pool)
+    # 3. the task stage's setup() raises (Ray: tasks, not an actor pool); m's error rows
+    # were retried first and completed
     write_faults(faults, {"t": {"setup": "bad checkpoint"}})
     rc, text = cli(capsys, dag)
     assert rc == 1 and "stage 't': setup() failed: RuntimeError: bad checkpoint" in text, text
     assert out_ids(store, "m") == want and store.count_rows("m")[1] == 0
+    now = parts(store, "m")
+    assert {p: now.get(p) for p in kept} == kept  # the committed batches, untouched
     assert store.count_rows("t") == (0, 0)
 
-    # 6. fixed: the rerun completes, every row exactly once, nothing rejected
+    # 4. fixed: the rerun completes, every row exactly once, nothing rejected
     write_faults(faults, {})
     rc, text = cli(capsys, dag)
     assert rc == 0, text
@@ -160,6 +217,118 @@ stages:
         assert out_ids(store, sid) == want
         assert store.count_rows(sid) == (40, 0)
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_full_disk_fails_the_stage_and_keeps_every_batch(
+        tmp_path: Path, executor: str, capsys: pytest.CaptureFixture) -> None:
+    """Real full filesystems: under the stage's directory in the run store, then under
+    its media directory. Each stops the run (exit 1, ENOSPC in the message and in
+    run.json, status failed), no row is rejected for it, the committed batches stay
+    untouched, and once space is freed the rerun completes every row exactly once."""
+    run_dir, faults = tmp_path / "run", tmp_path / "faults.json"
+    dag = tmp_path / "dag.yaml"
+    dag.write_text(f"""
+name: full
+run_dir: {run_dir}
+executor: {{type: {executor}, stall_timeout_s: 300}}
+stages:
+  - {{id: src, uses: t_rows, batch_size: 8, with: {{n: 40}}}}
+  - {{id: m, uses: t_media_model, needs: [src], with: {{faults: "{faults}"}}}}
+""")
+    store = RunStore(run_dir)
+    want = [f"r{i:03d}" for i in range(40)]
+
+    def rejected() -> list[tuple[str, str]]:
+        return sorted((r["id"], r["reason"]) for r in store.read_rejects("m").to_pylist())
+
+    with small_disk(run_dir / "stages" / "m", "4m") as stage_disk, \
+            small_disk(run_dir / "media" / "m", "8m") as media_disk:
+        # an earlier attempt: committed batches, and `error` rejects to retry
+        write_faults(faults, {"m": {"fail_mod": 5, "fail_rem": [0, 1]}})
+        rc, text = cli(capsys, dag)
+        assert rc == 1 and "ErrorBudgetExceeded" in run_json(run_dir)["error"], text
+        kept, errors = parts(store, "m"), rejected()
+        assert kept and errors and {why for _, why in errors} == {"error"}
+        write_faults(faults, {})  # nothing is wrong with the stage from here on
+
+        # 1. the filesystem under the stage's directory in the run store is full
+        filler = fill(stage_disk)
+        rc, text = cli(capsys, dag)
+        assert rc == 1 and "OSError: [Errno 28] No space left on device" in text, text
+        info = run_json(run_dir)
+        assert info["status"] == "failed", info
+        assert "No space left on device" in info["error"], info
+        assert parts(store, "m") == kept  # every committed batch is there, untouched
+        assert rejected() == errors  # no row rejected for it
+        filler.unlink()
+
+        # 2. the filesystem under the stage's media directory is full: its first clip's
+        # write fails, which stops the stage instead of rejecting the row
+        filler = fill(media_disk)
+        rc, text = cli(capsys, dag)
+        cause = "stage 'm': OSError: [Errno 28] No space left on device"
+        assert rc == 1 and cause in text, text
+        info = run_json(run_dir)
+        assert info["status"] == "failed" and cause in info["error"], info
+        assert parts(store, "m") == kept
+        assert rejected() == []  # the error rows were cleared for retry, none rejected
+        filler.unlink()
+
+        # 3. space freed: the rerun completes, every row exactly once, with its clip
+        rc, text = cli(capsys, dag)
+        assert rc == 0, text
+        assert run_json(run_dir)["status"] == "succeeded"
+        assert out_ids(store, "m") == want and store.count_rows("m") == (40, 0)
+        now = parts(store, "m")
+        assert {p: now.get(p) for p in kept} == kept
+        for r in store.read_outputs("m", ["audio_path"]).to_pylist():
+            assert sf.info(r["audio_path"]).frames == 16000
+        assert not list(run_dir.rglob("*.tmp"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine defect: when the run directory's filesystem fills up during a stage, the "
+    "stage's StageFailedError is replaced by the ENOSPC of the bookkeeping writes in "
+    "`finally` blocks (store.add_wall_seconds in fused.run_chain / runner._run_stage, "
+    "then store.write_run in runner.run), so the message does not name the stage and "
+    "run.json stays 'running'"))
+def test_run_dir_filling_up_during_a_stage(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """One filesystem for the whole run directory, with 16 KiB left when the stage
+    starts: the run's own bookkeeping fits, the stage's first clip (about 30 KB of
+    FLAC) does not and fills it. The run must fail naming the stage and ENOSPC, with
+    run.json saying so, and no row rejected."""
+    run_dir, faults = tmp_path / "run", tmp_path / "faults.json"
+    dag = tmp_path / "dag.yaml"
+    dag.write_text(f"""
+name: fills
+run_dir: {run_dir}
+executor: {{type: local}}
+stages:
+  - {{id: src, uses: t_rows, batch_size: 8, with: {{n: 40}}}}
+  - {{id: m, uses: t_media_model, needs: [src], with: {{faults: "{faults}"}}}}
+""")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with small_disk(run_dir, "8m") as disk:
+            write_faults(faults, {"m": {"setup": "not yet"}})  # src runs, m does not
+            rc, text = cli(capsys, dag)
+            assert rc == 1 and "stage 'm': setup() failed" in text, text
+            write_faults(faults, {})
+            fill(disk, leave=16 * 1024)
+            rc, text = cli(capsys, dag)
+            assert rc == 1 and "No space left on device" in text, text
+            assert RunStore(run_dir).count_rows("m")[1] == 0  # no row rejected
+            # what the engine gets wrong (see the xfail reason)
+            last = text.strip().splitlines()[-1]
+            info = run_json(run_dir)
+            assert info["status"] == "failed", info
+            assert "stage 'm'" in info["error"] and "No space left on device" in \
+                info["error"], info
+            assert "stage 'm'" in last, text
+    finally:  # the failed run's `finally` never restored them
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def test_missing_model_fails_the_stage(tmp_path: Path, executor: str,

@@ -213,13 +213,16 @@ with st.lock(ttl_s=float(sys.argv[3])):
 
 
 def test_object_store_sigkill_mid_write_and_lease(s3_server: str, bucket: str) -> None:
-    """A writer SIGKILLed mid-stage leaves only whole parts; while its lease is live a second
-    run is refused, after the lease expires the next run takes it over."""
+    """A writer SIGKILLed mid-stage leaves only whole parts; while it lives a second run is
+    refused, once it is dead the next run on this host takes its lease over at once (no
+    wait for the expiry); another host's lease is taken over once it expired."""
+    import socket
+
     from speechmill.pipeline.errors import RunLockedError
     from speechmill.pipeline.store import ObjectRunStore
 
     url = f"s3://{bucket}/runs/k"
-    p = subprocess.Popen([sys.executable, "-c", _WRITER, url, s3_server, "3"],
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, url, s3_server, "60"],
                          stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
@@ -227,6 +230,9 @@ def test_object_store_sigkill_mid_write_and_lease(s3_server: str, bucket: str) -
         assert p.stdout.readline().strip() == "locked"
         for _ in range(3):  # a few parts committed, the next one mid-upload
             p.stdout.readline()
+        with pytest.raises(RunLockedError, match=f"in use by pid {p.pid} .*still running "
+                           "on this host"), ObjectRunStore(url, _opts(s3_server)).lock():
+            pass
         os.kill(p.pid, signal.SIGKILL)
     finally:
         p.kill()
@@ -236,18 +242,22 @@ def test_object_store_sigkill_mid_write_and_lease(s3_server: str, bucket: str) -
     assert len(parts) >= 3
     ids = st.consumed_id_array("seg").to_pylist()
     assert len(ids) == 50 * len(parts) and len(set(ids)) == len(ids)  # whole parts only
-    with pytest.raises(RunLockedError, match="in use by pid"), st.lock():
-        pass
-    deadline = time.time() + 30
-    while True:  # the dead writer's 3 s lease runs out
-        try:
-            with st.lock(ttl_s=30) as lk:
-                assert json.loads(st.fs.cat_file(lk.path))["owner"] == lk.owner
-            break
-        except RunLockedError:
-            assert time.time() < deadline
-            time.sleep(0.5)
+    lease = json.loads(st.fs.cat_file(st._p("run.lock")))
+    assert lease["pid"] == p.pid and lease["expires"] > time.time() + 30  # still live
+    with st.lock(ttl_s=30) as lk:  # its pid is gone: taken over at once
+        assert lk.took_over.startswith(f"took over the lease of pid {p.pid} on ")
+        assert json.loads(st.fs.cat_file(lk.path))["owner"] == lk.owner
     assert not st.fs.exists(st._p("run.lock"))  # released
+    # another host's lease: refused while live, taken over once expired
+    now = time.time()
+    other = {"owner": "o", "pid": 1, "host": f"not-{socket.gethostname()}", "since": now}
+    st.fs.pipe_file(st._p("run.lock"), json.dumps({**other, "expires": now + 60}).encode())
+    with pytest.raises(RunLockedError, match="--break-lease"), st.lock():
+        pass
+    st.fs.pipe_file(st._p("run.lock"), json.dumps({**other, "expires": now - 1}).encode())
+    with st.lock(ttl_s=30) as lk:
+        assert lk.took_over == ""
+    assert not st.fs.exists(st._p("run.lock"))
 
 
 def test_object_store_lock_one_of_two_concurrent(s3_server: str, bucket: str) -> None:

@@ -6,6 +6,7 @@ transcribe -> annotate -> link_speakers -> filter -> split, then the NeMo, tarre
 Lhotse, Parquet exports, tokenize -> shards + Lhotse Shar, and the report) over real
 speech: a first run is SIGKILLed in the middle of diarize (a model stage reading the media
 standardize uploaded), a second run started while the first holds the lease is refused,
+the rerun takes the killed run's lease over at once (its pid is gone on this host),
 and the resumed run ends with the same segments as an uninterrupted run with a local run
 directory over the same inputs. Every export loads from the bucket through fsspec
 (lhotse, ``datasets``, the NeMo manifest's audio, the token shards, the report), and no
@@ -150,9 +151,10 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
            *DEMO_SET]
     store = RunStore(url)
     assert isinstance(store, ObjectRunStore)
-    # its lease lives 30 s after the kill: long enough for the second run below to find
-    # it held, whenever that run gets to look (the resume then waits for it to expire)
-    p = subprocess.Popen(cmd, env={**env, "SPEECHMILL_LEASE_TTL_S": "30"}, cwd=cwd,
+    # its lease lives 10 min after the kill, longer than this test: the rerun on this host
+    # takes it over at once because its pid is gone (so the first run is killed only once
+    # the second was refused)
+    p = subprocess.Popen(cmd, env={**env, "SPEECHMILL_LEASE_TTL_S": "600"}, cwd=cwd,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_mid_stage = False
     second: subprocess.Popen | None = None
@@ -164,7 +166,8 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
                 # beside it, so the watch for the kill goes on meanwhile)
                 second = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True)
-            if store.output_parts("diarize") and not store.is_done("diarize"):
+            if (second is not None and second.poll() is not None
+                    and store.output_parts("diarize") and not store.is_done("diarize")):
                 os.kill(p.pid, signal.SIGKILL)
                 killed_mid_stage = True
                 break
@@ -189,7 +192,7 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     assert n_before <= len(std) <= N_FILES
     assert all(a.startswith(f"{url}/media/standardize/") and fs.exists(a) for a in std)
 
-    # 2. the reference, while the dead run's lease runs out: the demo's stages up to
+    # 2. the reference (the dead run's lease still live meanwhile): the demo's stages up to
     # segment, uninterrupted, with a local run directory
     ref_dag = tmp_path / "ref.yaml"
     ref_dag.write_text(_reference_dag(tmp_path / "ref", inputs))
@@ -197,11 +200,13 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref = RunStore(tmp_path / "ref")
 
-    # 3. resume once the dead run's lease (30 s) has expired: the whole DAG runs
+    # 3. resume: the dead run's lease (10 min from its last renewal) names a pid of this
+    # host that is gone, so it is taken over at once; the whole DAG runs
     lease = json.loads(fs.cat_file(f"{bucket}/runs/demo/run.lock"))
-    time.sleep(max(0.0, lease["expires"] - time.time()) + 0.5)
+    assert lease["pid"] == p.pid and lease["expires"] > time.time() + 60
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"took over the lease of pid {p.pid}" in r.stderr, r.stderr[-3000:]
     info = store.read_run()
     assert info["status"] == "succeeded" and info["attempt"] == 2
     assert not fs.exists(f"{bucket}/runs/demo/run.lock")  # released

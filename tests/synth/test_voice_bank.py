@@ -234,3 +234,59 @@ def test_voice_bank_from_folders_alone(segments: tuple[pa.Table, Path], tmp_path
     del dag["stages"][0]["with"]["folders"]
     with pytest.raises(ConfigError, match=r"stage 'voices': key 'with.folders'"):
         loads(yaml.safe_dump(dag))
+
+
+def test_folder_voices_with_clashing_names_and_a_latin1_transcript(tmp_path: Path) -> None:
+    """Voice folders ``张三`` / ``李四`` and ``Anna Smith`` / ``Anna_Smith`` used to share one
+    clip file (the second overwrote the first); a Latin-1 transcript used to fail the stage
+    with a ``UnicodeDecodeError`` naming no file."""
+    text = f"{SENTENCES[39]} {SENTENCES[40]}"
+    src = tmp_path / "src.wav"
+    write_segment(src, "piper:joe", [text], 0.5, 0.5)
+    folders = tmp_path / "folders"
+    names = ["张三", "李四", "Anna Smith", "Anna_Smith"]
+    for n in names:
+        (folders / n).mkdir(parents=True)
+        shutil.copy(src, folders / n / "a.wav")
+        (folders / n / "a.txt").write_text(text + "\n", encoding="utf-8")
+    latin1 = "Ça va? Crème brûlée, s'il vous plaît."
+    (folders / "Anna Smith" / "a.txt").write_bytes(latin1.encode("latin-1"))
+    out, summary = export(pa.table({"id": pa.array([], pa.string())}), tmp_path / "run",
+                          folders=[str(folders)], folder_language="en")
+    bank = {r["voice_id"]: r for r in pq.read_table(out / "voices.parquet").to_pylist()}
+    assert sorted(bank) == sorted(names) and summary["from_folders"] == 4
+    paths = [Path(r["audio_path"]) for r in bank.values()]
+    assert len(set(paths)) == 4 and all(p.is_file() for p in paths)
+    assert all(p.parent.parent == out / "clips" for p in paths)
+    dirs = {p.parent.name for p in paths}
+    assert {"张三", "李四", "Anna_Smith"} <= dirs and len(dirs) == 4  # readable + unique
+    assert bank["Anna Smith"]["text"] == latin1 and bank["张三"]["text"] == text
+    # no fallback: the clip is skipped and its transcript named
+    lone = tmp_path / "lone" / "Anna Smith"
+    shutil.copytree(folders / "Anna Smith", lone)
+    _, summary = export(pa.table({"id": pa.array([], pa.string())}), tmp_path / "run",
+                        stage_id="voices2", folders=[str(lone.parent)],
+                        transcript_encoding=None)
+    assert summary["voices"] == 0 and summary["skipped"]["folder_bad_encoding"] == 1
+    assert summary["bad_transcripts"] == [str(lone / "a.txt")]
+    with pytest.raises(ValueError, match="with.transcript_encoding"):
+        VoiceBank.validate_config(VoiceBankConfig(transcript_encoding="no-such-codec"))
+
+
+def test_read_transcript_encodings(tmp_path: Path) -> None:
+    from speechmill.synth.voice_bank import TranscriptEncodingError, read_transcript
+
+    p = tmp_path / "t.txt"
+    s = "Grüße, 张三 — naïve café"
+    for data in (s.encode("utf-8"), b"\xef\xbb\xbf" + s.encode("utf-8"),
+                 s.encode("utf-16"), b"\xfe\xff" + (s + "\n").encode("utf-16-be")):
+        p.write_bytes(data)
+        assert read_transcript(p) == s and read_transcript(p, None) == s
+    p.write_bytes("naïve café “quoted”".encode("cp1252"))
+    assert read_transcript(p, "cp1252") == "naïve café “quoted”"
+    assert read_transcript(p).startswith("naïve café ")  # latin-1: never fails
+    with pytest.raises(TranscriptEncodingError, match=r"t\.txt.*not UTF-8"):
+        read_transcript(p, None)
+    p.write_bytes(b"\x81\x8d")  # undefined in cp1252, not UTF-8: named, not a crash
+    with pytest.raises(TranscriptEncodingError, match="not UTF-8 or cp1252"):
+        read_transcript(p, "cp1252")
