@@ -41,6 +41,9 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")  # whole id (fullmatch): a direc
 #: values a DAG (after YAML aliases, env and --set) may hold: aliases can make a small
 #: file expand to billions of values (validation would never end)
 MAX_DAG_VALUES = 200_000
+#: nesting a DAG may have (a real one has less than 10): deeper is refused while parsing,
+#: before PyYAML's recursion (and its scanner, quadratic in the depth) gets there
+MAX_DAG_DEPTH = 100
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_RE = re.compile(
     r"(api_?key|(^|_)token($|_)|secret|password|passwd|credential|(^|_)auth($|_|orization)|"
@@ -221,11 +224,14 @@ def loads(
     (nothing else escapes, whatever the text, overrides or environment)."""
     try:
         try:
-            raw = yaml.safe_load(text)
+            raw = _safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"DAG is not valid YAML: {_yaml_problem(e)}") from None
-        except (ValueError, TypeError, OverflowError) as e:  # a value YAML cannot make
-            raise ConfigError(f"DAG is not valid YAML: {_one_line(e)}") from None
+        except (ConfigError, RecursionError):
+            raise
+        except Exception as e:  # PyYAML failing on a value (`!!float ''`: IndexError)
+            raise ConfigError(f"DAG is not valid YAML: {type(e).__name__}: "
+                              f"{_one_line(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError("DAG must be a mapping with name, run_dir and stages")
         _check_size(raw)
@@ -242,6 +248,21 @@ def loads(
     dag.source_path = source
     dag.secret_env = secret_env
     return dag
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load``, refusing more than :data:`MAX_DAG_DEPTH` levels of nesting
+    (checked on the parser's events, which need no recursion) first."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DAG_DEPTH:
+                raise ConfigError(f"DAG is nested too deeply (more than {MAX_DAG_DEPTH} "
+                                  "levels)")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.safe_load(text)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -276,7 +297,7 @@ def build(raw: dict[str, Any]) -> Dag:
     try:
         spec = DagSpec.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, raw)) from None
+        raise _invalid(_format_validation(e, raw)) from None
     from speechmill.pipeline.store import check_run_dir
 
     check_run_dir(spec.run_dir)
@@ -387,6 +408,8 @@ def _invalid(errors: list[str]) -> ConfigError:
 
         with contextlib.suppress(ValueError, SyntaxError):
             e.stage = ast.literal_eval(m.group("stage"))
+        e.key = m.group("key")
+    elif m := re.match(r"^key '(?P<key>[^']*)'", lines[0]):
         e.key = m.group("key")
     return e
 
@@ -524,8 +547,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
     path, _, text = override.partition("=")
     try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        value = _safe_load(text) if text != "" else ""
+    except (ConfigError, RecursionError):
+        raise
+    except Exception:  # not YAML (or PyYAML fails on it): the text itself
         value = text
     if isinstance(value, dict | list):
         _check_size(value)
@@ -572,7 +597,7 @@ def _set_path(d: dict[str, Any], parts: list[str], value: Any, override: str) ->
     d[parts[-1]] = value
 
 
-def _format_validation(e: ValidationError, raw: dict[str, Any]) -> str:
+def _format_validation(e: ValidationError, raw: dict[str, Any]) -> list[str]:
     lines = []
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     for err in e.errors():
@@ -587,7 +612,7 @@ def _format_validation(e: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"stage {sid!r}: key {key!r}: {msg}")
         else:
             lines.append(f"key {'.'.join(str(x) for x in loc)!r}: {msg}")
-    return "invalid DAG:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def is_secret_key(key: str) -> bool:
@@ -607,7 +632,7 @@ def redact(obj: Any, key: str = "") -> Any:
     if isinstance(obj, str) and len(obj) >= 4:
         from speechmill.pipeline.redact import redact_text
 
-        return redact_text(obj, patterns=False)
+        return redact_text(obj, patterns=False, min_chars=8)
     return obj
 
 

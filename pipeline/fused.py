@@ -180,7 +180,7 @@ def run_chain(dag: Dag, chain: list[PlannedStage], store: RunStore, exe: Any, *,
         finally:
             if not streamed or sys.exc_info()[0] is not None:  # the stream's time counts
                 for m in members:
-                    store.add_wall_seconds(m.id, time.monotonic() - t0)
+                    R.add_wall_seconds(store, m.id, time.monotonic() - t0)
     out: list[dict[str, Any]] = []
     if not streamed:  # a worker died: the rest runs stage by stage (isolates the row)
         lost_at = len(exe.lost_workers) - 1

@@ -54,7 +54,7 @@ _registry: set[str] = set()
 _version = 0
 _compiled: tuple[int, frozenset[str], frozenset[str]] | None = None
 
-_URL_CREDS = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@\"'<>]+)@")
+_URL_CREDS = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@\"']+)@")
 _AUTH_VALUE = re.compile(
     r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?\s*)"
     r"(?:(bearer|basic|token|digest)\s+)?([^\s\"',;}]+)")
@@ -226,13 +226,14 @@ def _auth_sub(m: re.Match[str]) -> str:
 
 
 def redact_text(text: Any, secrets: Iterable[str] = (), *, limit: int | None = None,
-                patterns: bool = True) -> str:
+                patterns: bool = True, min_chars: int = MIN_SECRET_CHARS) -> str:
     """``text`` without secrets (see the module doc), then cut to ``limit`` characters.
 
     ``secrets``: more values to remove besides the registered ones (4+ characters).
     ``patterns=False`` leaves the look-alike patterns (``api_key=...``, ``Bearer ...``,
     signature query parameters) alone and removes only known secrets and URL
-    credentials."""
+    credentials. ``min_chars``: secrets shorter than this are left alone (content such
+    as an LLM's answer uses 8: a dummy key like ``none`` must not mangle the words)."""
     if text is None:
         return ""
     if not isinstance(text, str):
@@ -242,6 +243,8 @@ def redact_text(text: Any, secrets: Iterable[str] = (), *, limit: int | None = N
     if extra:
         p2, s2 = _index(extra)
         pieces, short = pieces | p2, short | s2
+    if min_chars > MIN_SECRET_CHARS:
+        short = frozenset(s for s in short if len(s) >= min_chars)
     out = _mask_secrets(text, pieces, short)
     if "://" in out and "@" in out:
         out = _URL_CREDS.sub(lambda m: f"{m.group(1)}***@", out)

@@ -69,6 +69,17 @@ class RunResult:
         return sum(int(s.get("rows_rejected", 0)) for s in self.stages)
 
 
+def add_wall_seconds(store: RunStore, stage_id: str, seconds: float) -> float:
+    """The store's wall-time bookkeeping, called in ``finally`` blocks: while an error is
+    on its way out (say the disk filled up), a failure of this write never replaces it."""
+    try:
+        return store.add_wall_seconds(stage_id, seconds)
+    except OSError:
+        if sys.exc_info()[0] is None:
+            raise
+        return seconds
+
+
 def _state(metrics: dict[str, Any]) -> str:
     return "incomplete" if metrics.get("incomplete") else "done"
 
@@ -262,7 +273,12 @@ def run(
             info.update(status=result.status, ended_at=_now())
             if result.error:
                 info["error"] = result.error[:2000]
-            store.write_run(info)
+            try:
+                store.write_run(info)
+            except OSError as e:  # never hides the error that stopped the run
+                if sys.exc_info()[0] is None:
+                    raise
+                console.print(f"[red]cannot record the run's end in run.json: {e}[/]")
             try:
                 if exe is not None:
                     exe.close()  # stops the workers
@@ -273,22 +289,42 @@ def run(
 
 
 def _safe_argv(dag: Dag, argv: list[str] | None = None) -> list[str]:
-    """The command line for run.json, with secrets (env values, --set of secret keys) out."""
-    from speechmill.pipeline.dag import REDACTED, is_secret_key
+    """The command line for run.json, with secrets out: env values, --set of secret keys,
+    secret keys inside a --set value that is a mapping or list (``gen.llm.extra_body=
+    {"api_key": ...}``, parsed as YAML/JSON like the override itself and redacted with
+    :func:`speechmill.pipeline.dag.redact`), then every argument through
+    :func:`speechmill.pipeline.redact.redact_text` (registered secrets, URL credentials,
+    ``api_key=...``-looking values)."""
+    import json
 
+    import yaml
+
+    from speechmill.pipeline.dag import REDACTED, is_secret_key, redact
+    from speechmill.pipeline.redact import redact_text
+
+    env = [v for v in dag.secret_env.values() if v and len(v) >= 4]
     out = []
     prev = ""
-    for a in sys.argv if argv is None else argv:
-        for v in dag.secret_env.values():
-            if v and len(v) >= 4:
-                a = a.replace(v, REDACTED)
+    for raw in sys.argv if argv is None else argv:
+        a = raw
         body = a[len("--set="):] if a.startswith("--set=") else (a if prev == "--set" else None)
         if body is not None and "=" in body:
-            path = body.split("=", 1)[0]
-            if any(is_secret_key(p) for p in path.split(".")):
-                a = a[: len(a) - len(body)] + f"{path}={REDACTED}"
-        out.append(a)
-        prev = a
+            path, value = body.split("=", 1)
+            parts = path.strip().split(".")
+            if any(is_secret_key(p) for p in parts):
+                value = REDACTED
+            else:
+                try:
+                    parsed = yaml.safe_load(value)
+                except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+                    parsed = None
+                if isinstance(parsed, dict | list):
+                    red = redact(parsed, parts[-1])
+                    if red != parsed:
+                        value = json.dumps(red, ensure_ascii=False, default=str)
+            a = a[: len(a) - len(body)] + f"{path}={value}"
+        out.append(redact_text(a, env))
+        prev = raw
     return out
 
 
@@ -509,7 +545,7 @@ def _run_stage(dag: Dag, st: PlannedStage, store: RunStore, exe: Any, *, offline
                     ) from None
                 raise
     finally:
-        wall = store.add_wall_seconds(st.id, time.monotonic() - t0)
+        wall = add_wall_seconds(store, st.id, time.monotonic() - t0)
     lost = getattr(exe, "lost_workers", [])[lost_before:]
     recovery = recovery_metrics([{k: f[k] for k in ("error", "message")} for f in lost],
                                 rerun[0] + sum(f.get("rows_isolated", 0) for f in lost),

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from speechmill.pipeline.errors import ConfigError, LeaseLostError, RunLockedError
+from speechmill.pipeline.errors import FATAL_ERRNOS, ConfigError, LeaseLostError, RunLockedError
 from speechmill.pipeline.records import REJECT_SCHEMA, concat
 
 # s3://..., gs://..., abfs://..., file://... and fsspec chains (simplecache::s3://...)
@@ -215,11 +215,15 @@ def local_cache_dir(url: str) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -436,7 +440,18 @@ class RunStore:
         return json.loads(p.read_text()) if p.exists() else None
 
     def write_run(self, info: dict[str, Any]) -> None:
-        atomic_write_json(self.root / "run.json", info)
+        p = self.root / "run.json"
+        data = (json.dumps(info, indent=2) + "\n").encode()
+        try:
+            atomic_write_bytes(p, data)
+        except OSError as e:
+            if e.errno not in FATAL_ERRNOS or not p.exists():
+                raise
+            # a full disk: no room for a temp file, but run.json's own blocks can take
+            # the final state (what a user reads to learn why the run stopped)
+            with open(p, "r+b") as f:
+                f.truncate(0)
+                f.write(data)
 
     # -- lock ----------------------------------------------------------------------------
     def lock(self, break_lease: bool = False) -> RunLock:

@@ -12,6 +12,21 @@ under two URLs is one record; the other is a ``duplicate`` reject).
 
 Files land in ``media/<stage>/<host>/<url-hash><ext>``: names never come from untrusted
 text except a sanitised host and extension.
+
+Transient and data rejects: a fetch that failed because the service failed after the
+fetcher's retries -- ``timeout``, ``connection_error`` (refused, reset, a temporary DNS
+failure), ``rate_limited`` (429 beyond the retries), ``http_server_error`` (5xx),
+``truncated`` (the body kept breaking off): :attr:`FetchError.transient
+<speechmill.stages.download_fetch.FetchError.transient>` -- is rejected with ``kind``
+"transient" (counted toward the error budget; a rerun retries the row, resuming the
+part file kept for it). So is an object store that cannot be reached (connection
+errors, timeouts, 408/429/5xx from fsspec) and a yt-dlp page whose every failure was of
+that kind. Everything else is a data reject: ``not_found``, other 4xx
+(``http_client_error``), ``not_audio``, ``too_large``, policy refusals, redirect
+problems, ``duplicate``, plan errors (the plan is kept, so they stay what they were).
+Reject details, stored URLs and reject rows' ``source_url`` are redacted
+(:mod:`speechmill.pipeline.redact`; ``storage_options`` secrets and URL credentials
+are registered at setup).
 """
 
 from __future__ import annotations
@@ -20,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +46,17 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from speechmill.pipeline.audio import MEDIA_EXTENSIONS, AudioError, is_url, probe
-from speechmill.pipeline.records import content_id, key_id, rejects_table
-from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
+from speechmill.pipeline.errors import is_fatal
+from speechmill.pipeline.records import content_id, key_id, reject, rejects_table
+from speechmill.pipeline.redact import redact_text, redact_url, register_secrets
+from speechmill.pipeline.stage import (
+    Reject,
+    Resources,
+    RowOutcome,
+    Stage,
+    StageConfig,
+    StageResult,
+)
 from speechmill.stages.download_fetch import sha256_file
 
 PLAN_COLUMNS = [
@@ -105,6 +128,13 @@ class DownloadConfig(StageConfig):
         return [v] if isinstance(v, str) else v
 
 
+class TransientReject(Reject):
+    """A reject because a service or resource failed after its retries (``kind``
+    "transient": a rerun retries the row)."""
+
+    transient = True
+
+
 class Download(Stage):
     name = "download"
     description = "crawl URL lists, RSS/Atom feeds, yt-dlp pages and object stores"
@@ -144,6 +174,9 @@ class Download(Stage):
 
         self.fetcher = Fetcher(self._policy())
         self._ytdlp_lock = threading.Lock()
+        c = self.config
+        register_secrets(c.storage_options, "storage_options")
+        register_secrets([*c.urls, *c.url_lists, *c.feeds, *c.ytdlp, *c.fsspec])
 
     # -- plan ----------------------------------------------------------------------------
     def plan(self) -> pa.Table:
@@ -208,8 +241,8 @@ class Download(Stage):
             try:
                 data, _ = Fetcher(self._policy()).get_bytes(path)
             except FetchError as e:
-                raise ValueError(f"key 'with.url_lists': {path}: {e.reason} ({e.detail})"
-                                 ) from None
+                raise ValueError(redact_text(f"key 'with.url_lists': {redact_url(path)}: "
+                                             f"{e.reason} ({e.detail})")) from None
             text = data.decode("utf-8-sig", errors="replace")
         elif is_url(path):
             import fsspec
@@ -217,10 +250,10 @@ class Download(Stage):
             with fsspec.open(path, "rb", **self.config.storage_options) as f:
                 text = f.read().decode("utf-8-sig", errors="replace")
         else:
-            text = Path(path).read_text(encoding="utf-8-sig")
+            text = Path(path).read_bytes()  # (read_url_list names a line that is not UTF-8)
         base = None if is_url(path) else os.path.dirname(os.path.abspath(path))
         out = []
-        for rec in read_url_list(text, kind):
+        for rec in read_url_list(text, kind, source=f"key 'with.url_lists': {path}"):
             url = str(rec["url"])
             if base and "://" not in url:
                 url = os.path.abspath(os.path.join(base, url))
@@ -292,6 +325,30 @@ class Download(Stage):
         rejects = [oc.reject for oc in outcomes if oc.reject is not None]
         return StageResult(self.outputs_table(outputs), rejects_table(rejects))
 
+    def run_row(self, row: dict[str, Any]) -> RowOutcome:
+        """:meth:`Stage.run_row` that keeps a :class:`TransientReject`'s kind and never
+        stores credentials in a reject (details redacted, ``source_url`` as in records)."""
+        try:
+            out = self.process_row(row)
+        except Reject as r:
+            rej = reject(row, self.ctx.stage_id, r.reason, redact_text(r.detail),
+                         transient=bool(getattr(r, "transient", False)))
+        except Exception as e:  # one row's failure never kills the run...
+            if is_fatal(e):  # ...but a full disk or an engine error is not the row's
+                raise
+            import traceback
+
+            detail = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+            rej = reject(row, self.ctx.stage_id, "error", redact_text(detail))
+        else:
+            rows = [out] if isinstance(out, dict) else list(out)
+            for r in rows:
+                r.setdefault("parent_id", row.get("id"))
+            return RowOutcome(outputs=rows)
+        if rej.get("source_url"):
+            rej["source_url"] = redact_url(rej["source_url"])
+        return RowOutcome(reject=rej)
+
     def process_row(self, row: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         if row.get("plan_error"):
             reason, _, detail = row["plan_error"].partition("\t")
@@ -333,10 +390,13 @@ class Download(Stage):
             try:
                 res = self.fetcher.fetch(url, dest)
             except FetchError as e:
+                detail = redact_text(f"{e.detail} (attempts: {e.attempts})")
+                if e.transient:  # the service failed: a rerun retries (and resumes) it
+                    raise TransientReject(e.reason, detail) from None
                 # a final verdict for this row: no later call will resume the part file
                 _discard(dest.with_name(dest.name + ".part"))
                 _discard(dest.with_name(dest.name + ".part.json"))
-                raise Reject(e.reason, f"{e.detail} (attempts: {e.attempts})") from None
+                raise Reject(e.reason, detail) from None
             prov = {
                 "final_url": res.final_url, "http_status": res.status, "etag": res.etag,
                 "last_modified": res.last_modified, "content_type": res.content_type,
@@ -412,10 +472,16 @@ class Download(Stage):
             raise
         except FileNotFoundError as e:
             _discard(tmp)
-            raise Reject("not_found", str(e)) from None
+            if transient_error(e):  # fsspec's HTTP store says so of a refused connection
+                raise TransientReject("unreadable", redact_text(
+                    f"cannot reach the store: {_cause(e)}", limit=1000)) from None
+            raise Reject("not_found", redact_text(str(e), limit=1000)) from None
         except Exception as e:
             _discard(tmp)
-            raise Reject("unreadable", f"{type(e).__name__}: {e}") from None
+            detail = redact_text(f"{type(e).__name__}: {e}", limit=1000)
+            if transient_error(e):  # the object store cannot be reached
+                raise TransientReject("unreadable", detail) from None
+            raise Reject("unreadable", detail) from None
         if size == 0:
             _discard(tmp)
             raise Reject("empty_file", "0 bytes")
@@ -457,11 +523,14 @@ class Download(Stage):
         done = _read_archive(archive)
         outs: list[dict[str, Any]] = []
         errors: list[str] = []
+        transient: list[bool] = []  # per error: did a service fail?
         archived = 0
         with yt_dlp.YoutubeDL(opts) as ydl:
             try:
                 info = ydl.extract_info(page, download=False)
             except Exception as e:
+                if transient_error(e):
+                    raise TransientReject("ytdlp_error", _short(e)) from None
                 raise Reject("ytdlp_error", _short(e)) from None
             entries = list(info.get("entries") or []) if info.get("_type") == "playlist" else [info]
             for entry in entries:
@@ -483,6 +552,7 @@ class Download(Stage):
                         self.fetcher.fetch(media_url, path)
                     except _FE as e:
                         errors.append(f"{key}: {e.reason}")
+                        transient.append(e.transient)
                         continue
                 elif not path.exists():
                     if media_url:
@@ -490,18 +560,21 @@ class Download(Stage):
                             check_url(media_url, self._policy())
                         except FetchError as e:
                             errors.append(f"{key}: {e.reason}")
+                            transient.append(False)
                             continue
                     try:
                         with self._ytdlp_lock:
                             res = ydl.process_ie_result(entry, download=True)
                     except Exception as e:
                         errors.append(f"{key}: {_short(e)}")
+                        transient.append(transient_error(e))
                         continue
                     reqs = (res or {}).get("requested_downloads") or []
                     if reqs and reqs[0].get("filepath"):
                         path = Path(reqs[0]["filepath"])
                 if not path.exists():
                     errors.append(f"{key}: nothing downloaded")
+                    transient.append(False)
                     continue
                 sha, _ = sha256_file(path)
                 prov = {"final_url": media_url or entry.get("webpage_url") or page,
@@ -525,13 +598,17 @@ class Download(Stage):
                     outs.append(self._record(r, path, prov))
                 except Reject as rj:
                     errors.append(f"{key}: {rj.reason}")
+                    transient.append(False)
                     continue
                 _append_archive(archive, key, done)
         if not outs:
             if archived and not errors:
                 raise Reject("archived", f"all {archived} items are in the download archive "
                              f"{archive}")
-            raise Reject("ytdlp_error", "; ".join(errors)[:1000] or "no media found")
+            detail = redact_text("; ".join(errors), limit=1000) or "no media found"
+            if transient and all(transient):  # every item failed for the service's sake
+                raise TransientReject("ytdlp_error", detail)
+            raise Reject("ytdlp_error", detail)
         return outs
 
     # -- summary -----------------------------------------------------------------------
@@ -589,7 +666,68 @@ class _QuietLogger:
 
 
 def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e)[:300]}"
+    return f"{type(e).__name__}: {redact_text(str(e), limit=300)}"
+
+
+#: exception class names (any module) that mean a service could not be reached
+_TRANSIENT_NAMES = frozenset({
+    "ConnectionError", "ConnectionRefusedError", "ConnectionResetError",
+    "ConnectionAbortedError", "BrokenPipeError", "TimeoutError", "ConnectTimeout",
+    "ReadTimeout", "Timeout", "ConnectTimeoutError", "ReadTimeoutError",
+    "EndpointConnectionError", "ConnectionClosedError", "ClientConnectorError",
+    "ClientConnectionError", "ClientOSError", "ServerDisconnectedError",
+    "ServerTimeoutError", "ServerConnectionError", "ClientPayloadError",
+    "ProtocolError", "IncompleteRead", "RemoteDisconnected", "NewConnectionError",
+    "MaxRetryError", "ChunkedEncodingError", "RemoteProtocolError", "ConnectError",
+    "ReadError", "TransportError", "ServiceUnavailable", "TooManyRequests",
+    "SlowDown", "ThrottlingException", "RequestTimeout",
+})
+
+
+def transient_error(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) says a service failed rather than the input:
+    a connection refused/reset, a timeout, or an HTTP status 408/429/5xx (``status``,
+    ``status_code``, ``code`` or a botocore ``response``), for the object-store and
+    yt-dlp paths (the HTTP fetcher says it itself: :attr:`FetchError.transient`)."""
+    seen: set[int] = set()
+    stack: list[Any] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen or len(seen) > 20:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ConnectionError | TimeoutError) or any(
+                c.__name__ in _TRANSIENT_NAMES for c in type(x).__mro__):
+            return True
+        status = None
+        for attr in ("status", "status_code", "code"):
+            v = getattr(x, attr, None)
+            if isinstance(v, int) and 100 <= v < 600:
+                status = v
+                break
+        resp = getattr(x, "response", None)
+        if status is None and isinstance(resp, dict):  # botocore ClientError
+            v = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            status = v if isinstance(v, int) else None
+        if status is not None and (status >= 500 or status in (408, 429)):
+            return True
+        if isinstance(x, BaseException):
+            stack += [x.__cause__, x.__context__, getattr(x, "reason", None)]
+            info = getattr(x, "exc_info", None)  # yt-dlp's DownloadError
+            if isinstance(info, tuple) and len(info) > 1:
+                stack.append(info[1])
+    return False
+
+
+def _cause(e: BaseException) -> str:
+    """``e``'s innermost cause, as ``Type: message``."""
+    seen = {id(e)}
+    while True:
+        nxt = e.__cause__ or e.__context__
+        if nxt is None or id(nxt) in seen:
+            return f"{type(e).__name__}: {e}"
+        seen.add(id(nxt))
+        e = nxt
 
 
 def _now() -> str:
@@ -616,24 +754,6 @@ def _reusable(dest: Path, sidecar: Path) -> dict[str, Any] | None:
         return None
     prov["reused"] = True
     return prov
-
-
-def redact_url(url: str) -> str:
-    """The URL as stored in records: no user:password@, no signature/token parameters."""
-    from urllib.parse import parse_qsl, urlencode, urlunsplit
-
-    try:
-        p = urlsplit(url)
-    except ValueError:
-        return url
-    netloc = p.netloc.rsplit("@", 1)[-1]
-    q = [(k, "REDACTED" if _SECRET_PARAM.search(k) else v)
-         for k, v in parse_qsl(p.query, keep_blank_values=True)]
-    return urlunsplit((p.scheme, netloc, p.path, urlencode(q) if q else p.query, p.fragment))
-
-
-_SECRET_PARAM = re.compile(
-    r"(signature|token|key|sig$|credential|auth|password|secret|session)", re.I)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import email.utils
+import html
 import io
 import json
 import math
@@ -26,7 +27,6 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 from xml.etree.ElementTree import Element, ParseError
@@ -129,8 +129,8 @@ def _parse_xml(data: bytes | str) -> Element:
             f"unsafe feed XML refused ({type(e).__name__}): entity declarations and "
             "external references are not allowed"
         ) from None
-    except ParseError as e:
-        raise ValueError(f"malformed feed XML: {e}") from None
+    except (ParseError, LookupError, UnicodeError) as e:  # LookupError: encoding='bogus'
+        raise ValueError(f"malformed feed XML: {str(e)[:300]}") from None
 
 
 def _local(tag: str) -> str:
@@ -159,18 +159,31 @@ def _all_text(el: Element, tag: str) -> str | None:
 
 
 def _resolve(base: str, url: str | None) -> str | None:
+    """``url`` resolved against ``base``; None for no URL or one that cannot be split
+    (``http://[::1``): that enclosure or link is skipped, not the whole feed."""
     if not url or not url.strip():
         return None
     url = url.strip()
-    return urljoin(base, url) if base else url
+    try:
+        out = urljoin(base, url) if base else url
+        urlsplit(out)
+    except ValueError:
+        return None
+    return out
 
 
 def _email_name(value: str | None) -> str | None:
-    """``"jo@example.com (Jo Smith)"`` -> ``"Jo Smith"``; other values unchanged."""
+    """``"jo@example.com (Jo Smith)"`` -> ``"Jo Smith"``; other values unchanged.
+    (No regex: ``\\S+@\\S+`` backtracks quadratically on a long run of ``@``.)"""
     if not value:
         return None
-    m = re.fullmatch(r"\s*\S+@\S+\s*\((.+)\)\s*", value)
-    return m.group(1).strip() if m else value.strip()
+    v = value.strip()
+    i = v.find("(")
+    if i > 0 and v.endswith(")"):
+        addr, name = v[:i].strip(), v[i + 1:-1].strip()
+        if "@" in addr[1:-1] and not any(c.isspace() for c in addr) and name:
+            return name
+    return v
 
 
 def _rights(el: Element) -> str | None:
@@ -228,9 +241,9 @@ def _parse_duration(value: str | None) -> float | None:
     parts = value.strip().split(":")
     if not 1 <= len(parts) <= 3:
         return None
-    if not all(re.fullmatch(r"\d+", p) for p in parts[:-1]):
-        return None
-    if not re.fullmatch(r"\d+(?:\.\d+)?", parts[-1]):
+    if not all(re.fullmatch(r"\d{1,12}", p) for p in parts[:-1]):
+        return None  # (more digits: int() refuses thousands of them; no real duration)
+    if not re.fullmatch(r"\d{1,12}(?:\.\d{1,12})?", parts[-1]):
         return None
     total = float(parts[-1])
     for i, p in enumerate(reversed(parts[:-1]), start=1):
@@ -239,7 +252,8 @@ def _parse_duration(value: str | None) -> float | None:
 
 
 def _parse_int(value: str | None, *, positive: bool = False) -> int | None:
-    if not value or not re.fullmatch(r"\s*\d+\s*", value):
+    # at most 18 digits: int() refuses thousands of them, and no length or episode is larger
+    if not value or not re.fullmatch(r"\s*\d{1,18}\s*", value):
         return None
     n = int(value)
     return None if positive and n <= 0 else n
@@ -259,36 +273,63 @@ def _is_media(url: str, mime: str | None, medium: str | None = None) -> bool:
         return False
     if medium in ("audio", "video"):
         return True
-    path = urlsplit(url).path.lower()
+    try:
+        path = urlsplit(url).path.lower()
+    except ValueError:
+        return False
     dot = path.rfind(".")
     return dot > path.rfind("/") and path[dot:] in MEDIA_EXTENSIONS
 
 
-class _TextExtractor(HTMLParser):
-    _BLOCK = frozenset({"p", "br", "div", "li", "ul", "ol", "tr", "td", "th", "h1", "h2",
-                        "h3", "h4", "h5", "h6", "blockquote", "pre", "hr", "section"})
-    _SKIP = frozenset({"script", "style", "head", "title"})
+_BLOCK_TAGS = frozenset({"p", "br", "div", "li", "ul", "ol", "tr", "td", "th", "h1", "h2",
+                         "h3", "h4", "h5", "h6", "blockquote", "pre", "hr", "section"})
+_SKIP_TAGS = frozenset({"script", "style", "head", "title"})
+_TAG_NAME = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)")
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skip += 1
-        elif tag in self._BLOCK:
-            self.parts.append(" ")
+def _html_text(value: str) -> str:
+    """The text of an HTML fragment: tags dropped (block tags become a space), script/
+    style/head/title content dropped, comments and declarations dropped, character
+    references decoded.
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skip = max(0, self._skip - 1)
-        elif tag in self._BLOCK:
-            self.parts.append(" ")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
+    Linear in the input: each search only moves forward (``html.parser`` rescans an
+    unterminated tag to the end for every ``<``, quadratic on ``"<a " * 20000``)."""
+    out: list[str] = []
+    skip = 0
+    i, n = 0, len(value)
+    gt = -2  # position of the next '>' at or after the last search (-1: none left)
+    while i < n:
+        j = value.find("<", i)
+        if j < 0:
+            j = n
+        if not skip:
+            out.append(value[i:j])
+        if j >= n:
+            break
+        if value.startswith("<!--", j):
+            k = value.find("-->", j + 4)
+            if k < 0:
+                break  # an unterminated comment runs to the end
+            i = k + 3
+            continue
+        if gt != -1 and gt < j:
+            gt = value.find(">", j)
+        m = _TAG_NAME.match(value, j, gt if gt >= 0 else j)
+        if gt >= 0 and m is None and value[j + 1:j + 2] in ("!", "?"):
+            i = gt + 1  # <!DOCTYPE ...>, <![CDATA[...]]>, <?...?>
+            continue
+        if gt < 0 or m is None:
+            if not skip:  # a '<' that starts no tag is text
+                out.append("<")
+            i = j + 1
+            continue
+        close, name = m.group(1), m.group(2).lower()
+        if name in _SKIP_TAGS and value[gt - 1:gt] != "/":
+            skip = max(0, skip - 1) if close else skip + 1
+        elif name in _BLOCK_TAGS and not skip:
+            out.append(" ")
+        i = gt + 1
+    return html.unescape("".join(out))
 
 
 def _clip(text: str | None, limit: int | None = None) -> str | None:
@@ -303,14 +344,7 @@ def _plain_text(value: str | None, limit: int | None = None) -> str | None:
     """HTML (or plain text) -> whitespace-collapsed plain text, at most ``limit`` chars."""
     if not value:
         return None
-    p = _TextExtractor()
-    try:
-        p.feed(value)
-        p.close()
-        text = "".join(p.parts)
-    except Exception:  # HTMLParser is lenient; this is a last resort
-        text = re.sub(r"<[^>]*>", " ", value)
-    return _clip(text, limit)
+    return _clip(_html_text(value), limit)
 
 
 def _atom_text(el: Element | None) -> str | None:
@@ -443,7 +477,7 @@ def _atom_link(el: Element, base: str, rel: str) -> str | None:
 
 def _xml_base(el: Element, base: str) -> str:
     xb = el.get(_q(NS_XML, "base"))
-    return urljoin(base, xb.strip()) if xb and xb.strip() else base
+    return (_resolve(base, xb) or base) if xb and xb.strip() else base
 
 
 def _parse_atom(root: Element, base_url: str) -> tuple[dict[str, str | None], list[FeedItem]]:
@@ -704,11 +738,47 @@ def _pick_url(rec: dict[str, Any], where: str) -> dict[str, Any]:
                     if k != key and k is not None and str(k).strip().lower() != "url"}
             return {"url": v.strip(), **meta}
         if v not in (None, ""):
-            raise ValueError(f"{where}: {key!r} is not a string: {v!r}")
+            raise ValueError(f"{where}: {key!r} is not a string: {_short(v)}")
     raise ValueError(f"{where} has no URL (expected a non-empty {'/'.join(URL_KEYS)} value)")
 
 
-def read_url_list(text: str, kind: str) -> list[dict[str, Any]]:
+_LIST_MAX_DEPTH = 32
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _short(v: Any, n: int = 80) -> str:
+    try:
+        r = repr(v[: n + 1] if isinstance(v, str) else v)
+    except RecursionError:
+        return f"<a deeply nested {type(v).__name__}>"
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _check_entry(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """``rec`` if its URL can be split and its values stored (no lone surrogate from a
+    JSON ``"\\ud800"`` escape, no nesting deeper than 32 levels); else ``ValueError``."""
+    try:
+        urlsplit(rec["url"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {_short(rec['url'])} is not a URL ({e})") from None
+    stack: list[tuple[Any, int]] = [(rec, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATES.search(v):
+                raise ValueError(f"{where}: {_short(v)} is not valid Unicode (a lone "
+                                 "surrogate)")
+        elif isinstance(v, dict | list):
+            if depth >= _LIST_MAX_DEPTH:
+                raise ValueError(f"{where}: nested deeper than {_LIST_MAX_DEPTH} levels")
+            for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+                stack.append((k, depth + 1))
+                stack.append((x, depth + 1))
+    return rec
+
+
+def read_url_list(text: str | bytes, kind: str, source: str | None = None
+                  ) -> list[dict[str, Any]]:
     """Read a list of URLs with optional metadata.
 
     ``kind`` is ``"txt"`` (one URL per line; blank lines and ``#`` comment lines skipped),
@@ -717,18 +787,38 @@ def read_url_list(text: str, kind: str) -> list[dict[str, Any]]:
     ``"jsonl"`` (one JSON object per line with one of those keys). Returns one dict per
     entry with the key ``url`` plus the entry's other columns/keys as metadata. A leading
     UTF-8 BOM is ignored. Raises ``ValueError`` naming the line of an entry without a URL,
-    of invalid JSON, or for an unknown ``kind``.
+    of a URL that cannot be split (``http://[``), of invalid JSON (or JSON nested too
+    deeply, or holding a lone surrogate), of bytes that are not UTF-8 (``text`` given as
+    bytes), or for an unknown ``kind``; ``source`` (e.g. the config key and file) starts
+    each message.
     """
+    try:
+        return _read_url_list(text, kind)
+    except ValueError as e:
+        if source:
+            raise ValueError(f"{source}: {e}") from None
+        raise
+
+
+def _read_url_list(text: str | bytes, kind: str) -> list[dict[str, Any]]:
     k = kind.strip().lower().lstrip(".")
     if k not in _LIST_KINDS:
         raise ValueError(f"unknown URL list kind {kind!r} (expected one of {', '.join(_LIST_KINDS)})")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")  # (a BOM decodes to U+FEFF: removed below)
+        except UnicodeDecodeError as e:
+            line = text.count(b"\n", 0, e.start) + 1
+            col = e.start - (text.rfind(b"\n", 0, e.start) + 1) + 1
+            raise ValueError(f"line {line}: not UTF-8 text (byte 0x{text[e.start]:02x} at "
+                             f"column {col})") from None
     text = text.removeprefix("\ufeff")
     out: list[dict[str, Any]] = []
     if k == "txt":
-        for line in text.splitlines():
+        for lineno, line in enumerate(text.splitlines(), start=1):
             s = line.strip()
             if s and not s.startswith("#"):
-                out.append({"url": s})
+                out.append(_check_entry({"url": s}, f"line {lineno}"))
         return out
     if k == "jsonl":
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -736,12 +826,14 @@ def read_url_list(text: str, kind: str) -> list[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"line {lineno}: invalid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # too deep, a 5000-digit number...
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else (
+                    "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200])
+                raise ValueError(f"line {lineno}: invalid JSON ({msg})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"line {lineno}: expected a JSON object, got "
                                  f"{type(rec).__name__}")
-            out.append(_pick_url(rec, f"line {lineno}"))
+            out.append(_check_entry(_pick_url(rec, f"line {lineno}"), f"line {lineno}"))
         return out
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if k == "tsv" else ",")
     try:
@@ -753,7 +845,8 @@ def read_url_list(text: str, kind: str) -> list[dict[str, Any]]:
             raise ValueError(f"line 1: header has no URL column (expected one of "
                              f"{', '.join(URL_KEYS)}; got {', '.join(map(str, header))})")
         for rec in reader:
-            out.append(_pick_url(rec, f"line {reader.line_num}"))
+            where = f"line {reader.line_num}"
+            out.append(_check_entry(_pick_url(rec, where), where))
     except csv.Error as e:
         raise ValueError(f"line {reader.line_num}: {e}") from None
     return out

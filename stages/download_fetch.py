@@ -34,6 +34,11 @@ Faults and retries
     backoff_base_s * 2**n))``) or the server's ``Retry-After``. Other 4xx, redirect
     problems, policy refusals, ``too_large``, ``not_audio`` and ``checksum_mismatch`` are
     final at once. Failures raise ``FetchError`` whose ``reason`` is one of ``REASONS``.
+    ``FetchError.transient`` tells the two kinds apart once the retries are spent: True
+    when the service failed (``timeout`` -- HTTP 408 included --, ``connection_error``,
+    ``rate_limited``, ``http_server_error``, ``truncated``; not a DNS name that does not
+    exist), False for what the URL itself earns (the ``download`` stage's rejects are
+    transient or data accordingly).
 
 Resume and atomicity
     Bytes arrive in ``<dest>.part``; before the first byte is written ``<dest>.part.json``
@@ -155,6 +160,13 @@ class FetchError(Exception):
     @property
     def retryable(self) -> bool:
         return self._retry if self._retry is not None else self.reason in RETRYABLE
+
+    @property
+    def transient(self) -> bool:
+        """A failure of the service (after the retries), not of the URL: a retryable
+        network/server reason (``timeout``, ``connection_error``, ``rate_limited``,
+        ``http_server_error``, ``truncated``)."""
+        return self.retryable and self.reason in RETRYABLE
 
     def __str__(self) -> str:
         status = f" [HTTP {self.status}]" if self.status is not None else ""
@@ -524,7 +536,9 @@ def _encoded(resp: requests.Response) -> bool:
 
 
 def _short(e: BaseException, n: int = 200) -> str:
-    s = str(e) or type(e).__name__
+    from speechmill.pipeline.redact import redact_text
+
+    s = redact_text(str(e)) or type(e).__name__  # redacted whole, then cut
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
@@ -535,6 +549,9 @@ def _status_error(resp: requests.Response, url: str) -> FetchError | None:
     if st in (404, 410):
         return FetchError("not_found", f"HTTP {st}", status=st, url=url)
     retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+    if st == 408:  # the server timed the request out: the service's failure, retried
+        return FetchError("timeout", "HTTP 408 Request Timeout", status=st, url=url,
+                          retry_after=retry_after)
     if st == 429:
         return FetchError("rate_limited", "HTTP 429 Too Many Requests", status=st, url=url,
                           retry_after=retry_after)

@@ -21,6 +21,14 @@ Reject reasons: ``llm_error``, ``llm_invalid_output``, ``llm_refusal`` (from the
 the ``qc_*`` reasons of the content QC (``qc_judge`` from the optional LLM judge,
 :mod:`speechmill.synth.text_judge`, whose scores go in the ``judge`` column) and
 ``near_duplicate``.
+
+Transient and data rejects: ``llm_error`` is *transient* (``kind`` "transient": counted
+toward the error budget, retried by a rerun) when the service failed after the client's
+retries (connection refused, timeouts, 408/409/425/429/5xx; the generator's or the
+judge's), and a *data* reject when the server answered 4xx or something that is not a
+chat completion. ``llm_invalid_output`` (after the allowed re-asks), ``llm_refusal``,
+``qc_*`` and ``near_duplicate`` are always data rejects. Reject details are redacted
+(:func:`speechmill.pipeline.redact.redact_text`) before they are cut short.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator
 
 from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.redact import redact_text
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext, StageResult
 from speechmill.synth.llm import (
     ChatRequest,
@@ -54,7 +63,13 @@ from speechmill.synth.llm_usage import (
     usage_tail,
     usage_values,
 )
-from speechmill.synth.text_judge import JudgeConfig, judge_column, judge_request, judge_verdict
+from speechmill.synth.text_judge import (
+    JudgeConfig,
+    judge_column,
+    judge_request,
+    judge_transient,
+    judge_verdict,
+)
 from speechmill.synth.text_qc import TextQCConfig, qc_dialogue
 from speechmill.synth.turns import alternation_error, dialogue_id, turn_rows
 
@@ -359,7 +374,8 @@ class DialogueGenerate(Stage):
         for row, res in zip(rows, results, strict=True):
             if not res.ok:
                 rejects.append(reject(row, sid, res.reason or "llm_error",
-                                      (res.detail or "")[:1700] + usage_tail(res.usage)))
+                                      redact_text(res.detail or "", limit=1700)
+                                      + usage_tail(res.usage), transient=res.transient))
                 continue
             turns = [t.model_dump() for t in res.parsed.turns]
             turns, reason, detail = qc_dialogue(turns, cfg.qc, cfg.language)
@@ -427,7 +443,8 @@ class DialogueGenerate(Stage):
             record, reason, detail = judge_verdict(res, cfg.judge)
             if reason is not None:
                 rejects.append(reject(row, self.ctx.stage_id, reason,
-                                      f"judge: {detail}"[:1700] + usage_tail(usage)))
+                                      redact_text(f"judge: {detail}", limit=1700)
+                                      + usage_tail(usage), transient=judge_transient(res)))
                 continue
             assert record is not None
             scores[row["id"]] = record

@@ -34,9 +34,21 @@ What it adds around the bare API:
   ``max_total_tokens``.
 * **Batch API** mode (``batch_api: true``): see :mod:`speechmill.synth.llm_batch`.
 
+**Failures of the service are not data rejects.** A failed result carries ``transient``:
+True when the service failed after the retries (timeouts, connection errors, HTTP 408,
+409, 425, 429 and 5xx after ``max_attempts``, a batch line that kept failing so, or no
+answer at all): the stage rejects the row with ``transient=True`` (the engine counts it
+toward the error budget and a rerun retries it). False for what the data (or the request
+made from it) earns: other 4xx answers, an answer that is not a chat completion,
+``llm_invalid_output`` after the allowed re-asks, ``llm_refusal``. 401/403/404 stop the
+stage (:class:`LLMUnavailable`) instead of rejecting rows.
+
 The API key is read from the environment variable named by ``api_key_env`` (``EMPTY``
 when unset, which local servers accept). It is never logged, never written anywhere and
-never part of a cache key; error details have it scrubbed.
+never part of a cache key. The key, the secret values of ``extra_body`` and credentials
+in ``base_url`` are registered with :mod:`speechmill.pipeline.redact`, and every error
+detail and message goes through :func:`~speechmill.pipeline.redact.redact_text` before it
+is cut short, logged or stored.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from speechmill.pipeline.redact import redact_text, register_secret, register_secrets
 from speechmill.synth.llm_budget import (
     Budget,
     BudgetExceeded,
@@ -260,6 +273,9 @@ class ChatResult:
     reason: str | None = None
     detail: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    #: a failure of the service (connection, timeout, 408/409/425/429/5xx after the
+    #: retries), not of the data: the stage's reject is transient
+    transient: bool = False
 
 
 def empty_usage() -> dict[str, Any]:
@@ -330,10 +346,11 @@ class _Conv:
         self.result: ChatResult | None = None
 
     def finish(self, ok: bool, text: str | None = None, parsed: Any = None,
-               reason: str | None = None, detail: str | None = None) -> ChatResult:
+               reason: str | None = None, detail: str | None = None, *,
+               transient: bool = False) -> ChatResult:
         self.usage["cost_usd"] = round(self.usage["cost_usd"], 8)
         self.result = ChatResult(self.req.key, ok, text, parsed, reason, detail,
-                                 dict(self.usage))
+                                 dict(self.usage), transient=not ok and transient)
         return self.result
 
 
@@ -382,6 +399,9 @@ class LLMClient:
         self.config = config
         self.stage_id = stage_id
         self.base_url = config.resolved_base_url()
+        register_secret(os.environ.get(config.api_key_env))
+        register_secrets(config.extra_body, "extra_body")
+        register_secrets(self.base_url)
         self.cache_dir = Path(cache_dir)
         self.cache = ResponseCache(self.cache_dir)
         self.ledger = SpendLedger(self.cache_dir)
@@ -524,7 +544,7 @@ class LLMClient:
         text = resp.get("text") or ""
         if resp.get("refusal"):
             return conv.finish(False, text or None, None, "llm_refusal",
-                               self.scrub(str(resp["refusal"])[:500]))
+                               self.scrub(str(resp["refusal"]), 500))
         problem: str | None = None
         value: Any = text
         if resp.get("finish_reason") == "length":
@@ -538,12 +558,12 @@ class LLMClient:
                 if self.is_refusal(text) or not text.strip():
                     reason = "llm_refusal" if text.strip() else "llm_invalid_output"
                     return conv.finish(False, text or None, None, reason,
-                                       self.scrub(text[:500]) or "empty answer")
+                                       self.scrub(text, 500) or "empty answer")
                 problem = _short_error(e)
         elif self.is_refusal(text) or not text.strip():
             reason = "llm_refusal" if text.strip() else "llm_invalid_output"
             return conv.finish(False, text or None, None, reason,
-                               self.scrub(text[:500]) or "empty answer")
+                               self.scrub(text, 500) or "empty answer")
         if problem is None and conv.req.validate is not None:
             try:
                 out = conv.req.validate(value)
@@ -556,7 +576,7 @@ class LLMClient:
             return conv.finish(True, text, value if conv.req.schema is not None or
                                conv.req.validate is not None else None)
         if conv.fixes >= self.config.max_fix_attempts:
-            detail = f"{problem} | answer: {text[:300]!r}"
+            detail = f"{self.scrub(problem)} | answer: {self.scrub(text, 300)!r}"
             return conv.finish(False, text or None, None, "llm_invalid_output",
                                self.scrub(detail))
         conv.fixes += 1
@@ -567,11 +587,15 @@ class LLMClient:
             "answer, fixed" + (", as JSON only." if conv.req.schema else "."))})
         return None
 
-    def scrub(self, text: str) -> str:
+    def secrets(self) -> list[str]:
+        """This client's secrets (the key as the environment holds it now)."""
         key = os.environ.get(self.config.api_key_env) or ""
-        if len(key) >= 4:
-            text = text.replace(key, "<redacted>")
-        return text
+        return [key] if len(key) >= 4 else []
+
+    def scrub(self, text: str, limit: int | None = None) -> str:
+        """``text`` without secrets (:func:`speechmill.pipeline.redact.redact_text`), then
+        cut to ``limit`` characters."""
+        return redact_text(text, self.secrets(), limit=limit)
 
     @staticmethod
     def response_dict(completion: Any) -> dict[str, Any]:
@@ -582,9 +606,12 @@ class LLMClient:
         msg = ch.get("message") or {}
         usage = d.get("usage") or {}
         text = msg.get("content")
+        refusal = msg.get("refusal") or None
+        # a server that echoes a secret into its answer: not into the cache, rows or logs
         out = {
-            "text": text if isinstance(text, str) else None,
-            "refusal": msg.get("refusal") or None,
+            "text": redact_text(text, patterns=False, min_chars=8)
+            if isinstance(text, str) else None,
+            "refusal": redact_text(refusal, patterns=False, min_chars=8) if refusal else None,
             "finish_reason": ch.get("finish_reason"),
             "model": d.get("model"),
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
@@ -628,7 +655,8 @@ class LLMClient:
                     raise o
         if self._stop is not None:
             raise self._stop
-        return [c.result or c.finish(False, None, None, "llm_error", "no answer")
+        return [c.result or c.finish(False, None, None, "llm_error", "no answer",
+                                     transient=True)
                 for c in convs]
 
     async def _answer(self, conv: _Conv) -> ChatResult:
@@ -698,17 +726,19 @@ class LLMClient:
                 conv.usage["requests"] += 1
                 status: int | None = None
                 headers: Any = None
+                malformed = False
                 try:
                     completion = await self.call(_post_chat, client, body)
                 except openai.APIStatusError as e:
                     status, headers = e.status_code, e.response.headers
-                    last = f"HTTP {status}: {_error_text(e)}"
+                    last = f"HTTP {status}: {_error_text(e, self.secrets())}"
                 except openai.APITimeoutError:
                     last = f"timeout after {self.config.timeout_s:g} s"
                 except openai.APIConnectionError as e:
                     last = f"connection error: {type(e.__cause__ or e).__name__}"
                 except ValueError as e:  # a 200 whose body is not a chat completion
-                    last = f"unreadable answer: {str(e)[:300]}"
+                    malformed = True
+                    last = f"unreadable answer: {self.scrub(str(e), 300)}"
                 else:
                     resp = self.response_dict(completion)
                     self.cache.put(key, resp)
@@ -729,9 +759,11 @@ class LLMClient:
                 raise _Reformat
             retryable = status is None or status in _RETRYABLE
             if not retryable or conv.attempts >= self.config.max_attempts:
+                # the service failed (not the row) unless it answered 4xx or nonsense
                 conv.finish(False, None, None, "llm_error", self.scrub(
                     f"{last} (after {conv.attempts} attempt"
-                    f"{'s' if conv.attempts != 1 else ''})"))
+                    f"{'s' if conv.attempts != 1 else ''})"),
+                    transient=retryable and not malformed)
                 return None
             delay = self.delay(conv.attempts, headers)
             log.debug("stage %s: %s; retry %d in %.2f s", self.stage_id, last,
@@ -789,18 +821,19 @@ def _post_chat(client: Any, body: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         completion = None
     if not isinstance(completion, dict) or not completion.get("choices"):
-        raise ValueError(f"not a chat completion: {raw.text[:200]!r}")
+        raise ValueError(f"not a chat completion: {redact_text(raw.text, limit=200)!r}")
     return completion
 
 
-def _error_text(e: Any) -> str:
+def _error_text(e: Any, secrets: list[str] | tuple[str, ...] = (), limit: int = 300) -> str:
+    """The message of an API error: redacted whole, then cut to ``limit`` characters."""
     body = getattr(e, "body", None)
     if isinstance(body, dict):
         err = body.get("error", body)
         msg = err.get("message") if isinstance(err, dict) else err
         if msg:
-            return str(msg)[:300]
-    return str(getattr(e, "message", "") or e)[:300]
+            return redact_text(str(msg), secrets, limit=limit)
+    return redact_text(str(getattr(e, "message", "") or e), secrets, limit=limit)
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -13,6 +13,12 @@ before the first poll, so a process killed while a batch runs (hours, often) res
 polling that batch instead of submitting and paying for it again, whichever worker or
 batch of rows asks for those keys next. The file goes once the batch's answers are
 cached. Set the DAG's ``executor.stall_timeout_s`` above the batch latency you expect.
+
+A request whose batch line kept failing with a retryable status (408/409/425/429/5xx) or
+went missing from the output (an expired or cancelled batch) is ``llm_error`` with
+``transient`` set, as online; other statuses are data rejects. Error messages of the
+batch output are redacted whole (:func:`speechmill.pipeline.redact.redact_text`) before
+they are cut short.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speechmill.pipeline.redact import redact_text
 from speechmill.synth.llm_budget import LLMStop, LLMUnavailable, Spend
 from speechmill.synth.llm_cache import write_atomic
 
@@ -108,7 +115,7 @@ async def run_batch_mode(client: LLMClient, convs: list[_Conv]) -> None:
                 if not retryable or conv.attempts >= client.config.max_attempts:
                     conv.finish(False, None, None, "llm_error", client.scrub(
                         f"{last} (batch API, after {conv.attempts} attempt"
-                        f"{'s' if conv.attempts != 1 else ''})"))
+                        f"{'s' if conv.attempts != 1 else ''})"), transient=retryable)
         pending = [c for c in convs if c.result is None]
 
 
@@ -186,7 +193,8 @@ async def _collect(client: LLMClient, path: Path, st: dict[str, Any]
     if b.status == "failed":
         errs = getattr(b, "errors", None)
         data = getattr(errs, "data", None) or []
-        msg = "; ".join(str(getattr(e, "message", e)) for e in data[:3]) or "batch failed"
+        msg = "; ".join(client.scrub(str(getattr(e, "message", e)), 300)
+                        for e in data[:3]) or "batch failed"
         path.unlink(missing_ok=True)
         raise LLMUnavailable(client.scrub(
             f"stage {client.stage_id!r}: batch {bid} failed: {msg}"))
@@ -220,7 +228,8 @@ async def _collect(client: LLMClient, path: Path, st: dict[str, Any]
             elif key not in out:
                 err = obj.get("error") or (body or {}).get("error") or {}
                 msg = err.get("message") if isinstance(err, dict) else str(err)
-                out[key] = ("error", status, str(msg or "failed")[:300])
+                out[key] = ("error", status, redact_text(str(msg or "failed"),
+                                                         client.secrets(), limit=300))
     # answers of keys no row of this call asked for (another worker's, or a killed
     # attempt's) are cached above; the batch is finished with
     path.unlink(missing_ok=True)
@@ -244,7 +253,7 @@ async def _retrying(client: LLMClient, what: str, fn: Callable[[], Awaitable[Any
             status, headers = e.status_code, e.response.headers
             from speechmill.synth.llm import _RETRYABLE, _error_text
 
-            last = f"HTTP {status}: {_error_text(e)}"
+            last = f"HTTP {status}: {_error_text(e, client.secrets())}"
             retryable = status in _RETRYABLE
         except (openai.APITimeoutError, openai.APIConnectionError) as e:
             last = type(e).__name__

@@ -6,7 +6,9 @@ worker processes (and hosts sharing the run directory) can write side by side, a
 process killed at any moment leaves nothing half-written. The key is a sha256 of the
 request as sent (base URL, model, messages, every sampling parameter including the seed,
 the response format with its JSON schema, server-specific extras) and the caller's prompt
-version; the API key is never part of it and never written here.
+version; the API key is never part of it and never written here (an answer is stored as
+:meth:`LLMClient.response_dict <speechmill.synth.llm.LLMClient.response_dict>` made it:
+with the secrets the process registered, :mod:`speechmill.pipeline.redact`, taken out).
 """
 
 from __future__ import annotations

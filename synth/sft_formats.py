@@ -63,6 +63,12 @@ def _where(path: tuple[Any, ...]) -> str:
     return (out[:80] + "...") if len(out) > 80 else (out or "row")
 
 
+def _short(v: Any, n: int = 60) -> str:
+    """``repr(v)`` of at most about ``n`` characters (a hostile value can be huge)."""
+    r = repr(v[: n + 1] if isinstance(v, str) else v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def check_row(row: Any) -> None:
     """Raise :class:`RowError` (``malformed``) for a row nested deeper than
     :data:`MAX_DEPTH` or holding a string that is not valid Unicode (a lone surrogate,
@@ -119,7 +125,7 @@ def _text(value: Any, where: str) -> str:
                 parts.append(p)
             else:
                 kind = p.get("type") if isinstance(p, Mapping) else type(p).__name__
-                raise RowError("malformed", f"{where}: non-text content part {kind!r}")
+                raise RowError("malformed", f"{where}: non-text content part {_short(kind)}")
         return "\n".join(parts)
     raise RowError("malformed", f"{where}: text is a {type(value).__name__}, not a string")
 
@@ -169,7 +175,7 @@ def to_dialogue(row: Any, fmt: str) -> Dialogue:
                 raise RowError("malformed", f"turn {i}: not a {{from, value}} object")
             who = str(m["from"]).strip().lower()
             if who not in SHAREGPT_ROLES:
-                raise RowError("bad_roles", f"turn {i}: unknown 'from' {m['from']!r}")
+                raise RowError("bad_roles", f"turn {i}: unknown 'from' {_short(m['from'])}")
             turns.append((SHAREGPT_ROLES[who], _text(m["value"], f"turn {i}")))
     elif fmt == "openai":
         msgs = row.get("messages")
@@ -180,7 +186,7 @@ def to_dialogue(row: Any, fmt: str) -> Dialogue:
                 raise RowError("malformed", f"message {i}: not a {{role, content}} object")
             role = str(m["role"]).strip().lower()
             if role not in OPENAI_ROLES:
-                raise RowError("bad_roles", f"message {i}: role {m['role']!r} "
+                raise RowError("bad_roles", f"message {i}: role {_short(m['role'])} "
                                "(only system/user/assistant can be spoken)")
             if m.get("tool_calls") or m.get("function_call"):
                 raise RowError("bad_roles", f"message {i}: a tool call")

@@ -15,7 +15,10 @@ rerun gives the same ids. Exact duplicates (same system prompt, roles and texts 
 emit one turn row per turn (:func:`speechmill.synth.turns.turn_rows`), with ``source``
 provenance ``{"stage": "sft_import", "dataset", "row", "format", "row_id"}``.
 
-Reject reasons: ``unreadable`` (a file that cannot be read or parsed at all),
+Reject reasons: ``unreadable`` (a file that cannot be read or parsed at all: a broken
+compressed stream, an array that never ends, UTF-16 text; a JSON Lines line or array
+element that is not UTF-8 or not JSON, nests too deeply or holds a lone surrogate is one
+``malformed`` row naming its line, the rest of the file is kept),
 ``unknown_format`` (a file none of whose first rows has a known shape), ``malformed``,
 ``bad_roles``, ``empty_turn``, ``no_turns`` (see :mod:`~speechmill.synth.sft_formats`),
 ``duplicate`` and the ``qc_*`` reasons of :mod:`~speechmill.synth.text_qc`; with
@@ -29,6 +32,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
@@ -153,50 +157,196 @@ def expand(spec: str, storage_options: dict[str, Any] | None = None) -> list[str
     return [spec]
 
 
+#: a row's JSON that the decoder cannot take (too deep, a 5000-digit number...)
+_JSON_ERRORS = (ValueError, RecursionError)
+#: JSON structure: a whole string, a bracket or comma, or a string that never ends
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]|"', re.S)
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
+         b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _not_utf8(head: bytes) -> None:
+    """A UTF-16/32 file is not read line by line as garbage: it is ``unreadable``."""
+    for bom, enc in _BOMS.items():
+        if head.startswith(bom):
+            raise ValueError(f"{enc} text, not UTF-8 (convert the file to UTF-8)")
+
+
+def _json_error(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)[:300]
+
+
+def _load_row(text: str, where: str) -> Any:
+    """One row's JSON, or a ``malformed`` :class:`RowError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except _JSON_ERRORS as e:
+        return RowError("malformed", f"{where}: invalid JSON: {_json_error(e)}")
+
+
+#: (row number, row or RowError, where in the file: "line 6", "element 3 (line 5)", None)
+Located = Iterator[tuple[int, Any, str | None]]
+
+
+def _jsonl_rows(chunks: Iterator[bytes] | list[bytes]) -> Located:
+    """(row number, row or :class:`RowError`, where) of JSON Lines given as byte chunks
+    (each one or more lines): every line is decoded and parsed on its own, so a line that
+    is not UTF-8 or not JSON is one ``malformed`` row naming its line and the others are
+    kept."""
+    i = 0
+    line_no = 0
+    first = True
+    for chunk in chunks:
+        for raw in chunk.splitlines() or [b""]:
+            line_no += 1
+            if first:
+                _not_utf8(raw[:4])
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+                first = False
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, RowError("malformed", f"line {line_no}: not UTF-8 text (byte "
+                                  f"0x{raw[e.start]:02x} at column {e.start + 1})"), None
+            else:
+                yield i, _load_row(line, f"line {line_no}"), f"line {line_no}"
+            i += 1
+
+
+def _array_elements(text: str) -> list[tuple[int, int]] | None:
+    """The (start, end) spans of the elements of the JSON array ``text`` is, found from
+    its structure alone (strings, brackets, commas), so one element that does not parse
+    (too deep, a bad escape, invalid JSON) leaves the others readable; None when the
+    document is not one whole array (unbalanced, an unterminated string, trailing data)."""
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        return None
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    elem = start + 1
+    for m in _JSON_TOKEN.finditer(text, start):
+        c = text[m.start()]
+        if c == '"':
+            if m.end() - m.start() == 1:  # a string that never ends
+                return None
+            continue
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0:
+                if text[m.end():].strip():
+                    return None
+                spans.append((elem, m.start()))
+                if len(spans) == 1 and not text[elem:m.start()].strip():
+                    return []
+                return spans
+        elif depth == 1:  # a comma between elements
+            spans.append((elem, m.start()))
+            elem = m.end()
+    return None
+
+
+def _array_rows(text: str, spans: list[tuple[int, int]]) -> Located:
+    line, pos = 1, 0
+    for k, (a, b) in enumerate(spans):
+        body = text[a:b]
+        at = a + len(body) - len(body.lstrip())
+        line += text.count("\n", pos, at)
+        pos = at
+        where = f"element {k} (line {line})"
+        if not body.strip():
+            yield k, RowError("malformed", f"{where}: empty (a stray comma)"), where
+        else:
+            yield k, _load_row(body, where), where
+
+
+def _json_doc_rows(data: bytes) -> Located:
+    """Rows of a ``.json`` file: one JSON array (or object), or JSON Lines."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    # bytes that are not UTF-8 become lone surrogates: the row holding one is malformed
+    # (sft_formats.check_row), the rest of the document still parses
+    text = data.decode("utf-8", "surrogateescape")
+    try:
+        doc = json.loads(text)
+    except _JSON_ERRORS as e:
+        if isinstance(e, json.JSONDecodeError) and e.msg == "Extra data":  # JSON Lines
+            yield from _jsonl_rows(data.splitlines())
+            return
+        spans = _array_elements(text)
+        if spans is not None:  # one array, some of whose elements are bad
+            yield from _array_rows(text, spans)
+            return
+        if (isinstance(e, RecursionError) and not text.lstrip().startswith("[")
+                and len(text.strip().splitlines()) > 1):
+            yield from _jsonl_rows(data.splitlines())  # JSON Lines, its first line deep
+            return
+        raise ValueError(f"not JSON: {_json_error(e)}") from None
+    for i, row in enumerate(doc if isinstance(doc, list) else [doc]):
+        yield i, row, None
+
+
+def _parquet_rows(f: Any) -> Located:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        try:
+            rows: list[Any] = batch.to_pylist()
+        except Exception:  # one value Python cannot hold (bad UTF-8, a year 0 date...)
+            rows = []
+            for k in range(batch.num_rows):
+                try:
+                    rows.append(batch.slice(k, 1).to_pylist()[0])
+                except Exception as e:
+                    rows.append(RowError("malformed", f"a value cannot be read: "
+                                         f"{type(e).__name__}: {str(e)[:200]}"))
+        for row in rows:
+            yield i, row, None
+            i += 1
+
+
 def read_rows(path: str, storage_options: dict[str, Any] | None = None
               ) -> Iterator[tuple[int, Any]]:
-    """(row number, row) of a file; a JSONL line that does not parse comes as a
-    :class:`RowError` in place of the row. Raises ``OSError``/``ValueError`` when the
+    """(row number, row) of a file: :func:`read_located` without the places."""
+    for i, row, _ in read_located(path, storage_options):
+        yield i, row
+
+
+def read_located(path: str, storage_options: dict[str, Any] | None = None) -> Located:
+    """(row number, row, where) of a file (where: ``"line 6"`` of JSON Lines,
+    ``"element 3 (line 5)"`` of an array read element by element, else None). A row that
+    cannot be read (a JSON Lines line or an array element that is not UTF-8 or not JSON,
+    a Parquet value Python cannot hold) comes as a :class:`RowError` in place of the
+    row. Raises (``OSError``, ``ValueError``, a decompressor's or Arrow's error) when the
     file cannot be read at all."""
     import fsspec
 
     kind = _kind(path)
     so = storage_options or {}
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
         with fsspec.open(path, "rb", **so) as f:
-            pf = pq.ParquetFile(f)
-            i = 0
-            for batch in pf.iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    yield i, row
-                    i += 1
+            yield from _parquet_rows(f)
         return
-    with fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer", **so) as f:
+    from fsspec.utils import infer_compression
+
+    ext = next((c for c in _COMPRESSED if path.split("?")[0].lower().endswith(c)), None)
+    if ext and infer_compression(path.split("?")[0]) is None:
+        raise ValueError(f"cannot decompress {ext} here (its Python package is missing)")
+    with fsspec.open(path, "rb", compression="infer", **so) as f:
         if kind == "json":
-            text = f.read()
-            try:
-                doc = json.loads(text)
-            except json.JSONDecodeError as e:
-                if e.msg != "Extra data":  # not JSON Lines either
-                    raise ValueError(f"not JSON: {e}") from None
-                lines = text.splitlines()
-            else:
-                rows = doc if isinstance(doc, list) else [doc]
-                yield from enumerate(rows)
-                return
-        else:
-            lines = f  # type: ignore[assignment]
-        i = 0
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, RowError("malformed", f"line {line_no}: invalid JSON: {e}")
-            i += 1
+            data = f.read()
+            _not_utf8(data[:4])
+            yield from _json_doc_rows(data)
+            return
+        yield from _jsonl_rows(f)
 
 
 def _hf_rows(cfg: SftImportConfig) -> Iterator[tuple[int, Any]]:
@@ -216,6 +366,11 @@ def _hf_rows(cfg: SftImportConfig) -> Iterator[tuple[int, Any]]:
 
 
 # -- planning ------------------------------------------------------------------------
+
+def _printable(s: str) -> str:
+    """``s`` storable as UTF-8: lone surrogates (a non-UTF-8 file name) escaped."""
+    return s if s.isascii() else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 def _content_hash(system: str | None, turns: list[dict[str, str]]) -> str:
     key = json.dumps([system, [[t["role"], t["text"]] for t in turns]], ensure_ascii=False)
@@ -271,40 +426,48 @@ class SftImport(Stage):
     def _plan_file(self, name: str, it: Iterator[tuple[int, Any]] | None,
                    budget: int | None, seen: dict[str, str]) -> list[dict[str, Any]]:
         c = self.config
+        label = _printable(name)  # a file name that is not UTF-8 is still stored
 
         def plan_row(i: int, **kw: Any) -> dict[str, Any]:
-            return {"id": dialogue_id("sft_import", name, str(i)), "source_url": name,
+            if kw.get("_detail"):
+                kw["_detail"] = _printable(kw["_detail"][:2000])
+            return {"id": dialogue_id("sft_import", label, str(i)), "source_url": label,
                     "_row": i, "_format": None, "_dialogue": None, "_reason": None,
                     "_detail": None, "_dup_of": None, **kw}
 
-        raw: list[tuple[int, Any]] = []
+        raw: list[tuple[int, Any, str | None]] = []
+        rows = (((i, r, None) for i, r in it) if it is not None
+                else read_located(name, c.storage_options))
         try:
-            for i, r in it if it is not None else read_rows(name, c.storage_options):
+            for i, r, where in rows:
                 if budget is not None and len(raw) >= budget:
                     break
-                raw.append((i, r))
-        except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as e:
+                raw.append((i, r, where))
+        except Exception as e:  # a decompressor's, Arrow's, fsspec's errors are many
+            if is_fatal(e):
+                raise
             # the file as a whole is bad: one reject stands for it (and its rows read)
             return [plan_row(-1, _reason="unreadable",
-                             _detail=f"{name}: {type(e).__name__}: {e}"[:2000])]
+                             _detail=f"{label}: {type(e).__name__}: {e}")]
         fmt = c.format
         if fmt == "auto":
-            fmt = next((f for f in (detect(r) for _, r in raw[:_DETECT_ROWS]
+            fmt = next((f for f in (detect(r) for _, r, _ in raw[:_DETECT_ROWS]
                                     if not isinstance(r, RowError)) if f), None)
         out = []
-        for i, r in raw:
+        for i, r, where in raw:
+            if isinstance(r, RowError):  # a line / element / value that cannot be read
+                out.append(plan_row(i, _format=fmt, _reason=r.reason, _detail=r.detail))
+                continue
             if fmt is None:
                 out.append(plan_row(i, _reason="unknown_format", _detail=(
-                    f"none of the first {_DETECT_ROWS} rows of {name} is ShareGPT, OpenAI "
+                    f"none of the first {_DETECT_ROWS} rows of {label} is ShareGPT, OpenAI "
                     "messages, Alpaca or UltraChat")))
-                continue
-            if isinstance(r, RowError):
-                out.append(plan_row(i, _format=fmt, _reason=r.reason, _detail=r.detail))
                 continue
             try:
                 d = to_dialogue(r, fmt)
-            except RowError as e:
-                out.append(plan_row(i, _format=fmt, _reason=e.reason, _detail=e.detail))
+            except RowError as e:  # (named by its line where the file has lines)
+                out.append(plan_row(i, _format=fmt, _reason=e.reason,
+                                    _detail=f"{where}: {e.detail}" if where else e.detail))
                 continue
             turns = _cut(d.turns, c.max_turns)
             pr = plan_row(i, _format=fmt, _dialogue=json.dumps(

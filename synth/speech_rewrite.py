@@ -24,6 +24,13 @@ text_qc`). Added columns: ``est_seconds``, ``sentences`` (the text split at sent
 boundaries, long sentences at clauses, for the TTS) and ``rewrite`` (JSON provenance:
 mode, rules version or model, prompt version hash, temperature, seed).
 
+In llm mode ``llm_error`` is a *transient* reject (``kind`` "transient": counted toward
+the error budget, retried by a rerun) when the service failed after the client's retries
+(connection refused, timeouts, 408/409/425/429/5xx), a data reject when the server
+answered 4xx or something that is not a chat completion; every other reason is a data
+reject. Details are redacted (:func:`speechmill.pipeline.redact.redact_text`) before
+they are cut short.
+
 In rules mode a turn whose language ``num2words`` does not know is rejected as
 ``unsupported_language``. A rejected turn leaves its dialogue incomplete; the stage
 that assembles dialogues rejects the whole dialogue then (siblings are not touched
@@ -43,6 +50,7 @@ from pydantic import Field
 
 from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.redact import redact_text
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageResult
 from speechmill.synth import speakable
 from speechmill.synth.llm import LLMConfig
@@ -117,6 +125,7 @@ class _Rewritten:
     reason: str = ""
     detail: str = ""
     usage: dict[str, Any] | None = field(default=None)  # llm mode
+    transient: bool = False  # the service failed, not the row (llm mode)
 
 
 # -- config --------------------------------------------------------------------------------
@@ -243,7 +252,9 @@ class SpeechRewrite(Stage):
             # what the LLM cost stays on the row (an output column, or the reject detail)
             tail = usage_tail(rw.usage) if rw.usage is not None else ""
             if rw.text is None:
-                rejects.append(reject(row, sid, rw.reason, rw.detail[:1700] + tail))
+                rejects.append(reject(row, sid, rw.reason,
+                                      redact_text(rw.detail, limit=1700) + tail,
+                                      transient=rw.transient))
                 continue
             got = self._finish(row, rw.text, rw.prov)
             if isinstance(got, tuple):
@@ -304,7 +315,8 @@ class SpeechRewrite(Stage):
             usage = dict(res.usage)
             if not res.ok:
                 out[row["id"]] = _Rewritten(None, prov, res.reason or "llm_error",
-                                            res.detail or "", usage)
+                                            res.detail or "", usage,
+                                            transient=res.transient)
                 continue
             text = res.parsed if isinstance(res.parsed, str) else (res.text or "")
             out[row["id"]] = _Rewritten(text, prov, usage=usage)

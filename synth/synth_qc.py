@@ -265,6 +265,8 @@ class QCResult:
     words: list[dict[str, Any]] | None = None
     transcript: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail)
+    #: a tts_error that is a failure of the service (see synth.tts.base.TTSError)
+    transient: bool = False
 
     @property
     def passed(self) -> bool:
@@ -430,8 +432,13 @@ class SynthQC:
                      voice_source)
 
 
-def tts_error_result(message: str) -> QCResult:
-    return QCResult(failures=[("tts_error", message[:500])])
+def tts_error_result(message: str, transient: bool = False) -> QCResult:
+    """A failed synthesis as an attempt's verdict (``transient``: the service failed);
+    the message is redacted whole, then cut short."""
+    from speechmill.pipeline.redact import redact_text
+
+    return QCResult(failures=[("tts_error", redact_text(message, limit=500))],
+                    transient=transient)
 
 
 def qc_struct(scores: dict[str, float | None] | None) -> dict[str, float | None]:

@@ -8,6 +8,12 @@ dialogue scoring under ``min_coherence`` or ``min_naturalness`` is rejected as
 ``qc_judge``; a dialogue the judge could not score is rejected with the client's reason
 (``llm_error``, ``llm_invalid_output``, ``llm_refusal``). The scores, the model and the
 prompt version are kept in the turn rows' ``judge`` column (JSON).
+
+A judge that could not be reached (connection refused, timeouts, 429/5xx after the
+client's retries: :attr:`ChatResult.transient <speechmill.synth.llm.ChatResult>`) says
+nothing about the dialogue: :func:`judge_transient` is True and the stage rejects it as
+a transient ``llm_error`` (retried by a rerun). ``qc_judge`` and the judge's invalid
+answers or refusals are data rejects.
 """
 
 from __future__ import annotations
@@ -87,6 +93,12 @@ def judge_verdict(res: ChatResult, cfg: JudgeConfig
     if low:
         return record, "qc_judge", "; ".join(low) + (f" ({s.reason})" if s.reason else "")
     return record, None, ""
+
+
+def judge_transient(res: ChatResult) -> bool:
+    """Whether a judge answer that is no verdict is a failure of the service (transient
+    reject) rather than of the dialogue."""
+    return not res.ok and bool(getattr(res, "transient", False))
 
 
 def judge_column(record: dict[str, Any] | None) -> str | None:

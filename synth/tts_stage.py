@@ -25,6 +25,14 @@ kept when it passes, else the turn is rejected with the best attempt's reason
 ``unsupported_language``; a user turn whose voice has no clip the backend accepts is
 ``tts_error``.
 
+Transient and data rejects: a turn none of whose attempts made audio because the TTS
+service failed after its retries (server down or refusing connections, timeouts,
+408/425/429/5xx: a transient :class:`~speechmill.synth.tts.base.TTSError`) is rejected
+as ``tts_error`` with ``kind`` "transient" (counted toward the error budget, retried by a
+rerun). Every other reject is data: ``qc_*`` (audio was made and judged), ``tts_error``
+for empty text, an unusable prompt, other 4xx answers, undecodable audio or a model
+failing on the text, and ``unsupported_language``.
+
 Kept clips are written to ``RUN_DIR/media/<stage id>/<dialogue_id>/<turn id>.<flac|wav>``
 (a temporary file renamed into place: a killed run never leaves half a clip, and a resume
 overwrites the same name, so there is never a duplicate clip). Output row = the turn's
@@ -361,10 +369,16 @@ class TTS(Stage):
                     st = todo[i]
                     seed = st["seed"] + attempt
                     if isinstance(res, TTSError):
-                        st["attempts"].append((tts_error_result(str(res)), None, seed))
+                        st["attempts"].append((tts_error_result(
+                            str(res), getattr(res, "transient", False)), None, seed))
                         continue
                     h = hashlib.sha256(np.ascontiguousarray(res.audio).tobytes()).hexdigest()
-                    qc = self._measure(rows[i], tts, res, st["emb"], st["preset_key"])
+                    try:
+                        qc = self._measure(rows[i], tts, res, st["emb"], st["preset_key"])
+                    except TTSError as e:  # the preset's reference clip could not be made
+                        st["attempts"].append((tts_error_result(
+                            str(e), getattr(e, "transient", False)), None, seed))
+                        continue
                     st["attempts"].append((qc, res, seed))
                     if qc.passed or h in st["audio_hashes"]:
                         st["done"] = True  # passed, or the backend repeats itself
@@ -379,7 +393,11 @@ class TTS(Stage):
                 heard = f'; heard "{qc.transcript[:200]}"' if qc.transcript is not None else ""
                 detail = (f"{qc.detail()} (best of {n} attempt{'s' * (n > 1)}"
                           + (f"; {scores}" if scores else "") + heard + ")")
-                rejects.append(self.reject_row(row, qc.reason or "tts_error", detail))
+                # no attempt made audio, and the service failed: not the turn's fault
+                transient = all(a[1] is None for a in st["attempts"]) and any(
+                    a[0].transient for a in st["attempts"])
+                rejects.append(self.reject_row(row, qc.reason or "tts_error", detail,
+                                               transient=transient))
                 continue
             try:
                 outputs.append(self._kept(row, st, qc, syn, seed, n))
@@ -388,13 +406,13 @@ class TTS(Stage):
         return StageResult(self._table(outputs), rejects_table(rejects))
 
     def _write(self, row: dict[str, Any], audio: np.ndarray, sr: int) -> Path:
-        from speechmill.manifests.nemo import clip_stem
         from speechmill.pipeline.audio_write import write_audio
+        from speechmill.pipeline.safe_names import safe_name
 
-        d = self.media / clip_stem(row.get("dialogue_id") or "turns")
+        d = self.media / safe_name(row.get("dialogue_id") or "turns")
         d.mkdir(parents=True, exist_ok=True)
         ext = self.config.audio_format
-        path = d / f"{clip_stem(row['id'])}.{ext}"
+        path = d / safe_name(str(row["id"]), suffix=f".{ext}")
         tmp = d / f".{path.name}.{os.getpid()}.tmp"
         write_audio(tmp, audio, sr, format=ext.upper(), subtype="PCM_16")  # ENOSPC stays fatal
         os.replace(tmp, path)

@@ -14,7 +14,13 @@ Every request is logged (path, 1-based hit number for that path, headers, monoto
 time) before its handler runs, so tests can assert retry counts, Range headers and start
 rates; ``Req.track()`` counts requests in flight per path (``max_in_flight``). Handler
 threads are daemons and every sleep is cut short by ``stop()``, so a stalled response
-never holds up test teardown.
+never holds up test teardown. GET and POST go through the same routes (a POST's body is
+``Req.body``).
+
+Key-leak faults: :func:`leaky_body` is a long error text (> 2000 characters) with a
+secret in the middle and straddling the usual truncation points (300, 500, 1000, 1700
+characters), and :func:`echo_auth_route` answers with it, built from the request's own
+``Authorization`` header, as a careless server that echoes what it was sent.
 """
 
 from __future__ import annotations
@@ -48,8 +54,10 @@ class Hit:
 class Req:
     """One request as a handler sees it, with helpers to answer (or misbehave)."""
 
-    def __init__(self, h: _Handler, server: FaultServer, hit: Hit, query: str) -> None:
+    def __init__(self, h: _Handler, server: FaultServer, hit: Hit, query: str,
+                 body: bytes = b"") -> None:
         self.h = h
+        self.body = body
         self.server = server
         self.hit = hit
         self.path = hit.path
@@ -138,6 +146,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.fault._dispatch(self)
+
+    def do_POST(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        self.server.fault._dispatch(self, self.rfile.read(n) if n else b"")
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -240,14 +252,14 @@ class FaultServer:
         with self._lock:
             self._in_flight[path] -= 1
 
-    def _dispatch(self, h: _Handler) -> None:
+    def _dispatch(self, h: _Handler, body: bytes = b"") -> None:
         parts = urlsplit(h.path)
         path = parts.path or "/"
         with self._lock:
             n = self._counts[path] = self._counts.get(path, 0) + 1
             hit = Hit(path, n, h.command, dict(h.headers.items()), time.monotonic())
             self._log.append(hit)
-        req = Req(h, self, hit, parts.query)
+        req = Req(h, self, hit, parts.query, body)
         handler = self.routes.get(path)
         try:
             if handler is None:
@@ -423,3 +435,75 @@ def default_routes(audio: bytes) -> dict[str, Handler]:
                                                   "/audio.wav"),
         "/to-metadata": redirect_route("http://169.254.169.254/latest/meta-data/"),
     }
+
+
+# --------------------------------------------------------------------------------------
+# key leaks
+
+#: where clients cut error texts short (characters): a secret straddling each must not
+#: leave its first part behind
+TRUNCATION_POINTS = (300, 500, 1000, 1700)
+
+
+def leaky_body(secret: str, size: int = 2600,
+               around: tuple[int, ...] = TRUNCATION_POINTS) -> str:
+    """A long error text (``size`` characters or more) holding ``secret`` in the middle
+    (as an ``Authorization: Bearer`` header line) and, bare, across each of ``around``
+    (half of it before the point, half after)."""
+    bare = secret.split(" ", 1)[1] if secret.lower().startswith("bearer ") else secret
+    filler = ("the server could not process the request because something went wrong "
+              "while it was handled; ")
+    text = list((filler * (size // len(filler) + 2))[:size])
+    mid = size // 2
+    marks = [(p - len(bare) // 2, bare) for p in around if p + len(bare) < size]
+    marks.append((mid, f"Authorization: Bearer {bare}"))
+    for pos, piece in sorted(marks):
+        text[pos:pos + len(piece)] = piece
+    return "".join(text)
+
+
+def secret_pieces(secret: str, n: int = 8) -> list[str]:
+    """Every ``n``-character piece of ``secret``."""
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+def find_pieces(secret: str, *texts: str | bytes, n: int = 8) -> list[str]:
+    """The ``n``-character pieces of ``secret`` found in ``texts``."""
+    out = []
+    for piece in secret_pieces(secret, n):
+        b = piece.encode()
+        for t in texts:
+            if (b in t) if isinstance(t, bytes) else (piece in t):
+                out.append(piece)
+                break
+    return out
+
+
+def leaked_files(root: Any, secret: str, n: int = 8) -> dict[str, list[str]]:
+    """Files under ``root`` holding an ``n``-character piece of ``secret``."""
+    from pathlib import Path
+
+    out = {}
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            got = find_pieces(secret, p.read_bytes(), n=n)
+            if got:
+                out[str(p)] = got
+    return out
+
+
+def echo_auth_route(status: int, size: int = 2600, json_error: bool = True,
+                    headers: dict[str, Any] | None = None) -> Handler:
+    """Answers ``status`` with :func:`leaky_body` of the request's ``Authorization``
+    header (or ``X-Api-Key``), as JSON ``{"error": {"message": ...}}`` or plain text."""
+    import json
+
+    def h(req: Req) -> None:
+        auth = req.header("Authorization") or req.header("X-Api-Key") or "none"
+        text = leaky_body(auth, size)
+        if json_error:
+            body = json.dumps({"error": {"message": text, "type": "server_error"}}).encode()
+            req.send(status, body, headers, content_type="application/json")
+        else:
+            req.send(status, text.encode(), headers, content_type="text/plain")
+    return h

@@ -7,6 +7,14 @@ same voice and joins them with pauses; a backend implements only ``load`` and
 ``_synthesize_chunk``. Per-call failures (unreadable prompt, server error after retries,
 model error) raise :class:`TTSError`, which a stage turns into a ``tts_error`` reject;
 misconfiguration (missing model, bad key) raises at load time.
+
+A :class:`TTSError` carries ``transient``: True when a service failed after its retries
+(a TTS server that refuses connections or times out, HTTP 408/425/429/5xx beyond the
+retry budget): the ``tts`` stage's reject is then transient (counted toward the error
+budget, retried by a rerun). False for what the input earns: empty text, an unreadable
+prompt, other 4xx answers, audio that cannot be decoded, a model failing on the text.
+Messages are redacted (:func:`speechmill.pipeline.redact.redact_text`) before they are
+cut short.
 """
 
 from __future__ import annotations
@@ -30,7 +38,20 @@ VoiceSource = Literal["clone", "preset", "voice_match"]
 
 
 class TTSError(RuntimeError):
-    """One synthesis failed (bad prompt, server error after retries, model error)."""
+    """One synthesis failed (bad prompt, server error after retries, model error).
+    ``transient``: the service failed (connection, timeout, 408/425/429/5xx after the
+    retries), not the input."""
+
+    def __init__(self, message: str = "", *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_tts_error, (str(self), self.transient))
+
+
+def _tts_error(message: str, transient: bool) -> TTSError:
+    return TTSError(message, transient=transient)
 
 
 @dataclass(frozen=True)
@@ -176,8 +197,12 @@ class TTSBackend:
             except TTSError:
                 raise
             except Exception as e:  # a model failing on one input rejects that input only
+                from speechmill.pipeline.redact import redact_text
+
                 raise TTSError(f"backend {self.name!r} failed: {type(e).__name__}: "
-                               f"{str(e)[:300]}") from e
+                               f"{redact_text(str(e), limit=300)}",
+                               transient=isinstance(e, ConnectionError | TimeoutError)
+                               ) from e
             x = x.reshape(-1)
             if x.shape[0] == 0 or not np.all(np.isfinite(x)):
                 raise TTSError(f"backend {self.name!r} returned no usable audio for chunk "

@@ -4,6 +4,13 @@ variable that never reach a log, an error message or a result.
 
 Retried: connection errors, timeouts, 408/425/429 and 5xx answers. Other 4xx answers are
 permanent (the request is wrong: retrying cannot help) and fail at once.
+
+Classification of the :class:`TTSError` raised (``transient``): a server that keeps
+refusing connections, timing out, breaking off its answer or answering 408/425/429/5xx
+after the retries is a failure of the service (``transient=True``: the stage's reject is
+retried by a rerun); other 4xx answers and malformed requests are data (``False``).
+The key (and the URL's credentials) are registered with :mod:`speechmill.pipeline.redact`
+and every message is redacted whole before a server's answer is cut short.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 from typing import Any
 
 from speechmill.pipeline.errors import ConfigError
+from speechmill.pipeline.redact import redact_text, register_secret, register_secrets
 from speechmill.synth.tts.base import TTSError
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,8 @@ class HttpClient:
                  max_concurrency: int = 4) -> None:
         self.base_url = base_url.rstrip("/")
         self._key = key
+        register_secret(key)
+        register_secrets(self.base_url)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -94,8 +104,9 @@ class HttpClient:
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
 
-    def redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """``text`` without the key or any registered secret, then cut to ``limit``."""
+        return redact_text(text, [self._key] if self._key else [], limit=limit)
 
     def post(self, path: str, **kw: Any) -> Any:
         """POST with retries; the ``requests.Response`` of a 2xx answer, else
@@ -104,13 +115,14 @@ class HttpClient:
         import requests
 
         url = self.url(path)
+        shown = self.redact(url)
         last = ""
         retry_after: float | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
                 log.info("tts http: retry %d/%d of %s in %.1fs (%s)", attempt,
-                         self.max_retries, url, delay, last)
+                         self.max_retries, shown, delay, last)
                 if self._stop.wait(delay):
                     break
             retry_after = None
@@ -118,20 +130,23 @@ class HttpClient:
                 try:
                     r = self._session().post(url, timeout=(min(10.0, self.timeout_s),
                                                            self.timeout_s), **kw)
-                except (requests.ConnectionError, requests.Timeout) as e:
+                except (requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError) as e:
                     last = f"{type(e).__name__}"
                     continue
                 except requests.RequestException as e:
-                    raise TTSError(self.redact(f"POST {url}: {type(e).__name__}: {e}")) \
-                        from None
+                    raise TTSError(self.redact(f"POST {shown}: {type(e).__name__}: {e}",
+                                               500)) from None
             if 200 <= r.status_code < 300:
                 return r
-            body = self.redact(r.text[:300] if r.content else "")
+            body = self.redact(r.text if r.content else "", 300)
             last = f"HTTP {r.status_code}"
             if r.status_code not in RETRY_STATUS:
-                raise TTSError(f"POST {url}: HTTP {r.status_code}: {body}")
+                raise TTSError(f"POST {shown}: HTTP {r.status_code}: {body}")
+            last = f"HTTP {r.status_code}: {body[:200]}"
             retry_after = retry_after_seconds(r.headers.get("Retry-After"))
-        raise TTSError(f"POST {url}: gave up after {self.max_retries + 1} attempts ({last})")
+        raise TTSError(f"POST {shown}: gave up after {self.max_retries + 1} attempts ({last})",
+                       transient=True)
 
     def close(self) -> None:
         self._stop.set()

@@ -7,6 +7,11 @@ Every request carries the prompt audio and its text (field names configurable wi
 FLAC / MP3, or raw 16-bit PCM at ``sample_rate``. Requests run concurrently up to
 ``max_concurrency`` in ``synthesize_batch``, with retries and timeouts (see
 :mod:`speechmill.synth.tts.http`).
+
+Failures: a server that stays unreachable, times out or answers 408/425/429/5xx after
+the retries raises a transient :class:`TTSError` (the ``tts`` stage's reject is retried by
+a rerun); other 4xx answers, an upload answer without the expected name, unreadable
+prompts and responses that do not decode as audio are data (``transient=False``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from speechmill.pipeline.safe_names import safe_name
 from speechmill.synth.tts.audio import decode_audio, load_prompt, resample, wav_bytes
 from speechmill.synth.tts.base import (
     Synthesis,
@@ -209,8 +215,7 @@ class MultipartBackend(HttpBackend):
         spec = self.spec
 
         def make() -> str:
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", voice.voice_id)[:60] or "voice"
-            fname = f"{safe}.wav"
+            fname = safe_name(voice.voice_id, strict=True, max_bytes=80, suffix=".wav")
             assert spec.upload_path
             r = self.client.post(spec.upload_path, files={
                 spec.upload_field: (fname, self._prompt_wav(voice), "audio/wav")})
@@ -242,8 +247,9 @@ class MultipartBackend(HttpBackend):
                 if spec.upload_path:
                     form[field] = self._upload(voice)
                 else:
-                    files[field] = (f"{voice.voice_id}.wav", self._prompt_wav(voice),
-                                    "audio/wav")
+                    files[field] = (safe_name(voice.voice_id, strict=True, max_bytes=80,
+                                              suffix=".wav"),
+                                    self._prompt_wav(voice), "audio/wav")
         self._common(form, seed, language)
         form.update(spec.extra_fields)
         if spec.body == "json":

@@ -5,6 +5,12 @@ from ``$OPENAI_API_KEY`` or the variable ``api_key_env`` names, ``base_url`` poi
 server speaking the same API. Retries (honouring ``Retry-After``) and timeouts are the
 ``openai`` client's, set from ``max_retries``/``timeout_s``. Voice prompts are ignored
 (preset voices), unless ``voice_match`` is configured.
+
+A failure after those retries is a :class:`TTSError` with ``transient=True`` when the
+service failed (connection errors, timeouts, HTTP 408/409/425/429/5xx): the stage's
+reject is retried by a rerun; other 4xx answers and answers that are not audio are data
+(``transient=False``). The key is registered with :mod:`speechmill.pipeline.redact`;
+error messages are redacted whole before they are cut short.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from speechmill.pipeline.redact import redact_text, register_secret, register_secrets
 from speechmill.synth.tts.audio import decode_audio, resample
 from speechmill.synth.tts.base import (
     Synthesis,
@@ -29,6 +36,8 @@ from speechmill.synth.tts.http import api_key
 DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 SAMPLE_RATE = 24000  # the API's wav output
+#: statuses that mean the service (not the request) failed
+TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
 
 class OpenAIBackend(TTSBackend):
@@ -42,6 +51,9 @@ class OpenAIBackend(TTSBackend):
         spec = self.spec
         key = api_key(spec.api_key_env or "OPENAI_API_KEY", required=spec.base_url is None,
                       what="backend 'openai'")
+        register_secret(key)
+        register_secrets(spec.base_url or "")
+        self._key = key
         self.client = openai.OpenAI(api_key=key or "none", base_url=spec.base_url,
                                     timeout=spec.timeout_s, max_retries=spec.max_retries)
         self.model = spec.model or DEFAULT_MODEL
@@ -51,6 +63,7 @@ class OpenAIBackend(TTSBackend):
 
     def _synthesize_chunk(self, text: str, voice: VoicePrompt | None, seed: int | None,
                           language: str | None) -> np.ndarray:
+        import httpx
         import openai
 
         kw: dict[str, Any] = {"model": self.model, "voice": self.voice, "input": text,
@@ -63,10 +76,17 @@ class OpenAIBackend(TTSBackend):
             resp = self.client.audio.speech.create(**kw)
             data = resp.read()
         except openai.APIStatusError as e:
-            raise TTSError(f"openai speech: HTTP {e.status_code}: {str(e.message)[:200]}") \
-                from None
+            st = e.status_code
+            msg = redact_text(str(e.message), [self._key] if self._key else [], limit=200)
+            raise TTSError(f"openai speech: HTTP {st}: {msg}",
+                           transient=st >= 500 or st in TRANSIENT_STATUS) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise TTSError(f"openai speech: {type(e).__name__} (after the client's "
+                           f"{self.spec.max_retries} retries)", transient=True) from None
         except openai.APIError as e:
             raise TTSError(f"openai speech: {type(e).__name__}") from None
+        except httpx.TransportError as e:  # the answer broke off while it was read
+            raise TTSError(f"openai speech: {type(e).__name__}", transient=True) from None
         x, sr = decode_audio(data, "wav")
         return resample(x, sr, self.sample_rate)
 

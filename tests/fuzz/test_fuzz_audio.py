@@ -56,6 +56,10 @@ BAD_AUDIO = {"not_audio", "no_audio_stream", "unsupported_codec", "zero_length",
 
 _WORKER = r"""
 import json, resource, sys, traceback
+
+def _peak_mb():  # this process's own peak (ru_maxrss keeps the parent's across exec)
+    with open("/proc/self/status") as f:
+        return [int(x.split()[1]) for x in f if x.startswith("VmHWM:")][0] / 1024
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 import numpy as np
 from speechmill.pipeline.audio import AudioError, DecodeStats, decode, load_audio, probe
@@ -112,7 +116,7 @@ for line in sys.stdin:
         res["seek"], x = outcome(lambda: load_audio(p, offset=a, duration=d)[0])
         if x is not None and req.get("save_seek"):
             np.save(req["save_seek"], x)
-    res["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["maxrss_mb"] = _peak_mb()
     print(json.dumps(res), flush=True)
 """
 

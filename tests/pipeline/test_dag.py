@@ -60,6 +60,15 @@ def test_good_dag_plans_in_dependency_order(tmp_path: Path) -> None:
         (lambda t: t.replace("name: t", "name: t\nbogus: 1"), ["'bogus'", "unknown key"]),
         (lambda t: t.replace("    with: {inputs", "    batch_size: 0\n    with: {inputs"),
          ["stage 'ingest'", "batch_size"]),
+        # a stage id names its directories (stages/<id>/): `$` let "std\n" through
+        (lambda t: t.replace("id: std", 'id: "std\\n"'),
+         ["stage 'std\\n'", "key 'id'", "control character"]),
+        (lambda t: t.replace("id: std", "id: ../std"), ["stage '../std'", "key 'id'"]),
+        (lambda t: t.replace("    with: {inputs", "    resources: {gpus: -1}\n    with: {inputs"),
+         ["stage 'ingest'", "key 'resources.gpus'", "finite number >= 0"]),
+        (lambda t: t.replace("    with: {inputs", "    resources: {cpus: .inf}\n    with: {inputs"),
+         ["stage 'ingest'", "key 'resources.cpus'", "finite number >= 0"]),
+        (lambda t: t.replace("name: t", "name: t\nbad: [unclosed"), ["not valid YAML", "line"]),
     ],
 )
 def test_broken_dags_name_stage_and_key(tmp_path: Path, mutate, needle: list[str]) -> None:
@@ -69,6 +78,7 @@ def test_broken_dags_name_stage_and_key(tmp_path: Path, mutate, needle: list[str
     msg = str(e.value)
     for n in needle:
         assert n in msg, msg
+    assert "\n" not in msg, msg  # one problem: one line
 
 
 def test_cycle_between_three_stages(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ committed batch is kept, and a rerun after the fix completes with nothing duplic
 The full disks are real: tmpfs filesystems (mounted by the test, which needs root; it
 skips otherwise) filled to their last block, one under the stage's directory in the run
 store and one under its media directory, so the writes fail in the kernel with
-``ENOSPC`` the way they do on a full volume. A run directory that fills up in the middle
-of a stage is a known engine defect (a strict ``xfail`` below says what happens).
+``ENOSPC`` the way they do on a full volume. A run directory whose filesystem fills up in the
+middle of a stage fails the run naming the stage, and run.json records it.
 """
 
 from __future__ import annotations
@@ -241,6 +241,12 @@ stages:
     def rejected() -> list[tuple[str, str]]:
         return sorted((r["id"], r["reason"]) for r in store.read_rejects("m").to_pylist())
 
+    # a first attempt makes run_dir a run directory (a run writes into no other
+    # non-empty folder) and m's directory; then m gets a disk of its own for each
+    write_faults(faults, {"m": {"setup": "not yet"}})
+    rc, text = cli(capsys, dag)
+    assert rc == 1 and "stage 'm': setup() failed: RuntimeError: not yet" in text, text
+    assert store.count_rows("m") == (0, 0)
     with small_disk(run_dir / "stages" / "m", "4m") as stage_disk, \
             small_disk(run_dir / "media" / "m", "8m") as media_disk:
         # an earlier attempt: committed batches, and `error` rejects to retry
@@ -286,12 +292,6 @@ stages:
         assert not list(run_dir.rglob("*.tmp"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine defect: when the run directory's filesystem fills up during a stage, the "
-    "stage's StageFailedError is replaced by the ENOSPC of the bookkeeping writes in "
-    "`finally` blocks (store.add_wall_seconds in fused.run_chain / runner._run_stage, "
-    "then store.write_run in runner.run), so the message does not name the stage and "
-    "run.json stays 'running'"))
 def test_run_dir_filling_up_during_a_stage(tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     """One filesystem for the whole run directory, with 16 KiB left when the stage
@@ -319,13 +319,11 @@ stages:
             rc, text = cli(capsys, dag)
             assert rc == 1 and "No space left on device" in text, text
             assert RunStore(run_dir).count_rows("m")[1] == 0  # no row rejected
-            # what the engine gets wrong (see the xfail reason)
-            last = text.strip().splitlines()[-1]
             info = run_json(run_dir)
             assert info["status"] == "failed", info
             assert "stage 'm'" in info["error"] and "No space left on device" in \
                 info["error"], info
-            assert "stage 'm'" in last, text
+            assert "run failed: stage 'm'" in text, text
     finally:  # the failed run's `finally` never restored them
         for s, h in handlers.items():
             signal.signal(s, h)

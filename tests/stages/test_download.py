@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from speechmill.pipeline import dag as dagmod
-from speechmill.pipeline.errors import ConfigError
+from speechmill.pipeline.errors import ConfigError, ErrorBudgetExceeded
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
 from tests.audio_factory import load_speech
@@ -194,11 +194,17 @@ def test_feed_crawl_faults_dedup_provenance_and_no_refetch(server: FaultServer,
     m = json.loads((run_dir / "stages/download/metrics.json").read_text())
     hosts = m["stage_summary"]["hosts"]
     assert hosts["127.0.0.1"]["files"] == 6 and hosts["127.0.0.1"]["failures"]["timeout"] == 1
-    # a second run of the same DAG makes zero requests
+    # the stall and the short body are the server's failures (transient rejects: a
+    # rerun retries them); every other verdict is the data's and final
+    kinds = {by_path(r["source_url"]): r["kind"] for r in rej}
+    assert {p for p, k in kinds.items() if k == "transient"} == {"/stall.mp3", "/short.mp3"}
+    assert set(kinds.values()) == {"data", "transient"}
+    # a second run of the same DAG fetches nothing but those two again
     before = len(server.log())
-    res = run(dagmod.loads(text), progress=False)
-    assert all(s["state"] == "done earlier" for s in res.stages)
-    assert len(server.log()) == before
+    run(dagmod.loads(text), progress=False)
+    again = [h.path for h in server.log()[before:]]
+    assert sorted(set(again)) == ["/short.mp3", "/stall.mp3"] and len(again) == 6
+    assert len(store.read_outputs("download").to_pylist()) == 6
 
 
 def test_ssrf_guard_on_by_default_and_host_lists(server: FaultServer, tmp_path: Path) -> None:
@@ -316,11 +322,15 @@ def test_drip_feeding_server_times_out(server: FaultServer, tmp_path: Path) -> N
     w = (f'      urls: ["{server.url("/drip.mp3")}"]\n'
          "      min_speed_bps: 1000\n      slow_window_s: 1.0")
     t0 = time.monotonic()
-    run(dagmod.loads(dag_text(tmp_path / "run", w).replace("max_retries: 2",
-                                                           "max_retries: 0")), progress=False)
+    # the server's failure (transient) on every row of the stage: the run fails
+    with pytest.raises(ErrorBudgetExceeded, match="timeout"):
+        run(dagmod.loads(dag_text(tmp_path / "run", w).replace("max_retries: 2",
+                                                               "max_retries: 0")),
+            progress=False)
     assert time.monotonic() - t0 < 8
     rej = RunStore(tmp_path / "run").read_rejects("download").to_pylist()
     assert [r["reason"] for r in rej] == ["timeout"] and "slower than" in rej[0]["detail"]
+    assert rej[0]["kind"] == "transient"
 
 
 def test_remote_url_list_cannot_name_local_files(server: FaultServer, tmp_path: Path) -> None:

@@ -100,3 +100,42 @@ def test_columns_relative_paths_and_a_file_gone_after_planning(tmp_path: Path) -
     rej = store.read_rejects("src").to_pylist()
     assert sorted(r["id"] for r in rej) == [f"r{i:04d}" for i in range(10, 15)]
     assert {r["reason"] for r in rej} == {"unreadable"}
+
+
+def test_hostile_rows_are_rejects_and_hostile_files_config_errors(tmp_path: Path) -> None:
+    """Issue 21: a null id, a value that does not convert, a string that is not UTF-8 cost
+    their row; a file that is not Parquet, an id of lists, files that disagree on a
+    column's type fail the plan naming the stage and the key."""
+    from speechmill.pipeline.errors import ConfigError
+
+    text = pa.array([b"ok", b"bad \xff", b"ok", b"ok", b"ok"], pa.binary()).view(pa.string())
+    a = tmp_path / "a.parquet"
+    pq.write_table(pa.table({
+        "id": ["r0", "r1", None, "r3", "r4"], "text": text,
+        "duration": ["1.5", "2", "3", "abc", "1e400"],
+    }), a, row_group_size=2)
+    res = run(load_dag(_dag(tmp_path, [str(a)])), progress=False)
+    assert res.status == "succeeded"
+    store = RunStore(tmp_path / "run")
+    out = store.read_outputs("src")
+    assert out.column("id").to_pylist() == ["r0"] and out.schema.field("duration").type == (
+        pa.float64())
+    rej = sorted((r["id"], r["reason"], r["detail"]) for r in store.read_rejects("src").to_pylist())
+    assert [(r[0], r[1]) for r in rej if r[0] in ("r1", "r3", "r4")] == [
+        ("r1", "malformed"), ("r3", "malformed"), ("r4", "malformed")]
+    missing = [r for r in rej if r[1] == "missing_id"]
+    assert len(missing) == 1 and "row 2: 'id' is null" in missing[0][2]
+
+    bad = tmp_path / "notes.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet PAR1")
+    lists = tmp_path / "lists.parquet"
+    pq.write_table(pa.table({"id": [[1], [2]]}), lists)
+    t1, t2 = tmp_path / "t1.parquet", tmp_path / "t2.parquet"
+    pq.write_table(pa.table({"id": ["x"], "tag": [1]}), t1)
+    pq.write_table(pa.table({"id": ["y"], "tag": ["one"]}), t2)
+    for k, (paths, says) in enumerate([
+            ([bad], "cannot be read as Parquet"), ([lists], "column 'id' is list"),
+            ([t1, t2], "column 'tag' is int64 in")]):
+        (tmp_path / "run").rename(tmp_path / f"run.{k}")
+        with pytest.raises(ConfigError, match=f"stage 'src'.*key 'paths'.*{says}"):
+            run(load_dag(_dag(tmp_path, [str(p) for p in paths])), progress=False)

@@ -29,6 +29,12 @@ in the first turn). A judge request (its prompt or schema mentions ``coherence``
 first N), makes a request wait until :meth:`FakeLLM.release` (for killing a client while
 requests are in flight); with ``drop_held`` set before the release, held requests are
 dropped unanswered (and unrecorded), as if the client had died first.
+
+``echo_auth=True`` makes the server careless about secrets: every error it answers (401
+for a wrong key, the scripted 4xx/5xx faults) has a long message (> 2000 characters,
+:func:`tests.http_faults.leaky_body`) echoing the request's ``Authorization`` header, in
+the middle and across the points where clients cut error texts short; the ``echo`` fault
+answers 200 with that text as the completion (an answer that is no dialogue).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.http_faults import leaky_body
 
 
 def _words(s: str) -> list[str]:
@@ -186,7 +194,7 @@ class FakeLLM:
                  retry_after_ms: str | None = None, timeout_s: float = 2.0,
                  json_schema: bool = True, json_object: bool = True,
                  api_key: str | None = None, batch_polls: int = 1,
-                 hold_after: int | None = None) -> None:
+                 hold_after: int | None = None, echo_auth: bool = False) -> None:
         self.answer = answer or default_answer
         self.latency_s = latency_s
         self.retry_after = retry_after
@@ -195,6 +203,7 @@ class FakeLLM:
         self.json_schema = json_schema
         self.json_object = json_object
         self.api_key = api_key
+        self.echo_auth = echo_auth
         self.batch_polls = batch_polls
         self.hold_after = hold_after
         self.drop_held = False
@@ -267,10 +276,16 @@ class FakeLLM:
             self.max_in_flight = 0
 
     # -- chat --------------------------------------------------------------------------------
-    def complete(self, body: dict[str, Any], batch: bool = False
+    def error_message(self, message: str, auth: str | None) -> str:
+        """``message``, or with ``echo_auth`` a long text echoing ``auth``."""
+        if self.echo_auth and auth:
+            return f"{message}: " + leaky_body(auth)
+        return message
+
+    def complete(self, body: dict[str, Any], batch: bool = False, auth: str | None = None
                  ) -> tuple[int, dict[str, Any], dict[str, str], float]:
         """(status, JSON answer, headers, seconds to wait before answering) of one chat
-        request; records it."""
+        request; records it. ``auth``: the request's Authorization header."""
         msgs = body.get("messages") or []
         users = [str(m.get("content", "")) for m in msgs if m.get("role") == "user"]
         first = users[0] if users else ""
@@ -298,7 +313,8 @@ class FakeLLM:
                     headers["Retry-After"] = self.retry_after
                 if self.retry_after_ms is not None:
                     headers["retry-after-ms"] = self.retry_after_ms
-            payload = _err(f"scripted fault {fault}", "server_error")
+            payload = _err(self.error_message(f"scripted fault {fault}", auth),
+                           "server_error")
         else:
             if fault == "timeout" and not batch:
                 wait = max(wait, self.timeout_s)
@@ -307,6 +323,9 @@ class FakeLLM:
                        "refusal": "I'm sorry, I cannot assist with that request."}
                 finish = "stop"
                 text = ""
+            elif fault == "echo":
+                text, finish = leaky_body(auth or "no authorization"), "stop"
+                msg = {"role": "assistant", "content": text}
             else:
                 text, finish = self.answer(body, fault)
                 msg = {"role": "assistant", "content": text}
@@ -443,7 +462,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return True
         with fake.lock:
             fake.auth_failures += 1
-        self._send(401, _err("bad key", "invalid_request_error"))
+        self._send(401, _err(fake.error_message(
+            "bad key", self.headers.get("Authorization")), "invalid_request_error"))
         return False
 
     def do_GET(self) -> None:
@@ -502,7 +522,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     if fake.drop_held:
                         self.close_connection = True
                         return
-                status, payload, headers, wait = fake.complete(req)
+                status, payload, headers, wait = fake.complete(
+                    req, auth=self.headers.get("Authorization"))
                 if wait and fake.stopping.wait(wait):
                     return
             finally:

@@ -90,9 +90,17 @@ def test_thousand_dialogues_with_faults(tmp_path: Path) -> None:
         # every transient fault was retried: 10 % of requests failed at least once
         assert first_requests > N + N // 10
 
+        # the persistent 500s are transient rejects (the service failed, not the row):
+        # a plain rerun asks again for those rows only, nothing answered is asked again
+        transient = [r for r in store.read_rejects("gen", ["id", "kind"]).to_pylist()
+                     if r["kind"] == "transient"]
+        assert len(transient) == expected["llm_error"]
         srv.reset()
-        assert run(d).status == "succeeded"
-        assert srv.chat_requests() == 0  # rerun: nothing to do, nothing sent
+        res = run(d)
+        assert res.status == "succeeded" and res.stages[0]["state"] == "incomplete"
+        assert srv.answered_keys() == Counter()
+        assert srv.chat_requests() == ATTEMPTS * expected["llm_error"]
+        srv.reset()
         res = run(d, restart="gen")  # the whole stage again: answered from the cache
         assert res.status == "succeeded"
         # ... except the requests that never got an answer (the persistent 500s: errors

@@ -21,12 +21,14 @@ from speechmill.pipeline.errors import ConfigError, SpeechmillError
 from speechmill.pipeline.store import RunStore
 from speechmill.synth.dialogue_generate import DialogueGenerate, DialogueGenerateConfig, plan_rows
 from speechmill.synth.llm import LLMConfig
+from tests.http_faults import find_pieces, leaked_files
 from tests.synth.fake_llm import FakeLLM, kill_run_while_held
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECHMILL = str(Path(sys.executable).with_name("speechmill"))
 KEY_ENV = "SPEECHMILL_TEST_LLM_KEY"
-KEY = "sk-test-Zq7XvK2mW9pL4nR8sT1uY6"  # distinctive: searched for in every file written
+# distinctive and long (48 characters): no 8-character piece of it may be written anywhere
+KEY = "sk-proj-Zq7XvK2mW9pL4nR8sT1uY6aB3cD5eF7gH9jK0mN2"
 
 
 def dag_dict(run_dir: Path, srv: FakeLLM, *, batch_size: int = 8, **with_: Any
@@ -54,11 +56,13 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
 
 
-def assert_key_nowhere(run_dir: Path, *texts: str) -> None:
-    hits = [p for p in run_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    assert not hits, f"the API key was written to {hits}"
-    for t in texts:
-        assert KEY not in t
+def assert_key_nowhere(run_dir: Path, *texts: str, key: str = KEY) -> None:
+    """No 8-character piece of ``key`` in any file under ``run_dir`` (rejects, run.json,
+    dag.yaml, metrics, caches) or in ``texts`` (console output, logs, messages)."""
+    hits = leaked_files(run_dir, key)
+    assert not hits, f"pieces of the API key were written to {hits}"
+    found = find_pieces(key, *texts)
+    assert not found, f"pieces of the API key were printed: {found}"
 
 
 def test_plan_from_files(tmp_path: Path) -> None:
@@ -113,7 +117,7 @@ def test_dialogues_rejects_and_summary(tmp_path: Path) -> None:
               "jazz [[fault:copy]]", "blues [[fault:copy]]", "taxes [[fault:refusal]]",
               "moving house [[fault:offschemax1]]", "birds [[fault:dull]]",
               "phones [[fault:pii]]", "chess [[fault:429x1,invalidx1]]"]
-    with FakeLLM(retry_after="0", api_key=KEY) as srv:
+    with FakeLLM(retry_after="0", api_key=KEY, echo_auth=True) as srv:
         d = dag_dict(tmp_path / "run", srv, topics=topics, count=10, min_turns=2,
                      max_turns=2, llm={"max_attempts": 2, "seed": 100},
                      qc={"pii": "reject"},
@@ -129,6 +133,13 @@ def test_dialogues_rejects_and_summary(tmp_path: Path) -> None:
     reasons = Counter(r["reason"] for r in rejects)
     assert reasons == {"llm_error": 1, "near_duplicate": 1, "llm_refusal": 1,
                        "qc_judge": 1, "qc_pii": 1}
+    # 500 after every retry: the service failed, not the topic (a rerun retries it)
+    assert {r["reason"]: r["kind"] for r in rejects} == {
+        "llm_error": "transient", "near_duplicate": "data", "llm_refusal": "data",
+        "qc_judge": "data", "qc_pii": "data"}
+    # the server echoed the key in a long 500 body: the detail keeps the error, not the key
+    err = next(r for r in rejects if r["reason"] == "llm_error")
+    assert "HTTP 500" in err["detail"] and "<red" in err["detail"]  # cut after redaction
     dialogues: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         dialogues.setdefault(r["dialogue_id"], []).append(r)
@@ -341,3 +352,100 @@ def test_status_shows_requests_and_cost(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("gen:") and "request" in x)
     assert f"{sent} request" in line and "$" in line, line
+
+
+def test_key_echoed_by_the_server_is_nowhere(tmp_path: Path, capfd: pytest.CaptureFixture,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A server that echoes the Authorization header in long (> 2000 characters) 500
+    bodies and in a 200 answer: no 8-character piece of the key reaches the rejects,
+    run.json, dag.yaml, any file of the run, the console or the logs."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    topics = ["broken [[fault:500]]", "echoing [[fault:echo]]", "fine topic"]
+    with FakeLLM(retry_after="0", api_key=KEY, echo_auth=True) as srv:
+        d = dag_dict(tmp_path / "run", srv, topics=topics, count=3, min_turns=1,
+                     max_turns=1, llm={"max_attempts": 2, "max_fix_attempts": 1})
+        res, out = run_dag(d)
+        echoed = [h for h in srv.chat if h.status == 500]
+    assert res.status == "succeeded" and echoed
+    rej = {r["reason"]: r for r in RunStore(tmp_path / "run").read_rejects("gen").to_pylist()}
+    assert set(rej) == {"llm_error", "llm_invalid_output"}
+    assert rej["llm_error"]["kind"] == "transient" and rej["llm_invalid_output"]["kind"] == "data"
+    assert "HTTP 500" in rej["llm_error"]["detail"]
+    assert "<redacted>" in rej["llm_invalid_output"]["detail"]
+    cap = capfd.readouterr()
+    assert_key_nowhere(tmp_path / "run", out, cap.out, cap.err, caplog.text)
+
+
+def test_key_echoed_in_a_401_stops_the_run_without_it(
+        tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """The endpoint refuses the key and echoes it in a long 401 body: the run stops with
+    the endpoint's answer in its error (run.json too), never a piece of the key."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with FakeLLM(api_key="another-key-entirely-0123456789", echo_auth=True) as srv:
+        d = dag_dict(tmp_path / "run", srv, topics=["tea"], count=2, min_turns=1,
+                     max_turns=1)
+        with pytest.raises(SpeechmillError, match="401") as ei:
+            run_dag(d)
+        assert srv.auth_failures >= 1
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    assert info["status"] == "failed" and "401" in info["error"]
+    cap = capfd.readouterr()
+    assert_key_nowhere(tmp_path / "run", str(ei.value), cap.out, cap.err, caplog.text)
+
+
+EXTRA_KEY = "sk-extra-Hq3Wn8Lp2Vc6Xz9Rt4Ym7Ku1Bf5Gd0Js8Ae6Np"
+
+
+def test_run_json_argv_redacts_secrets_inside_set_values(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--set 'gen.llm.extra_body={"api_key": ...}'`` (a mapping holding a secret key)
+    is in run.json's argv with the secret redacted, as in dag.yaml."""
+    from speechmill.pipeline.cli import main
+
+    with FakeLLM(api_key=KEY) as srv:
+        d = dag_dict(tmp_path / "run", srv, topics=["tea"], count=1, min_turns=1,
+                     max_turns=1)
+        dag_file = tmp_path / "dag.yaml"
+        dag_file.write_text(yaml.safe_dump(d))
+        argv = ["run", str(dag_file), "--no-progress",
+                "--set", f'gen.llm.extra_body={{"api_key": "{EXTRA_KEY}", "top_k": 5}}',
+                "--set=gen.seed=3"]
+        monkeypatch.setattr(sys, "argv", ["speechmill", *argv])
+        assert main(argv) == 0
+        sent = [h.body for h in srv.chat]
+    assert sent and sent[0]["api_key"] == EXTRA_KEY  # extra_body reached the server
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    setv = info["argv"][info["argv"].index("--set") + 1]
+    assert setv.startswith("gen.llm.extra_body=") and '"top_k": 5' in setv
+    assert "<redacted>" in setv
+    assert info["argv"][-1] == "--set=gen.seed=3"
+    assert_key_nowhere(tmp_path / "run", key=EXTRA_KEY)
+
+
+def test_safe_argv_forms() -> None:
+    from speechmill.pipeline.runner import _safe_argv
+
+    class _D:
+        secret_env = {"MY_TOKEN": "tok-1234567890abcdef"}
+
+    argv = ["speechmill", "run", "d.yaml",
+            "--set", f'gen.llm.extra_body={{"api_key": "{EXTRA_KEY}"}}',
+            f"--set=gen.llm.extra_body={{headers: {{Authorization: 'Bearer {EXTRA_KEY}'}}}}",
+            "--set", f"gen.llm.api_key={EXTRA_KEY}",
+            "--set", "gen.topics=[a, b]",
+            "--set", f"x.url=https://bob:{EXTRA_KEY}@example.org/a",
+            "--set", "gen.note=tok-1234567890abcdef"]
+    out = _safe_argv(_D(), argv)  # type: ignore[arg-type]
+    assert not find_pieces(EXTRA_KEY, *out), out
+    assert "tok-1234" not in " ".join(out)
+    assert out[4] == 'gen.llm.extra_body={"api_key": "<redacted>"}'
+    assert out[5] == '--set=gen.llm.extra_body={"headers": "<redacted>"}'
+    assert out[7] == "gen.llm.api_key=<redacted>"
+    assert out[9] == "gen.topics=[a, b]"  # nothing secret: verbatim
+    assert out[11] == "x.url=https://***@example.org/a"
+    assert out[13] == "gen.note=<redacted>"  # a secret env value

@@ -17,7 +17,12 @@ import pytest
 from speechmill.pipeline.errors import StageFailedError
 from speechmill.pipeline.store import RunStore
 from tests.synth.fake_llm import FakeLLM, _Handler, _Server
-from tests.synth.test_dialogue_generate import KEY, dag_dict, run_dag
+from tests.synth.test_dialogue_generate import KEY, KEY_ENV, dag_dict, run_dag
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
 
 
 def _free_port() -> int:
@@ -59,13 +64,14 @@ def test_endpoint_down_for_every_row_fails_the_run_and_a_rerun_makes_the_rows(
     with pytest.raises(StageFailedError) as ei:
         run_dag(d)
     msg = str(ei.value)
-    assert "stage 'gen'" in msg and "25 of 25 rows failed" in msg
-    assert "llm_error (transient)" in msg and "Connection" in msg  # the cause
+    assert "stage 'gen'" in msg and "every row failed" in msg  # stopped early, maybe
+    assert "llm_error (transient)" in msg and "connect" in msg.lower()  # the cause
     store = RunStore(tmp_path / "run")
     run = json.loads((tmp_path / "run/run.json").read_text())
     assert run["status"] == "failed" and "llm_error" in run["error"]
     rej = store.read_rejects("gen").to_pylist()
-    assert len(rej) == 25 and {r["kind"] for r in rej} == {"transient"}
+    assert len(rej) >= 20 and {r["kind"] for r in rej} == {"transient"}
+    assert f"{len(rej)} of {len(rej)} rows failed" in msg
     assert not store.is_done("gen")
 
     with _llm_on(port) as srv:  # the endpoint is back: a plain rerun makes every row
@@ -73,7 +79,7 @@ def test_endpoint_down_for_every_row_fails_the_run_and_a_rerun_makes_the_rows(
         sent = srv.chat_requests()
     assert res.status == "succeeded"
     assert sent == 25
-    assert "retrying 25 rows" in out
+    assert f"retrying {len(rej)} rows" in out
     assert store.read_rejects("gen").num_rows == 0
     dialogues = {r["dialogue_id"] for r in store.read_outputs("gen").to_pylist()}
     assert len(dialogues) == 25
@@ -140,15 +146,15 @@ def test_a_row_that_keeps_failing_is_final_after_transient_retries(tmp_path: Pat
 
 @pytest.mark.ray
 def test_endpoint_down_on_ray_fails_then_a_rerun_makes_the_rows(tmp_path: Path) -> None:
-    """The same on the Ray executor, through the CLI: exit 1 with the cause, then a plain
-    rerun once the endpoint answers makes every row."""
+    """The same on the Ray executor, through the CLI: its workers write the transient
+    rejects and its stats feed the budget (exit 1 with the cause). Which rows a rerun
+    retries is decided by the driver before any executor runs, the same code on both, so
+    the rerun (once the endpoint answers) runs on the local executor: one Ray start less."""
     import os
     import subprocess
     import sys
 
     import yaml
-
-    from tests.synth.test_dialogue_generate import KEY_ENV
 
     port = _free_port()
     topics = [f"subject number {i}" for i in range(20)]
@@ -168,7 +174,7 @@ def test_endpoint_down_on_ray_fails_then_a_rerun_makes_the_rows(tmp_path: Path) 
     store = RunStore(tmp_path / "run")
     assert {x["kind"] for x in store.read_rejects("gen").to_pylist()} == {"transient"}
     with _llm_on(port) as srv:
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+        r = subprocess.run([*cmd, "--executor", "local"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         assert srv.chat_requests() == 20

@@ -324,3 +324,66 @@ def test_llm_judge_scores_and_rejects(tmp_path: Path) -> None:
     assert any(b["messages"][1]["content"].endswith(
         "USER: Where is the station?\nASSISTANT: Two streets down, on the left.")
         for b in bodies)
+
+
+# -- hostile text (issue 21): a bad line, element or value costs its row, not the file ------
+
+_GOOD = [json.dumps({"data": [f"Question number {i}?", f"Answer number {i}."]}).encode()
+         for i in range(11)]
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    (b'{"data": ["Caf\xe9?", "Oui."]}', "line 6: not UTF-8 text (byte 0xe9 at column 15)"),
+    (b"[" * 100_000, "line 6: invalid JSON: nested too deeply"),
+    (b'{"data": ["Hi \\ud800", "Hello."]}', "line 6: data[0]: text is not valid Unicode"),
+    (b'{"data": ["Hi", "Hello."], "id": ' + b"7" * 5000 + b"}", "line 6: invalid JSON: "
+     "Exceeds the limit"),
+], ids=["not-utf8", "deep", "surrogate", "huge-number"])
+def test_one_hostile_jsonl_line_is_one_malformed_reject(tmp_path: Path, line: bytes,
+                                                        says: str) -> None:
+    f = tmp_path / "sft.jsonl"
+    f.write_bytes(b"\n".join([*_GOOD[:5], line, *_GOOD[6:]]) + b"\n")
+    plan, out, rej = _run(tmp_path, paths=[str(f)])
+    assert plan.num_rows == 11
+    assert len(_dialogues(out)) == 10
+    assert [r["reason"] for r in rej] == ["malformed"]
+    assert rej[0]["detail"].startswith(f"{f} row 5: ")
+    assert says in rej[0]["detail"], rej[0]["detail"]
+
+
+def test_json_array_with_bad_elements_keeps_the_others(tmp_path: Path) -> None:
+    elems = [*_GOOD[:3], b"[" * 50_000 + b"]" * 50_000, b'{"data": ["\xff", "x"]}',
+             b'{"data": ["a", "b",]}', b'{"data": ["\\udfff", "x"]}', *_GOOD[3:6]]
+    f = tmp_path / "sft.json"
+    f.write_bytes(b"[\n" + b",\n".join(elems) + b"\n]\n")
+    plan, out, rej = _run(tmp_path, paths=[str(f)])
+    assert plan.num_rows == 10 and len(_dialogues(out)) == 6
+    got = {int(r["detail"].split(" row ")[1].split(":")[0]): r for r in rej}
+    assert sorted(got) == [3, 4, 5, 6] and {r["reason"] for r in rej} == {"malformed"}
+    assert "element 3 (line 5): invalid JSON: nested too deeply" in got[3]["detail"]
+    assert "not valid Unicode" in got[4]["detail"] and "not valid Unicode" in got[6]["detail"]
+    # an array that never ends is still one unreadable file
+    g = tmp_path / "cut.json"
+    g.write_bytes(b"[\n" + b",\n".join(elems[:4]))
+    _, out, rej = _run(tmp_path, paths=[str(g)])
+    assert out == [] and [r["reason"] for r in rej] == ["unreadable"]
+
+
+def test_parquet_value_not_utf8_and_broken_containers(tmp_path: Path) -> None:
+    raw = [f"Question {i}?".encode() for i in range(4)]
+    raw[1] = b"Qu\xffestion?"
+    flat = [x for q in raw for x in (q, b"Answer.")]
+    data = pa.ListArray.from_arrays(pa.array([0, 2, 4, 6, 8], pa.int32()),
+                                    pa.array(flat, pa.binary()).view(pa.string()))
+    pq.write_table(pa.table({"data": data}), tmp_path / "u.parquet")
+    plan, out, rej = _run(tmp_path, paths=[str(tmp_path / "u.parquet")])
+    assert plan.num_rows == 4 and len(_dialogues(out)) == 3
+    assert [r["reason"] for r in rej] == ["malformed"] and " row 1: " in rej[0]["detail"]
+    # a container that is not one: one unreadable reject each, the run goes on
+    (tmp_path / "z.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    (tmp_path / "z.jsonl.xz").write_bytes(b"\xfd7zXZ\x00garbage")
+    (tmp_path / "w.json").write_bytes(b"\xff\xfe[\x00]\x00")
+    _, out, rej = _run(tmp_path, paths=[str(tmp_path / n) for n in
+                                        ("z.jsonl.gz", "z.jsonl.xz", "w.json")])
+    assert out == [] and [r["reason"] for r in rej] == ["unreadable"] * 3
+    assert "UTF-16" in rej[2]["detail"]

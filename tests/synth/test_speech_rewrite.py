@@ -22,6 +22,7 @@ from speechmill.synth.speech_rewrite import (
     prompt_version,
 )
 from speechmill.synth.turns import dialogue_id, turn_rows
+from tests.http_faults import find_pieces, leaked_files
 from tests.synth.fake_llm import FakeLLM
 
 
@@ -130,7 +131,7 @@ def test_config_errors_name_the_key() -> None:
 
 # -- llm mode ------------------------------------------------------------------------------
 
-SECRET = "sk-test-7f3a9c1e5b2d8046"
+SECRET = "sk-test-7f3a9c1e5b2d8046Qw9Er4Ty7Ui2Op5As8Df1Gh3"  # 48 characters
 
 
 def _answer(body: dict[str, Any], fault: str | None) -> tuple[str, str]:
@@ -213,8 +214,51 @@ def test_llm_mode_prompt_validation_retries_rejects_and_cache(
         assert srv.chat_requests() == 0
         assert {k: v["text"] for k, v in out2.items()} == {k: v["text"] for k, v in out.items()}
         assert set(rej2) == set(rej)
-    # the key never reaches the run directory
-    for f in tmp_path.rglob("*"):
-        if f.is_file():
-            assert SECRET.encode() not in f.read_bytes(), f
+    # no piece of the key reaches the run directory
+    assert not leaked_files(tmp_path, SECRET)
     assert os.environ["SM_TEST_KEY"] == SECRET
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_llm_mode_service_failures_are_transient_and_echoed_keys_never_leak(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """503 forever and a refused connection are transient rejects (a rerun retries
+    them); a 400 and an answer that never validates are data rejects. The server echoes
+    the key in long (> 2000 characters) error bodies and in an answer: no 8-character
+    piece of it is in the rejects, any file, the output or the logs."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("SM_TEST_KEY", SECRET)
+    rows = _rows("[[fault:503]] Is it down?", "It is.", "[[fault:400]] Bad request?",
+                 "[[fault:echo]] Say it again.")
+    with FakeLLM(_answer, api_key=SECRET, echo_auth=True, retry_after="0") as srv:
+        out, rej = _process(tmp_path, rows, **_llm(srv, max_attempts=2, max_fix_attempts=1))
+    assert set(out) == {rows[1]["id"]}
+    got = {rows.index(next(r for r in rows if r["id"] == k)): (v["reason"], v["kind"])
+           for k, v in rej.items()}
+    assert got == {0: ("llm_error", "transient"), 2: ("llm_error", "data"),
+                   3: ("llm_invalid_output", "data")}
+    assert "HTTP 503" in rej[rows[0]["id"]]["detail"]
+    assert "HTTP 400" in rej[rows[2]["id"]]["detail"]
+    # nothing listens on the port: every request is refused
+    refused = {"mode": "llm", "llm": LLMConfig(
+        base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m", api_key_env="SM_TEST_KEY",
+        max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02, timeout_s=5)}
+    out2, rej2 = _process(tmp_path / "refused", _rows("Hello?", key="r"), **refused)
+    assert not out2 and [(r["reason"], r["kind"]) for r in rej2.values()] == [
+        ("llm_error", "transient")]
+    assert "connection error" in next(iter(rej2.values()))["detail"]
+    cap = capfd.readouterr()
+    assert not leaked_files(tmp_path, SECRET)
+    texts = [json.dumps(list(rej.values()) + list(rej2.values())), cap.out, cap.err,
+             caplog.text]
+    assert not find_pieces(SECRET, *texts)

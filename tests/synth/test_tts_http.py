@@ -191,24 +191,65 @@ def test_batch_runs_concurrently_up_to_the_limit(prompt_path: Path) -> None:
         assert_derived(o.audio, prompt, t, o.sample_rate)
 
 
-def test_api_key_from_env_never_leaks(prompt_path: Path, monkeypatch, caplog) -> None:
-    key = "sk-test-SECRET-123456"
-    monkeypatch.setenv("FAKE_TTS_KEY", key)
+TTS_KEY = "sk-tts-Lk4Jh7Gf2Ds9Aq3Wz8Xc5Vb1Nm6Po0Iu4Yt7Re2We9"  # 48 characters
+
+
+def test_api_key_echoed_by_the_server_never_leaks(prompt_path: Path, monkeypatch,
+                                                  caplog, capfd) -> None:
+    """Servers that echo the Authorization header in long (> 2000 characters) 401, 500 and
+    503 bodies, the key in the middle and across the points where messages are cut: no
+    8-character piece of it in an error, a log line, the output or a version string.
+    500 forever is a transient failure, 401 a data one."""
+    from tests.http_faults import FaultServer, echo_auth_route, find_pieces
+    from tests.synth.fake_tts_servers import tone, wav
+
+    monkeypatch.setenv("FAKE_TTS_KEY", TTS_KEY)
     caplog.set_level(logging.DEBUG)
-    with FakeTTSServer(echo_auth_on_error=True) as srv:
-        srv.fail_first["/v1/audio/speech"] = (1, 503, "0")
-        tts = load_backend({"backend": "openai_compat", "base_url": srv.base_url,
-                            "api_key_env": "FAKE_TTS_KEY", "backoff_s": 0})
-        voice = VoicePrompt("v", str(prompt_path), "one", duration=0.5)
-        out = tts.synthesize("Fine.", voice)
-        assert srv.requests[0].headers["authorization"] == f"Bearer {key}"
-        tts2 = load_backend({"backend": "openai_compat", "base_url": srv.base_url,
-                             "api_key_env": "FAKE_TTS_KEY", "fields": {"ref_text": None}})
-        with pytest.raises(TTSError) as ei:  # the server echoes the key in its error
-            tts2.synthesize("Rejected.", voice)
-    assert "HTTP 400" in str(ei.value) and key not in str(ei.value)
-    assert "***" in str(ei.value)
-    assert key not in out.backend_version and key not in caplog.text
+    good = wav(tone(10, 16000), 16000)
+    busy = echo_auth_route(503, headers={"Retry-After": "0"})
+
+    def flaky(req) -> None:  # 503 echoing the key, then audio
+        if req.n == 1:
+            busy(req)
+        else:
+            req.send(200, good, content_type="audio/wav")
+
+    routes = {
+        "/flaky": flaky,
+        "/unauthorized": echo_auth_route(401),
+        "/broken": echo_auth_route(500),
+        "/text": echo_auth_route(400, json_error=False),
+        "/v1/audio/speech": echo_auth_route(500),
+    }
+    voice = VoicePrompt("v", str(prompt_path), "one", duration=0.5)
+    errors: dict[str, TTSError] = {}
+    with FaultServer(routes) as srv:
+        def backend(path: str):  # noqa: ANN202
+            return load_backend({"backend": "openai_compat", "base_url": srv.base,
+                                 "url_path": path, "api_key_env": "FAKE_TTS_KEY",
+                                 "backoff_s": 0, "max_retries": 1})
+
+        out = backend("/flaky").synthesize("Fine.", voice)
+        assert srv.log("/flaky")[0].headers["Authorization"] == f"Bearer {TTS_KEY}"
+        for path in ("/unauthorized", "/broken", "/text"):
+            with pytest.raises(TTSError) as ei:
+                backend(path).synthesize("Rejected.", voice)
+            errors[path] = ei.value
+        openai_tts = load_backend({"backend": "openai", "base_url": srv.base + "/v1",
+                                   "api_key_env": "FAKE_TTS_KEY", "max_retries": 0})
+        with pytest.raises(TTSError) as ei:
+            openai_tts.synthesize("Rejected too.")
+        errors["openai"] = ei.value
+    assert out.duration > 0
+    assert "HTTP 401" in str(errors["/unauthorized"]) and not errors["/unauthorized"].transient
+    assert "HTTP 400" in str(errors["/text"]) and not errors["/text"].transient
+    assert "gave up after 2 attempts (HTTP 500" in str(errors["/broken"])
+    assert errors["/broken"].transient
+    assert "HTTP 500" in str(errors["openai"]) and errors["openai"].transient
+    cap = capfd.readouterr()
+    texts = [str(e) for e in errors.values()] + [out.backend_version, caplog.text, cap.out,
+                                                 cap.err]
+    assert not find_pieces(TTS_KEY, *texts), find_pieces(TTS_KEY, *texts)
 
 
 def test_openai_presets_through_the_openai_package(monkeypatch) -> None:
