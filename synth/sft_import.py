@@ -542,7 +542,12 @@ class SftImport(Stage):
     def _judge(self, kept: list[tuple[dict[str, Any], list[dict[str, Any]]]],
                rejects: list[dict[str, Any]]
                ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        from speechmill.synth.text_judge import judge_column, judge_request, judge_verdict
+        from speechmill.synth.text_judge import (
+            judge_column,
+            judge_request,
+            judge_transient,
+            judge_verdict,
+        )
 
         cfg = self.config.judge
         assert cfg is not None and getattr(self, "client", None) is not None
@@ -553,7 +558,8 @@ class SftImport(Stage):
             record, reason, detail = judge_verdict(res, cfg)
             if reason is not None:
                 rejects.append(reject(row, self.ctx.stage_id, reason,
-                                      f"judge: {detail}"[:1700] + usage_tail(res.usage)))
+                                      f"judge: {detail}"[:1700] + usage_tail(res.usage),
+                                      transient=judge_transient(res)))
                 continue
             col = judge_column(record)
             # the judge's usage on the dialogue's first turn (llm_requests, ...)

@@ -19,59 +19,34 @@ Budget: the ``ci`` profile's examples (200) shared by the three targets below.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
-import signal
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET  # noqa: N817
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from speechmill.pipeline.records import first_copies
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.download import Download, DownloadConfig
+from tests.fuzz.harness import budget, refuse_network, time_limit
 
 DEADLINE_S = 10.0
 N_TARGETS = 3
-BUDGET = settings(max_examples=max(1, settings.default.max_examples // N_TARGETS))
+BUDGET = budget(N_TARGETS)
 
 #: reasons a denied-host run may give a planned feed row
 REASONS = {"bad_feed", "blocked_host", "bad_url", "duplicate_url"}
 
 
-class Hang(BaseException):  # noqa: N818 - not an Exception: the code under test can't catch it
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def fire(*_: Any) -> None:
-        raise Hang(f"example took more than {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_: Any, **__: Any) -> Any:
-        raise OSError("network refused in the fuzz target")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    refuse_network(monkeypatch)
 
 
 _N = itertools.count()

@@ -21,19 +21,16 @@ Budget: the ``ci`` profile's examples (200) shared by the two targets below.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
 import shutil
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from speechmill.pipeline.batch import run_batch
@@ -41,29 +38,12 @@ from speechmill.pipeline.records import CORE_TYPES, first_copies
 from speechmill.pipeline.stage import StageContext
 from speechmill.pipeline.store import RunStore
 from speechmill.stages.read_parquet import ReadParquet, ReadParquetConfig
+from tests.fuzz.harness import budget, time_limit
 
 DEADLINE_S = 10.0
 N_TARGETS = 2
-BUDGET = settings(max_examples=max(1, settings.default.max_examples // N_TARGETS))
+BUDGET = budget(N_TARGETS)
 REASONS = {"missing_id", "malformed"}
-
-
-class Hang(BaseException):  # noqa: N818 - not an Exception: the code under test can't catch it
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def fire(*_: Any) -> None:
-        raise Hang(f"example took more than {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 _N = itertools.count()

@@ -21,51 +21,31 @@ Budget: the ``ci`` profile's examples (200) shared by the four targets below.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import itertools
 import json
 import lzma
 import os
 import shutil
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from speechmill.pipeline.stage import StageContext
 from speechmill.synth.sft_import import SftImport, SftImportConfig
+from tests.fuzz.harness import budget, time_limit
 
 #: seconds one example may take (a small file plans and imports in milliseconds)
 DEADLINE_S = 10.0
 N_TARGETS = 4
-BUDGET = settings(max_examples=max(1, settings.default.max_examples // N_TARGETS))
+BUDGET = budget(N_TARGETS)
 
 REASONS = {"unreadable", "unknown_format", "malformed", "bad_roles", "empty_turn",
            "no_turns", "duplicate", "qc_alternation"}
-
-
-class Hang(BaseException):  # noqa: N818 - not an Exception: the code under test can't catch it
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def fire(*_: Any) -> None:
-        raise Hang(f"example took more than {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _files(root: Path) -> set[Path]:

@@ -18,59 +18,33 @@ Budget: the ``ci`` profile's examples (200) shared by the two targets below.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import shutil
-import signal
-import socket
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from speechmill.pipeline.records import first_copies
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.download import Download, DownloadConfig
+from tests.fuzz.harness import budget, refuse_network, time_limit
 
 DEADLINE_S = 10.0
 N_TARGETS = 2
-BUDGET = settings(max_examples=max(1, settings.default.max_examples // N_TARGETS))
+BUDGET = budget(N_TARGETS)
 
 #: reasons a denied-host run may give a planned URL-list row
 REASONS = {"blocked_host", "bad_url", "duplicate_url", "not_found", "unreadable",
            "empty_file", "not_audio", "too_large"}
 
 
-class Hang(BaseException):  # noqa: N818 - not an Exception: the code under test can't catch it
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def fire(*_: Any) -> None:
-        raise Hang(f"example took more than {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_: Any, **__: Any) -> Any:
-        raise OSError("network refused in the fuzz target")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    refuse_network(monkeypatch)
 
 
 _N = itertools.count()
