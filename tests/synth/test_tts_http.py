@@ -8,6 +8,7 @@ prompt clip and the text reached the server.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def test_multipart_upload_once_then_reference(server: FakeTTSServer, prompt_path
     b = tts.synthesize("Second line here.", voice)
     assert server.hits["/upload_reference"] == 1 and server.hits["/tts"] == 2
     body = server.requests_to("/tts")[1].json
-    assert body["reference_audio_filename"] == "chatter_box.wav" and "prompt_text" not in body
+    # the uploaded name: the voice id through safe_name (a readable part and, since the
+    # id had a space, a short hash: "chatter box" and "chatter_box" stay two files)
+    name = body["reference_audio_filename"]
+    assert re.fullmatch(r"chatter_box-h[0-9a-f]{12}\.wav", name) and "prompt_text" not in body
     prompt = clip(prompt_path, 0, 1.5)[0]
     assert_derived(a.audio, prompt, "First line.", a.sample_rate)
     assert_derived(b.audio, prompt, "Second line here.", b.sample_rate)
