@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from speechmill.pipeline import registry
 from speechmill.pipeline.errors import ConfigError
+from speechmill.pipeline.redact import is_secret_key
 from speechmill.pipeline.stage import Resources, Stage, StageConfig
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")  # whole id (fullmatch): a directory name
@@ -45,12 +46,6 @@ MAX_DAG_VALUES = 200_000
 #: before PyYAML's recursion (and its scanner, quadratic in the depth) gets there
 MAX_DAG_DEPTH = 100
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_RE = re.compile(
-    r"(api_?key|(^|_)token($|_)|secret|password|passwd|credential|(^|_)auth($|_|orization)|"
-    r"private_?key|access_?key|account_?key|conn(ection)?_?str|^key$|_key$|-key$|cookie|"
-    r"^storage_options$|^headers$|^client_kwargs$)",
-    re.I,
-)
 # Keys the resume fingerprint ignores. Broader than what is redacted (it is the pattern
 # 0.2 used for both), so fingerprints of existing run directories stay the same.
 _FINGERPRINT_SKIP_RE = re.compile(
@@ -515,7 +510,7 @@ def _interpolate(obj: Any, env: Any, loc: list[str], secret_env: dict[str, str])
         def sub(m: re.Match[str]) -> str:
             var, default = m.group(1), m.group(2)
             if var in env:
-                if _SECRET_RE.search(var):
+                if is_secret_key(var):
                     secret_env[var] = env[var]
                 return env[var]
             if default is not None:
@@ -613,10 +608,6 @@ def _format_validation(e: ValidationError, raw: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"key {'.'.join(str(x) for x in loc)!r}: {msg}")
     return lines
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(key) and bool(_SECRET_RE.search(key))
 
 
 def redact(obj: Any, key: str = "") -> Any:

@@ -30,6 +30,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
+#: config keys whose values are secrets (redacted from dag.yaml, run.json and logs)
+_SECRET_KEY_RE = re.compile(
+    r"(api_?key|(^|_)token($|_)|secret|password|passwd|credential|(^|_)auth($|_|orization)|"
+    r"private_?key|access_?key|account_?key|conn(ection)?_?str|^key$|_key$|-key$|cookie|"
+    r"^storage_options$|^headers$|^client_kwargs$)",
+    re.I,
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a secret (its value is redacted)."""
+    return bool(key) and bool(_SECRET_KEY_RE.search(key))
+
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
@@ -96,12 +109,10 @@ def register_secret(value: Any) -> None:
 
 def register_secrets(obj: Any, key: str = "") -> None:
     """Register the secrets inside a config value: strings under secret-looking keys
-    (:func:`speechmill.pipeline.dag.is_secret_key`; a whole secret subtree such as a
+    (:func:`is_secret_key`; a whole secret subtree such as a
     service-account mapping), and URL credentials anywhere. ``storage_options``,
     ``headers`` and ``client_kwargs`` are containers: only their secret-looking keys
     (``key``, ``secret``, ``token``, ``Authorization``, ...) count."""
-    from speechmill.pipeline.dag import is_secret_key
-
     containers = {"storage_options", "headers", "client_kwargs"}
     secret = is_secret_key(key) and key.lower() not in containers
 
