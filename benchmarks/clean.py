@@ -8,7 +8,7 @@ Usage::
 
 What it does
 ------------
-1. **Inputs.** Writes ``--files`` synthetic conversations (``tests/conversation_factory.py``'s
+1. **Inputs.** Writes ``--files`` synthetic conversations (``testkit/conversations.py``'s
    :func:`make_conversation`: Piper + eSpeak NG voices, 2 or 3 speakers alternately,
    ``--turns`` turns each, seed = file index) into ``WORKDIR/input`` as 16 kHz mono WAV.
    When ``WORKDIR/input/_inputs.json`` says the same set is already there, nothing is
@@ -18,7 +18,7 @@ What it does
    front (timed, reported apart): the VAD and speaker encoder (shared by diarize and
    segment), Whisper, and annotate's DNSMOS sessions and text-LID detector. Then for each
    file: ``standardize_file`` (16 kHz FLAC, dbfs loudness) -> ``load_audio`` +
-   ``diarize_embed.diarize`` (the ``diarize`` stage's defaults) -> the ``Segment``
+   ``audio_models.speaker.diarize`` (the ``diarize`` stage's defaults) -> the ``Segment``
    stage's ``process()`` -> ``Transcribe.run_row`` per segment (faster-whisper tiny.en,
    ``cut: none``) -> ``Annotate.run_row`` per transcript; finally ``link_speakers``
    (its ``prepare()`` over every segment, then each row). Each step is timed apart.
@@ -113,7 +113,7 @@ def conversation_specs(n: int, turns: int) -> list[dict[str, Any]]:
 
 def ensure_inputs(input_dir: Path, n: int, turns: int) -> list[Path]:
     """Write the conversations unless ``input_dir`` already holds exactly this set."""
-    from tests.conversation_factory import make_conversation
+    from testkit.conversations import make_conversation
 
     specs = conversation_specs(n, turns)
     want = {"version": INPUTS_VERSION, "specs": specs}
@@ -181,8 +181,8 @@ def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 
     from speechmill.pipeline.audio import load_audio
     from speechmill.pipeline.stage import StageContext
-    from speechmill.stages import diarize_embed
     from speechmill.stages.annotate import Annotate, AnnotateConfig
+    from speechmill.stages.audio_models import speaker
     from speechmill.stages.diarize import DiarizeConfig
     from speechmill.stages.link_speakers import LinkSpeakers, LinkSpeakersConfig
     from speechmill.stages.segment import Segment, SegmentConfig
@@ -203,7 +203,7 @@ def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 
     loads: dict[str, float] = {}
     t0 = time.perf_counter()
-    diarize_embed.load_models()
+    speaker.load_models()
     segmenter = Segment(SegmentConfig(**segment_cfg(args)), ctx("segment"))
     segmenter.setup()
     loads["VAD + speaker encoder"] = time.perf_counter() - t0
@@ -214,7 +214,7 @@ def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
     t0 = time.perf_counter()
     ann = Annotate(AnnotateConfig(**annotate_cfg(args)), ctx("annotate"))
     ann.setup()
-    from speechmill.stages.annotate_quality import text_language
+    from speechmill.stages.text_signals import text_language
 
     text_language("The text language detector is built on first use.", None)
     loads["DNSMOS + text LID"] = time.perf_counter() - t0
@@ -233,7 +233,7 @@ def run_loop(args: argparse.Namespace, paths: list[Path]) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         audio, _ = load_audio(std_path, 0.0, res["duration"], SR)
-        d = diarize_embed.diarize(
+        d = speaker.diarize(
             audio, SR, num_speakers=dia_cfg.num_speakers, min_speakers=dia_cfg.min_speakers,
             max_speakers=dia_cfg.max_speakers, window_s=dia_cfg.window_s,
             step_s=dia_cfg.step_s, threshold=dia_cfg.threshold)

@@ -14,7 +14,7 @@ What it does
 2. **The DAG.** ``ingest -> standardize -> diarize -> segment -> transcribe -> annotate
    -> filter`` with ``benchmarks/clean.py``'s settings (faster-whisper tiny.en,
    ``cpu_threads: 1``, DNSMOS every ``--dnsmos-hop`` s).
-3. **Two layouts of a real local cluster** (``tests/ray_cluster.py``: raylets started
+3. **Two layouts of a real local cluster** (``testkit/ray_cluster.py``: raylets started
    with the ``ray`` CLI on 127.0.0.1): one node with ``--cpus`` CPUs, and two nodes with
    half of them each (logical CPUs: Ray reserves them, the OS shares the machine's
    cores; the default 4 = 1 x 4 vs 2 x 2, because pools are sized from the cluster's
@@ -93,7 +93,7 @@ def dag_yaml(args: argparse.Namespace, input_dir: Path, run_dir: Path | str,
 
 
 def start_cluster(layout: str, cpus: int) -> Any:
-    from tests.ray_cluster import LocalCluster
+    from testkit.ray_cluster import LocalCluster
 
     c = LocalCluster()
     try:

@@ -9,13 +9,13 @@ Usage::
 What it does
 ------------
 1. **Media.** Writes ``hosts x files-per-host`` distinct MP3 files of real recorded speech
-   (``tests/audio_factory.py``'s :func:`load_speech`, one seed per file, so no two files
+   (``testkit/audio.py``'s :func:`load_speech`, one seed per file, so no two files
    are byte-identical and the stage's content dedup keeps them all), each ``--seconds``
    long, into ``WORKDIR/media``. They are real MP3s because the stage probes every file
    with PyAV after fetching; random bytes would become ``not_audio`` rejects. When
    ``WORKDIR/media/_media.json`` says the same set is already there, nothing is
    regenerated.
-2. **Servers.** One ``tests/http_faults.FaultServer`` per host, bound to 127.0.0.1,
+2. **Servers.** One ``testkit.http_faults.FaultServer`` per host, bound to 127.0.0.1,
    127.0.0.2, ... (all loopback on Linux). The fetcher keys its process-wide per-host
    limits by host *name* (not host:port), so distinct addresses are what makes the
    servers distinct hosts. (If 127.0.0.2 cannot be bound, every server listens on
@@ -107,7 +107,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.http_faults import FaultServer, Req  # noqa: E402
+from testkit.http_faults import FaultServer, Req  # noqa: E402
 
 SEND_CHUNK = 16 * 1024
 LOOPBACK_NET = "127.0.0.0/8"
@@ -135,7 +135,7 @@ def media_specs(hosts: int, files_per_host: int) -> list[dict[str, Any]]:
 def write_mp3(path: Path, seconds: float, sample_rate: int, seed: int) -> None:
     import soundfile as sf
 
-    from tests.audio_factory import load_speech
+    from testkit.audio import load_speech
 
     audio = load_speech(seconds, sample_rate, seed=seed)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -356,7 +356,7 @@ def run_pool_baseline(urls: list[tuple[str, MediaFile]], out_dir: Path,
 
 def fetch_policy(args: argparse.Namespace) -> Any:
     from speechmill.stages.download import DownloadConfig
-    from speechmill.stages.download_fetch import FetchPolicy
+    from speechmill.stages.download_policy import FetchPolicy
 
     c = DownloadConfig(urls=["http://127.0.0.1/x.mp3"])  # the stage's defaults
     return FetchPolicy(
@@ -372,7 +372,8 @@ def fetch_policy(args: argparse.Namespace) -> Any:
 def run_fetcher(urls: list[tuple[str, MediaFile]], out_dir: Path,
                 args: argparse.Namespace) -> dict[str, Any]:
     """``Fetcher.fetch`` on a thread pool, one destination file per URL."""
-    from speechmill.stages.download_fetch import Fetcher, FetchError
+    from speechmill.stages.download_fetch import Fetcher
+    from speechmill.stages.download_policy import FetchError
 
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

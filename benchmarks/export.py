@@ -11,7 +11,7 @@ What it does
 1. **Inputs.** Real speech (Piper's joe voice and, with eSpeak NG installed, two more
    voices), ``--recordings`` 24 kHz FLAC files of ``--per-recording`` sentences each, and
    one segment row per sentence (offset/duration into its recording, text, speaker,
-   words, scores): what ``filter`` leaves (``tests/manifests/segments_factory.py``).
+   words, scores): what ``filter`` leaves (``testkit/segments.py``).
    A ``split`` column is added by the ``split`` stage's own assignment.
 2. **Exporters, each against its own plain loop.** Each sink stage's ``export()`` over
    the whole table into a fresh directory (what the engine calls, without its
@@ -85,7 +85,7 @@ def _median_time(fn: Any, repeat: int) -> float:
 def make_inputs(workdir: Path, recordings: int, per: int) -> Any:
     import pyarrow.parquet as pq
 
-    from tests.manifests.segments_factory import make_segments
+    from testkit.segments import make_segments
 
     cache = workdir / "segments.parquet"
     want = {"recordings": recordings, "per": per}
@@ -188,7 +188,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def plain_nemo_tarred(table: Any, out: Path, shard_size: int = 50) -> int:
-    from speechmill.manifests.common import encode_audio, read_clip
+    from speechmill.pipeline.clips import encode_audio, read_clip
 
     n = 0
     for split, rows in by_split(table).items():
@@ -288,7 +288,7 @@ def plain_parquet(table: Any, out: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from speechmill.manifests.common import encode_audio, read_clip
+    from speechmill.pipeline.clips import encode_audio, read_clip
 
     (out / "data").mkdir(parents=True, exist_ok=True)
     n = 0
@@ -469,18 +469,18 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from speechmill.manifests.common import read_clip
     from speechmill.manifests.lhotse_export import LhotseExport, LhotseShar
     from speechmill.manifests.nemo import NemoManifest
     from speechmill.manifests.parquet_export import ParquetExport
     from speechmill.manifests.shards import Shards
-    from speechmill.manifests.tokenize import Tokenize, TokenizeConfig
     from speechmill.manifests.tokenizers.base import (
         AudioTokenizerConfig,
         TextTokenizerConfig,
         load_audio_tokenizer,
         load_text_tokenizer,
     )
+    from speechmill.manifests.tokens import Tokenize, TokenizeConfig
+    from speechmill.pipeline.clips import read_clip
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ Usage::
 
 What it does
 ------------
-1. **Inputs.** ``--base`` synthetic conversations (``tests/conversation_factory.py``'s
+1. **Inputs.** ``--base`` synthetic conversations (``testkit/conversations.py``'s
    :func:`make_conversation`: Piper + eSpeak NG voices, 2 or 3 speakers, 12 turns, seed =
    index) are written once and laid end to end into a *pool* of a few minutes of speech.
    Clip ``i`` (``WORKDIR/input/clip_NNNN.wav``, 16 kHz mono WAV, ``--file-minutes`` long,
@@ -104,7 +104,7 @@ def _pool(workdir: Path, n_base: int) -> Any:
     import numpy as np
     import soundfile as sf
 
-    from tests.conversation_factory import make_conversation
+    from testkit.conversations import make_conversation
 
     base_dir = workdir / "base"
     specs = [{"name": f"conv_{i:03d}.wav", "n_speakers": 2 + i % 2, "n_turns": 12,

@@ -6,7 +6,7 @@ Usage::
 
 What it does
 ------------
-1. **Server.** ``tests/synth/fake_llm.py`` in its own process (so it does not share this
+1. **Server.** ``testkit/fake_llm.py`` in its own process (so it does not share this
    process's CPU time and GIL), an OpenAI-compatible server on 127.0.0.1 that answers
    every chat request after ``--latency-ms`` (a realistic time for a hosted model to write
    a short dialogue) with a deterministic dialogue.
@@ -68,7 +68,7 @@ def _topics() -> dict[str, list[str]]:
 
 
 def start_server(latency_s: float) -> tuple[subprocess.Popen[str], str]:
-    p = subprocess.Popen([sys.executable, str(REPO / "tests/synth/fake_llm.py"),
+    p = subprocess.Popen([sys.executable, str(REPO / "testkit/fake_llm.py"),
                           "--latency", str(latency_s)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
@@ -86,27 +86,28 @@ def stage_config(url: str, n: int, concurrency: int) -> dict[str, Any]:
 
 def request_bodies(with_: dict[str, Any]) -> list[dict[str, Any]]:
     """The exact JSON bodies the stage sends for its plan."""
-    from speechmill.synth.dialogue_generate import (
+    from speechmill.synth.llm.client import LLMClient
+    from speechmill.synth.llm.conversation import Conversation
+    from speechmill.synth.text.dialogue_generate import (
         DialogueGenerateConfig,
         build_request,
         plan_rows,
         prompt_version,
     )
-    from speechmill.synth.llm import LLMClient, _Conv
 
     cfg = DialogueGenerateConfig(**with_)
     pv = prompt_version(cfg)
     tmp = tempfile.mkdtemp(prefix="llm-bench-bodies-")
     try:
         client = LLMClient(cfg.llm, tmp, "bench")
-        return [client.body(_Conv(build_request(cfg, r, pv), "json_schema"))
+        return [client.body(Conversation(build_request(cfg, r, pv), "json_schema"))
                 for r in plan_rows(cfg)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def one_call(client: Any, body: dict[str, Any]) -> int:
-    from speechmill.synth.dialogue_generate import DialogueOut
+    from speechmill.synth.text.dialogue_generate import DialogueOut
 
     r = client.chat.completions.create(**body)
     d = DialogueOut.model_validate_json(r.choices[0].message.content)

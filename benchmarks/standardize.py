@@ -7,7 +7,7 @@ Usage::
 What it does
 ------------
 1. **Inputs.** Writes ``--files`` files of real recorded speech (``pytest_audioeval``'s
-   clips via ``tests/audio_factory.py``'s :func:`load_speech`), each ``--seconds`` long,
+   clips via ``testkit/audio.py``'s :func:`load_speech`), each ``--seconds`` long,
    into ``WORKDIR/input``. Formats cycle flac / mp3 / wav / ogg (Vorbis), sample rates
    cycle 44.1 / 48 / 16 kHz, every other file is stereo; every file has different
    content (ingest would drop byte-identical copies). Files are streamed to disk from a
@@ -118,7 +118,7 @@ def write_speech_file(path: Path, spec: dict[str, Any], seconds: float) -> None:
     """Stream ``seconds`` of speech into ``path`` from a tile of at most 60 s."""
     import soundfile as sf
 
-    from tests.audio_factory import load_speech
+    from testkit.audio import load_speech
 
     rate, channels = int(spec["sample_rate"]), int(spec["channels"])
     tile = load_speech(min(TILE_SECONDS, max(seconds, 1.0)), rate, seed=int(spec["seed"]))

@@ -10,10 +10,10 @@ Usage::
 What it does
 ------------
 1. **Inputs** (built once, outside every timing). A voice bank of ``--voices`` eSpeak NG
-   speakers (``tests/synth/voice_bank_data.py``: segment rows over real eSpeak NG speech,
+   speakers (``testkit/voice_bank_data.py``: segment rows over real eSpeak NG speech,
    the ``voice_bank`` sink run as the engine runs it), and ``--dialogues`` two-turn
    dialogues (a question and an answer, short everyday texts; turn rows of
-   :mod:`speechmill.synth.turns`) written to ``turns.parquet``. User turns are spoken by
+   :mod:`speechmill.synth.text.turns`) written to ``turns.parquet``. User turns are spoken by
    Piper's joe matched to the dialogue's bank voice (``voice_match``), assistant turns by
    Piper's joe itself. The voice-match calibration (the preset speaking its sentence once
    per grid point) is made once into a cache directory every contender reads.
@@ -108,7 +108,7 @@ PAIRS = [
 def turn_table(n: int) -> Any:
     import pyarrow as pa
 
-    from speechmill.synth.turns import dialogue_id, turn_rows
+    from speechmill.synth.text.turns import dialogue_id, turn_rows
 
     rows: list[dict[str, Any]] = []
     for i in range(n):
@@ -123,7 +123,7 @@ def build_inputs(a: argparse.Namespace) -> dict[str, Any]:
     """Voice bank, turns, warm voice-match cache: ``WORKDIR/inputs``."""
     import pyarrow.parquet as pq
 
-    from tests.synth.voice_bank_data import export, make_segments
+    from testkit.voice_bank_data import export, make_segments
 
     root = a.workdir / "inputs"
     want = {"version": 1, "dialogues": a.dialogues, "voices": a.voices}
@@ -166,11 +166,11 @@ _MODELS: dict[str, Any] = {}
 
 
 def load_models(with_: dict[str, Any]) -> dict[str, Any]:
-    from speechmill.synth.synth_qc import SynthQC
+    from speechmill.synth.qc.synth_qc import SynthQC
     from speechmill.synth.tts import load_backend
-    from speechmill.synth.tts_stage import REFERENCE_TEXT, TTSStageConfig
-    from speechmill.synth.voice_match import embed
-    from speechmill.synth.voices import load_voice_bank
+    from speechmill.synth.tts.stage import REFERENCE_TEXT, TTSStageConfig
+    from speechmill.synth.voices.bank import load_voice_bank
+    from speechmill.synth.voices.voice_match import embed
 
     cfg = TTSStageConfig(**with_)
     tts = load_backend(cfg.backend, offline=True)
@@ -185,8 +185,8 @@ def load_models(with_: dict[str, Any]) -> dict[str, Any]:
 
 
 def voice_plan(with_: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, str]:
-    from speechmill.synth.tts_stage import TTSStageConfig
-    from speechmill.synth.voices import load_voice_bank
+    from speechmill.synth.tts.stage import TTSStageConfig
+    from speechmill.synth.voices.bank import load_voice_bank
 
     cfg = TTSStageConfig(**with_)
     bank = load_voice_bank(cfg.voice_bank or "")
@@ -204,14 +204,14 @@ def speak(m: dict[str, Any], row: dict[str, Any], voice_id: str | None, out_dir:
     import numpy as np
     import soundfile as sf
 
-    from speechmill.synth.tts_stage import _h
+    from speechmill.synth.tts.stage import seed_hash
 
     cfg, tts, qc, bank = m["cfg"], m["tts"], m["qc"], m["bank"]
     prompt = emb = None
     if row["role"] == "user" and voice_id is not None:
         prompt = bank.prompt(voice_id, tuple(tts.prompt_seconds))
         emb = bank.clip(voice_id, tuple(tts.prompt_seconds)).embedding
-    base = _h("tts", cfg.seed, row["id"]) % (2**31 - 1000)
+    base = seed_hash("tts", cfg.seed, row["id"]) % (2**31 - 1000)
     tried: list[tuple[Any, Any]] = []
     hashes: set[str] = set()
     t_syn = 0.0

@@ -11,7 +11,7 @@ What it does
    ``WORKDIR/input`` as 24 kHz mono 16-bit FLAC (what ``standardize`` writes). Each
    segment is one to three Piper sentences (:func:`speechmill.stages.demo_data.synthesize`,
    the voice ships in a pip package) at varied speaking rates, every third one followed by
-   an English recorded clip from ``pytest_audioeval`` (``tests/audio_factory.py``'s
+   an English recorded clip from ``pytest_audioeval`` (``testkit/audio.py``'s
    :func:`speech_samples`), with short pauses between and a per-segment gain, so every
    file has different content (ingest would drop byte-identical copies) and lasts about
    3-20 s (under Whisper's 30 s window). When ``WORKDIR/input/_inputs.json`` says the
@@ -141,7 +141,7 @@ def build_segment(spec: dict[str, Any], piper_cache: dict[tuple[int, float], np.
     import soundfile as sf
 
     from speechmill.stages.demo_data import SENTENCES, synthesize
-    from tests.audio_factory import speech_samples
+    from testkit.audio import speech_samples
 
     def pause(s: float) -> np.ndarray:
         return np.zeros(int(s * OUT_RATE), np.float32)
@@ -305,7 +305,7 @@ def _throughput(audio_s: float, wall_s: float) -> float:
 def n_batches(durs: list[float], size: int, seconds: float | None) -> int:
     import pyarrow as pa
 
-    from speechmill.pipeline.executors import batches_of
+    from speechmill.pipeline.batch import batches_of
 
     return sum(1 for _ in batches_of(pa.table({"duration": durs}), size, seconds))
 

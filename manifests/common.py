@@ -5,9 +5,11 @@ that order, JSON is written with a fixed key order, and gzip/tar headers carry n
 timestamps or owners, so the same run yields byte-identical files.
 
 Exporters receive a whole split as an Arrow table (compact) but turn rows into Python
-objects only a slice at a time (:func:`iter_rows`, :data:`SLICE_ROWS` rows): shard
+objects only a slice at a time (:func:`speechmill.pipeline.row_slices.iter_rows`): shard
 boundaries come from Arrow columns (:func:`shard_bounds`) and manifest lines are written
-as they are made, so memory does not grow with the number of segments.
+as they are made, so memory does not grow with the number of segments. Clips are read,
+encoded and named by :mod:`speechmill.pipeline.clips`; paths into a published export come
+from :mod:`speechmill.pipeline.publish`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import gzip
 import io
 import json
 import math
-import os
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from speechmill.pipeline.audio import is_url, load_audio, local_path
+from speechmill.pipeline.records import reject
+from speechmill.pipeline.row_slices import iter_rows, iter_slices
 from speechmill.pipeline.safe_names import safe_name
-from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter_rows re-exported
+from speechmill.pipeline.sink_input import (
     ORDER_KEY,
-    SPLIT_ORDER,
     filter_rows,
     order_for,
     plain_split,
@@ -41,8 +42,6 @@ from speechmill.pipeline.sink_input import (  # noqa: F401 - SPLIT_ORDER, filter
 
 #: longest split directory name (bytes of UTF-8)
 SPLIT_NAME_BYTES = 100
-#: rows turned into Python dicts at a time (exporters convert a slice, use it, drop it)
-SLICE_ROWS = 4096
 #: durations read into Python at a time when cutting shards by bytes
 DURATION_CHUNK = 65536
 
@@ -117,25 +116,6 @@ def sort_by_id(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
 
 
-def iter_slices(table: Any, size: int | None = None) -> Iterator[Any]:
-    """``table`` (a Table, Array or ChunkedArray) as consecutive zero-copy slices of at
-    most ``size`` rows (:data:`SLICE_ROWS`)."""
-    step = max(1, size or SLICE_ROWS)
-    for a in range(0, len(table), step):
-        yield table.slice(a, step)
-
-
-def iter_rows(table: pa.Table, columns: Iterable[str] | None = None,
-              size: int | None = None) -> Iterator[dict[str, Any]]:
-    """The rows of ``table`` (only ``columns`` that it has, when given) as dicts, in
-    order, converted one slice of ``size`` rows at a time: at most one slice of rows
-    exists as Python objects, whatever the table's size."""
-    if columns is not None:
-        table = table.select([c for c in columns if c in table.column_names])
-    for part in iter_slices(table, size):
-        yield from part.to_pylist()
-
-
 def shard_bounds(table: pa.Table, shard_size: int | None = None,
                  shard_bytes: int | None = None, bytes_per_second: float = 32000.0
                  ) -> list[tuple[int, int]]:
@@ -177,65 +157,6 @@ def shard_slices(table: pa.Table, shard_size: int | None = None,
     ``bytes_per_second``); one shard when neither is given. Never an empty shard."""
     return [table.slice(a, b - a)
             for a, b in shard_bounds(table, shard_size, shard_bytes, bytes_per_second)]
-
-
-def abs_audio_path(path: str) -> str:
-    """An absolute local path (records may hold paths relative to the run's cwd, or
-    ``file://`` URLs: a run directory given as one); other URLs as they are."""
-    return path if is_url(path) else os.path.abspath(local_path(path))
-
-
-def rel_or_abs(path: str, base: Path, relative: bool) -> str:
-    """``path`` relative to directory ``base`` (NeMo and Lhotse resolve relative paths
-    against the manifest's directory) when ``relative``, else absolute."""
-    p = abs_audio_path(path)
-    if not relative or is_url(p):
-        return p
-    return os.path.relpath(p, os.path.abspath(base))
-
-
-#: a clip may come out this much shorter than its ``duration`` (codec frame padding)
-SHORT_CLIP_TOLERANCE_S = 0.05
-
-
-def check_span(row: Mapping[str, Any]) -> tuple[float, float | None]:
-    """``(offset, duration)`` of a row; raises ``AudioError("bad_span")`` when either is
-    not finite, the offset is negative or the duration is not positive."""
-    from speechmill.pipeline.audio import AudioError
-
-    off_v, dur_v = row.get("offset"), row.get("duration")
-    off = 0.0 if off_v is None else float(off_v)
-    dur = None if dur_v is None else float(dur_v)
-    if not math.isfinite(off) or off < 0:
-        raise AudioError("bad_span", f"offset {off_v!r}")
-    if dur is not None and (not math.isfinite(dur) or dur <= 0):
-        raise AudioError("bad_span", f"duration {dur_v!r}")
-    return off, dur
-
-
-def read_clip(row: Mapping[str, Any], sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """The row's audio (``audio_path`` from ``offset`` for ``duration``), mono float32.
-    Raises :class:`speechmill.pipeline.audio.AudioError` on unreadable audio, a bad span
-    (``bad_span``) or a file that ends before the span does (``short_audio``)."""
-    from speechmill.pipeline.audio import AudioError
-
-    off, dur = check_span(row)
-    x, sr = load_audio(str(row["audio_path"]), offset=off, duration=dur,
-                       sample_rate=sample_rate)
-    if dur is not None and x.shape[0] < (dur - SHORT_CLIP_TOLERANCE_S) * sr:
-        raise AudioError("short_audio", f"{x.shape[0] / sr:.3f} s of audio for a "
-                         f"{dur:.3f} s span at {off:.3f} s")
-    return x, sr
-
-
-def encode_audio(x: np.ndarray, sr: int, fmt: str = "flac") -> bytes:
-    """Encode mono float32 samples as FLAC (16-bit) or WAV (16-bit PCM) bytes."""
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    fmt_u = fmt.upper()
-    sf.write(buf, np.clip(x, -1.0, 1.0), sr, format=fmt_u, subtype="PCM_16")
-    return buf.getvalue()
 
 
 def tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -319,3 +240,88 @@ def track(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
 def scores_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     s = row.get("scores")
     return {k: v for k, v in (s or {}).items() if v is not None}
+
+
+#: the columns exporters read (everything else stays behind, to keep memory small)
+ROW_COLUMNS = ("id", "source_url", "audio_path", "offset", "duration", "sample_rate",
+               "speaker", "language", "text", "scores")
+#: FLAC of speech at 16 bits is about this fraction of PCM (used to estimate shard bytes)
+FLAC_RATIO = 0.6
+
+
+def row_columns(table: pa.Table, extras: Iterable[str] = ()) -> pa.Table:
+    """``table`` with only the columns exporters read (:data:`ROW_COLUMNS` + ``extras``)."""
+    return table.select([c for c in (*ROW_COLUMNS, *extras) if c in table.column_names])
+
+
+def has_text(row: Mapping[str, Any]) -> bool:
+    t = row.get("text")
+    return isinstance(t, str) and bool(t.strip())
+
+
+def text_mask(table: pa.Table) -> np.ndarray:
+    """:func:`has_text` of every row (the same test) as a bool array, read a slice at a
+    time."""
+    out = np.zeros(table.num_rows, dtype=bool)
+    if "text" not in table.column_names:
+        return out
+    a = 0
+    for part in iter_slices(table.column("text")):
+        vals = part.to_pylist()
+        out[a:a + len(vals)] = [isinstance(t, str) and bool(t.strip()) for t in vals]
+        a += len(vals)
+    return out
+
+
+def drop_textless(table: pa.Table, stage_id: str, rejects: list[dict[str, Any]]
+                  ) -> pa.Table:
+    """The rows of ``table`` with text; the others (in order) become ``no_text`` rejects."""
+    mask = text_mask(table)
+    if mask.all():
+        return table
+    for r in iter_rows(filter_rows(table, ~mask)):
+        rejects.append(reject(r, stage_id, "no_text", "empty transcript"))
+    return filter_rows(table, mask)
+
+
+def flat_scores(row: Mapping[str, Any], reserved: Iterable[str] = ()) -> dict[str, Any]:
+    """The row's scores as flat keys (nested structs joined with ``_``); finite values only;
+    a name in ``reserved`` gets a ``score_`` prefix."""
+    res = set(reserved)
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, v: Any) -> None:
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                put(f"{prefix}_{k}", x)
+            return
+        v = json_safe(v)
+        if v is None:
+            return
+        out[f"score_{prefix}" if prefix in res else prefix] = v
+
+    for k, v in scores_dict(row).items():
+        put(str(k), v)
+    return out
+
+
+def output_rate(table: pa.Table, sample_rate: int | None) -> int:
+    """The sample rate clips will have (for shard size estimates)."""
+    if sample_rate:
+        return int(sample_rate)
+    if "sample_rate" in table.column_names and table.num_rows:
+        m = pc.max(table.column("sample_rate")).as_py()
+        if m:
+            return int(m)
+    return 16000
+
+
+def summary_text(summary: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, s in summary.get("splits", {}).items():
+        shards = f", {s['shards']} shards" if "shards" in s else ""
+        lines.append(f"{name}: {s['rows']} utterances, {s['hours']:.3f} h{shards}")
+    if summary.get("rejected"):
+        why = ", ".join(f"{k} {v}" for k, v in sorted(summary.get("reasons", {}).items()))
+        lines.append(f"rejected: {summary['rejected']} ({why})")
+    return lines

@@ -70,16 +70,10 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.manifests.common import (
-    abs_audio_path,
     dumps_line,
-    encode_audio,
-    iter_rows,
-    iter_slices,
     json_safe,
     open_tar,
     open_text_out,
-    read_clip,
-    rel_or_abs,
     scores_dict,
     split_groups,
     tar_add_bytes,
@@ -87,7 +81,10 @@ from speechmill.manifests.common import (
     write_jsonl,
 )
 from speechmill.pipeline.audio import AudioError, is_url, local_path, probe
+from speechmill.pipeline.clips import encode_audio, read_clip
+from speechmill.pipeline.publish import abs_audio_path, rel_or_abs
 from speechmill.pipeline.records import recording_id, reject, rejects_table
+from speechmill.pipeline.row_slices import iter_rows, iter_slices
 from speechmill.pipeline.safe_names import is_safe_name, safe_name
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
 
@@ -274,8 +271,11 @@ def _sup_custom(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return custom or None
 
 
-def _supervision(row: Mapping[str, Any], rec_id: str, start: float, duration: float,
+def supervision(row: Mapping[str, Any], rec_id: str, start: float, duration: float,
                  ali_base: float) -> Any:
+    """A Lhotse ``SupervisionSegment`` for ``row`` on recording ``rec_id`` at ``start`` for
+    ``duration`` seconds: text, language, speaker, ``custom`` (source, split, synthetic
+    provenance, finite scores) and the word alignment shifted by ``ali_base`` seconds."""
     from lhotse import SupervisionSegment
 
     return SupervisionSegment(
@@ -367,7 +367,7 @@ class LhotseExport(Stage):
                             sources=[AudioSource(type="url" if is_url(src) else "file",
                                                  channels=list(range(ch)), source=src)],
                             sampling_rate=sr, num_samples=n_samples, duration=n_samples / sr)
-                    sup = _supervision(row, rid, off, dur, ali_base=off)
+                    sup = supervision(row, rid, off, dur, ali_base=off)
                     cut = MonoCut(id=str(row["id"]), start=off, duration=dur, channel=0,
                                   recording=recs[rid], supervisions=[fastcopy(sup, start=0.0)])
                     sup_f.write(dumps_line(sup.to_dict()) + "\n")
@@ -630,7 +630,7 @@ class LhotseShar(Stage):
                                 shape=list(arr.shape))
             members[f] = ("npy", _npy(arr), placeholder.to_dict())
             custom[f] = placeholder
-        sup = _supervision(row, rid, 0.0, dur, ali_base=0.0)
+        sup = supervision(row, rid, 0.0, dur, ali_base=0.0)
         cut = MonoCut(id=cut_id, start=0.0, duration=dur, channel=0, recording=rec,
                       supervisions=[sup], custom=custom)
         return cut.to_dict(), members, dur

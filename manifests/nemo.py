@@ -32,297 +32,41 @@ rejects with the decoder's reason (``unreadable``, ``not_audio``, ...) or
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from speechmill.manifests.common import (
-    abs_audio_path,
-    check_span,
+    FLAC_RATIO,
+    drop_textless,
     dumps_line,
-    encode_audio,
-    filter_rows,
-    iter_rows,
-    iter_slices,
-    json_safe,
+    flat_scores,
     open_tar,
     open_text_out,
-    read_clip,
-    rel_or_abs,
-    scores_dict,
+    output_rate,
+    row_columns,
     shard_bounds,
     split_groups,
+    summary_text,
     tar_add_bytes,
     track,
 )
 from speechmill.pipeline.audio import AudioError, is_url
+from speechmill.pipeline.clips import check_span, encode_clips, namer_for
+from speechmill.pipeline.publish import abs_audio_path, published_dir, rel_or_abs
 from speechmill.pipeline.records import reject, rejects_table
-from speechmill.pipeline.safe_names import readable_part
-from speechmill.pipeline.stage import (
-    Resources,
-    SinkResult,
-    Stage,
-    StageConfig,
-    StageContext,
-)
+from speechmill.pipeline.row_slices import iter_rows
+from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
 
-#: the columns exporters read (everything else stays behind, to keep memory small)
-ROW_COLUMNS = ("id", "source_url", "audio_path", "offset", "duration", "sample_rate",
-               "speaker", "language", "text", "scores")
+#: the entry keys NeMo defines (a score with one of these names becomes ``score_<name>``)
 NEMO_KEYS = ("audio_filepath", "duration", "offset", "text", "lang", "speaker", "id",
              "shard_id")
-#: FLAC of speech at 16 bits is about this fraction of PCM (used to estimate shard bytes)
-FLAC_RATIO = 0.6
 
 
-# -- helpers shared with the other clip-writing exporters ---------------------------------
-@dataclass
-class Clip:
-    """One row's encoded clip, or why it could not be made."""
-
-    row: dict[str, Any]
-    data: bytes | None = None
-    frames: int = 0
-    sample_rate: int = 0
-    reason: str | None = None
-    detail: str = ""
-
-    @property
-    def seconds(self) -> float:
-        return self.frames / self.sample_rate if self.sample_rate else 0.0
-
-
-def encode_clip(row: Mapping[str, Any], fmt: str, sample_rate: int | None) -> Clip:
-    """Cut ``row``'s audio and encode it; problems are returned, never raised."""
-    r = dict(row)
-    if not r.get("audio_path"):
-        return Clip(r, reason="no_audio", detail="the row has no audio_path")
-    try:
-        x, sr = read_clip(r, sample_rate)
-    except AudioError as e:
-        return Clip(r, reason=e.reason, detail=e.detail or str(e))
-    except Exception as e:  # a decoder failure on one row never stops the export
-        return Clip(r, reason="unreadable", detail=f"{type(e).__name__}: {e}")
-    if x.shape[0] == 0:
-        return Clip(r, reason="empty_audio",
-                    detail=f"no samples at offset {r.get('offset')} for {r.get('duration')} s")
-    if not np.isfinite(x).all():
-        return Clip(r, reason="nonfinite_samples", detail="NaN or inf samples")
-    try:
-        data = encode_audio(x, sr, fmt)
-    except Exception as e:
-        return Clip(r, reason="encode_failed", detail=f"{type(e).__name__}: {e}")
-    return Clip(r, data=data, frames=int(x.shape[0]), sample_rate=int(sr))
-
-
-def encode_clips(rows: Iterable[Mapping[str, Any]], fmt: str, sample_rate: int | None,
-                 workers: int = 1) -> Iterator[Clip]:
-    """:func:`encode_clip` over ``rows`` on ``workers`` threads (decoders release the
-    GIL), yielded in input order with a bounded number in flight."""
-    if workers <= 1:
-        for r in rows:
-            yield encode_clip(r, fmt, sample_rate)
-        return
-    window: deque[Future[Clip]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip") as pool:
-        for r in rows:
-            window.append(pool.submit(encode_clip, r, fmt, sample_rate))
-            if len(window) >= 4 * workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
-def clip_stem(row_id: Any) -> str:
-    """A clip's file name before any ``_<k>`` suffix and the extension: the id with
-    anything outside ``[A-Za-z0-9_-]`` replaced and no leading ``-``
-    (:func:`speechmill.pipeline.safe_names.readable_part`, strict), at most 200
-    characters, never ending in ``-sub<N>`` (NeMo's offset marker). Not unique on its
-    own: :func:`clip_name` / :class:`ClipNamer` make the names of one export unique
-    (``_<k>``, names NeMo's readers need stable for ordinary ids)."""
-    stem = readable_part(str(row_id or ""), strict=True)[:200]
-    if re.search(r"-sub\d+$", stem):
-        stem += "_"
-    return stem
-
-
-def _unique_name(stem: str, used: set[str]) -> str:
-    name, k = stem, 1
-    while name in used:
-        k += 1
-        name = f"{stem}_{k}"
-    used.add(name)
-    return name
-
-
-def clip_name(row_id: str, ext: str, used: set[str]) -> str:
-    """A unique, portable file name for a clip: ``<id>.<ext>`` with anything outside
-    ``[A-Za-z0-9_-]`` replaced, no ``-sub<N>`` ending (NeMo's offset marker), and a
-    ``_<k>`` suffix when two ids map to the same name."""
-    return f"{_unique_name(clip_stem(row_id), used)}.{ext}"
-
-
-class ClipNamer:
-    """:func:`clip_name` over one export's clips (same names, in the same order of
-    calls), without a set of every name handed out.
-
-    Built over the ids that may be named (a superset is fine), it finds with Arrow the
-    only stems whose names can depend on other clips: a stem two ids share, or one that
-    reads ``<another stem>_<k>``. Only those go through :func:`clip_name`'s ``used`` set;
-    any other clip's name is its own stem (no other clip can have taken it, and it can
-    never be the ``<stem>_<k>`` another clip tries), so memory stays per colliding id,
-    not per row."""
-
-    _SUFFIX = r"^(?P<base>.*)_(?P<k>[0-9]+)$"
-
-    def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
-        chunks = [pa.array([clip_stem(i) for i in part.to_pylist()], pa.string())
-                  for part in iter_slices(ids)]
-        stems = pa.chunked_array(chunks, pa.string())
-        self.risky: set[str] = set()
-        self.used: set[str] = set()
-        if len(stems) == 0:
-            return
-        counts = pc.value_counts(stems)
-        values = counts.field("values")
-        self.risky.update(values.filter(pc.greater(counts.field("counts"), 1)).to_pylist())
-        base = pc.struct_field(pc.extract_regex(stems, self._SUFFIX), "base")
-        suffixed = pc.fill_null(pc.is_in(base, value_set=values), False)
-        self.risky.update(pc.unique(stems.filter(suffixed)).to_pylist())
-
-    def name(self, row_id: Any, ext: str) -> str:
-        stem = clip_stem(row_id)
-        if stem not in self.risky:
-            return f"{stem}.{ext}"
-        return f"{_unique_name(stem, self.used)}.{ext}"
-
-
-def namer_for(table: pa.Table) -> ClipNamer:
-    """A :class:`ClipNamer` over the ``id`` column of ``table``."""
-    ids = table.column("id") if "id" in table.column_names \
-        else pa.nulls(table.num_rows, pa.string())
-    return ClipNamer(ids)
-
-
-def published_dir(out_dir: Path, ctx: StageContext, output_root: str) -> Path:
-    """Where ``out_dir`` ends up: the engine exports into ``.<id>.partial`` next to
-    ``RUN_DIR/<output_root>/<id>`` and renames it afterwards, so absolute paths into the
-    export must name the final directory. Any other ``out_dir`` is its own final place.
-    A ``file://`` run directory is a local one; on object storage (``s3://``) the export
-    is made in a local cache and uploaded, and only paths relative to it (or the media's
-    own URLs) resolve there."""
-    from speechmill.pipeline.audio import local_path
-    from speechmill.pipeline.store import is_url as is_run_url
-
-    run_dir = local_path(ctx.run_dir)
-    if is_run_url(run_dir):
-        return Path(os.path.abspath(out_dir))
-    final = Path(os.path.abspath(Path(run_dir) / output_root / ctx.stage_id))
-    if out_dir.name == f".{ctx.stage_id}.partial" and is_run_url(ctx.run_dir):
-        return final  # file://: made in the local cache, then copied there
-    if (out_dir.name == f".{ctx.stage_id}.partial"
-            and out_dir.parent.resolve() == final.parent.resolve()):
-        return final  # abspath, not resolve(): relative paths survive moving the run dir
-    return Path(os.path.abspath(out_dir))
-
-
-def input_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """Every row of ``table`` as a dict (the exporters' columns only). For small tables:
-    exporters iterate with :func:`speechmill.manifests.common.iter_rows` instead."""
-    cols = [c for c in ROW_COLUMNS if c in table.column_names]
-    return table.select(cols).to_pylist()
-
-
-def row_columns(table: pa.Table, extras: Iterable[str] = ()) -> pa.Table:
-    """``table`` with only the columns exporters read (:data:`ROW_COLUMNS` + ``extras``)."""
-    return table.select([c for c in (*ROW_COLUMNS, *extras) if c in table.column_names])
-
-
-def has_text(row: Mapping[str, Any]) -> bool:
-    t = row.get("text")
-    return isinstance(t, str) and bool(t.strip())
-
-
-def text_mask(table: pa.Table) -> np.ndarray:
-    """:func:`has_text` of every row (the same test) as a bool array, read a slice at a
-    time."""
-    out = np.zeros(table.num_rows, dtype=bool)
-    if "text" not in table.column_names:
-        return out
-    a = 0
-    for part in iter_slices(table.column("text")):
-        vals = part.to_pylist()
-        out[a:a + len(vals)] = [isinstance(t, str) and bool(t.strip()) for t in vals]
-        a += len(vals)
-    return out
-
-
-def drop_textless(table: pa.Table, stage_id: str, rejects: list[dict[str, Any]]
-                  ) -> pa.Table:
-    """The rows of ``table`` with text; the others (in order) become ``no_text`` rejects."""
-    mask = text_mask(table)
-    if mask.all():
-        return table
-    for r in iter_rows(filter_rows(table, ~mask)):
-        rejects.append(reject(r, stage_id, "no_text", "empty transcript"))
-    return filter_rows(table, mask)
-
-
-def flat_scores(row: Mapping[str, Any], reserved: Iterable[str] = ()) -> dict[str, Any]:
-    """The row's scores as flat keys (nested structs joined with ``_``); finite values only;
-    a name in ``reserved`` gets a ``score_`` prefix."""
-    res = set(reserved)
-    out: dict[str, Any] = {}
-
-    def put(prefix: str, v: Any) -> None:
-        if isinstance(v, Mapping):
-            for k, x in v.items():
-                put(f"{prefix}_{k}", x)
-            return
-        v = json_safe(v)
-        if v is None:
-            return
-        out[f"score_{prefix}" if prefix in res else prefix] = v
-
-    for k, v in scores_dict(row).items():
-        put(str(k), v)
-    return out
-
-
-def output_rate(table: pa.Table, sample_rate: int | None) -> int:
-    """The sample rate clips will have (for shard size estimates)."""
-    if sample_rate:
-        return int(sample_rate)
-    if "sample_rate" in table.column_names and table.num_rows:
-        import pyarrow.compute as pc
-
-        m = pc.max(table.column("sample_rate")).as_py()
-        if m:
-            return int(m)
-    return 16000
-
-
-def summary_text(summary: Mapping[str, Any]) -> list[str]:
-    lines = []
-    for name, s in summary.get("splits", {}).items():
-        shards = f", {s['shards']} shards" if "shards" in s else ""
-        lines.append(f"{name}: {s['rows']} utterances, {s['hours']:.3f} h{shards}")
-    if summary.get("rejected"):
-        why = ", ".join(f"{k} {v}" for k, v in sorted(summary.get("reasons", {}).items()))
-        lines.append(f"rejected: {summary['rejected']} ({why})")
-    return lines
-
-
-# -- the stage --------------------------------------------------------------------------
 class NemoConfig(StageConfig):
     paths: Literal["relative", "absolute"] = Field(
         "relative", description="audio_filepath relative to the manifest's directory "

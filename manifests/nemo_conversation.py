@@ -1,7 +1,7 @@
 """Sink stage ``nemo_conversation``: NeMo multimodal conversations + per-turn manifests.
 
 Per split (``<split>/`` when the input has a ``split`` column), for the complete
-dialogues (see :mod:`speechmill.synth.dialogues`):
+dialogues (see :mod:`speechmill.synth.text.dialogues`):
 
 - ``conversations.jsonl``: what NeMo's ``NeMoMultimodalConversationJsonlAdapter``
   (``nemo.collections.common.data.lhotse``, input type ``multimodal_conversation``)
@@ -42,19 +42,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.manifests.common import (
-    check_span,
-    dumps_line,
-    open_text_out,
-    rel_or_abs,
-    split_groups,
-    track,
-)
-from speechmill.manifests.nemo import published_dir
+from speechmill.manifests.common import dumps_line, open_text_out, split_groups, track
 from speechmill.pipeline.audio import AudioError, is_url
+from speechmill.pipeline.clips import check_span
+from speechmill.pipeline.publish import published_dir, rel_or_abs
 from speechmill.pipeline.records import reject, rejects_table
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
-from speechmill.synth.dialogues import (
+from speechmill.synth.text.dialogues import (
     DIALOGUE_COLUMNS,
     PROVENANCE_COLUMNS,
     Dialogue,

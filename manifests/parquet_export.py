@@ -30,22 +30,19 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.manifests.common import (
-    data_file_split,
-    iter_rows,
-    shard_bounds,
-    split_groups,
-    track,
-)
-from speechmill.manifests.nemo import (
     FLAC_RATIO,
+    data_file_split,
     drop_textless,
-    encode_clips,
-    namer_for,
     output_rate,
     row_columns,
+    shard_bounds,
+    split_groups,
     summary_text,
+    track,
 )
+from speechmill.pipeline.clips import encode_clips, namer_for
 from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.row_slices import iter_rows
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
 
 AUDIO_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

@@ -4,7 +4,7 @@ Mini-Omni's VoiceAssistant-400K has one row per (question, answer) round of a di
 ``split_name``, ``index``, ``round``, ``question``, ``question_audio`` (Hugging Face
 ``Audio``), ``answer`` and ``answer_snac`` (the answer's SNAC 24 kHz codes as text). This
 sink writes the same columns from synthesized dialogues (complete ones; see
-:mod:`speechmill.synth.dialogues`), loadable with ``datasets.load_dataset("parquet",
+:mod:`speechmill.synth.text.dialogues`), loadable with ``datasets.load_dataset("parquet",
 ...)`` or ``load_dataset(DIR)``::
 
     README.md                                     dataset card (a split per file set)
@@ -50,11 +50,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from speechmill.manifests.common import data_file_split, split_groups, track
-from speechmill.manifests.nemo import Clip, encode_clip, namer_for
+from speechmill.pipeline.clips import Clip, encode_clip, namer_for
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.records import reject, rejects_table
 from speechmill.pipeline.stage import Resources, SinkResult, Stage, StageConfig
-from speechmill.synth.dialogues import (
+from speechmill.synth.text.dialogues import (
     DIALOGUE_COLUMNS,
     PROVENANCE_COLUMNS,
     Dialogue,

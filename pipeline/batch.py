@@ -19,6 +19,7 @@ import hashlib
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -36,6 +37,25 @@ from speechmill.pipeline.records import (
 )
 from speechmill.pipeline.stage import Stage, StageResult
 from speechmill.pipeline.store import RunStore
+
+
+def batches_of(table: pa.Table, size: int, seconds: float | None = None
+               ) -> Iterator[pa.Table]:
+    """Batches of at most ``size`` rows and, when ``seconds`` is given, about that much
+    audio (a longer row is a batch of its own), so model batches take similar time."""
+    if not seconds or "duration" not in table.column_names:
+        for start in range(0, table.num_rows, size):
+            yield table.slice(start, size)
+        return
+    durs = [float(d or 0.0) for d in table.column("duration").to_pylist()]
+    start, acc = 0, 0.0
+    for i, d in enumerate(durs):
+        if i > start and (i - start >= size or acc + d > seconds):
+            yield table.slice(start, i - start)
+            start, acc = i, 0.0
+        acc += d
+    if start < table.num_rows:
+        yield table.slice(start, table.num_rows - start)
 
 
 def part_name(batch: pa.Table) -> str:

@@ -160,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
             console.print("dry run: nothing executed")
         return 0
     if args.break_lease:
-        from speechmill.pipeline.store import is_url, open_store
+        from speechmill.pipeline.store import open_store
+        from speechmill.pipeline.store.layout import is_url
 
         if is_url(d.run_dir):  # take the lease over and hand it back: the run takes it
             with open_store(d.run_dir).lock(break_lease=True):
@@ -200,7 +201,7 @@ def _print_plan(d: Any, console: Any) -> None:
     from speechmill.pipeline.dag import redact
     from speechmill.pipeline.store import RunStore
 
-    store = RunStore(d.run_dir)  # an ObjectRunStore for a URL run dir
+    store = RunStore(d.run_dir)  # a local path or a URL run dir
     unreachable: list[str] = []  # an object store that did not answer: asked once only
     console.print(f"DAG [bold]{d.name}[/]  run_dir: {d.run_dir}  executor: "
                   f"{d.spec.executor.type}")
@@ -230,14 +231,15 @@ def _stage_state(store: Any, stage_id: str, unreachable: list[str]) -> str:
         return "done" if store.is_done(stage_id) else (
             "partial" if store.has_stage_dir(stage_id) else "pending")
     except Exception as e:  # noqa: BLE001 - unreachable store, no credentials here
-        if not hasattr(store, "url"):
+        if store.local:
             raise
         unreachable.append(f"unknown ({type(e).__name__})")
         return unreachable[0]
 
 
 def _run_dir_exists(run_dir: str) -> bool:
-    from speechmill.pipeline.store import is_url, open_store
+    from speechmill.pipeline.store import open_store
+    from speechmill.pipeline.store.layout import is_url
 
     if not is_url(run_dir):
         return os.path.isdir(run_dir)
@@ -281,7 +283,8 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from speechmill.pipeline.store import is_url, open_store
+    from speechmill.pipeline.store import open_store
+    from speechmill.pipeline.store.layout import is_url
 
     url = is_url(args.run_dir)
     if not url and not os.path.isdir(args.run_dir):

@@ -293,7 +293,7 @@ def build(raw: dict[str, Any]) -> Dag:
         spec = DagSpec.model_validate(raw)
     except ValidationError as e:
         raise _invalid(_format_validation(e, raw)) from None
-    from speechmill.pipeline.store import check_run_dir
+    from speechmill.pipeline.store.checks import check_run_dir
 
     check_run_dir(spec.run_dir)
 

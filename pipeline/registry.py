@@ -6,7 +6,8 @@ entry points lazily. Tests and notebooks may also :func:`register` a class direc
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from speechmill.pipeline.errors import ConfigError
@@ -28,9 +29,16 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+@cache
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    """The installed entry points of ``group`` by name (read once per process: scanning
+    every distribution's metadata costs tens of milliseconds)."""
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
 def available() -> dict[str, str]:
     """Stage name -> entry point value, without importing the stages."""
-    names = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    names = {n: ep.value for n, ep in _entry_points(GROUP).items()}
     names.update({n: f"{c.__module__}:{c.__qualname__}" for n, c in _extra.items()})
     return dict(sorted(names.items()))
 
@@ -38,15 +46,15 @@ def available() -> dict[str, str]:
 def get(name: str) -> type[Stage]:
     if name in _extra:
         return _extra[name]
-    for ep in entry_points(group=GROUP):
-        if ep.name == name:
-            cls = ep.load()
-            if getattr(cls, "name", None) != name:
-                raise ConfigError(
-                    f"entry point {name!r} ({ep.value}) loads a class whose name is "
-                    f"{getattr(cls, 'name', None)!r}"
-                )
-            return cls
+    ep = _entry_points(GROUP).get(name)
+    if ep is not None:
+        cls = ep.load()
+        if getattr(cls, "name", None) != name:
+            raise ConfigError(
+                f"entry point {name!r} ({ep.value}) loads a class whose name is "
+                f"{getattr(cls, 'name', None)!r}"
+            )
+        return cls
     known = ", ".join(available()) or "none"
     raise ConfigError(f"unknown stage {name!r} (known: {known})")
 
@@ -54,7 +62,7 @@ def get(name: str) -> type[Stage]:
 def command(name: str) -> Any:
     """The callable a package registered as command ``name`` (entry-point group
     ``speechmill.commands``)."""
-    for ep in entry_points(group=COMMANDS):
-        if ep.name == name:
-            return ep.load()
+    ep = _entry_points(COMMANDS).get(name)
+    if ep is not None:
+        return ep.load()
     raise ConfigError(f"no command {name!r} is installed (entry points {COMMANDS})")

@@ -169,7 +169,7 @@ def status_rows(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
     from speechmill.pipeline.store import RunStore
 
-    store = RunStore(run_dir)  # an ObjectRunStore for a URL run dir
+    store = RunStore(run_dir)  # a local path or a URL run dir
     info = store.read_run() or {}
     dag_text = store.read_root_file("dag.yaml")
     stage_ids: list[str] = []

@@ -27,6 +27,10 @@ at its first dot or cannot take Unicode.
 that make names unique themselves (the ``nemo`` exporter's ``_<k>`` suffixes).
 Case-insensitive or normalising file systems (macOS, Windows) may still fold two distinct
 names (``Anna``/``anna``, NFC/NFD) into one file.
+
+:func:`safe_filename` is for names that come from outside (a URL's last path segment, a
+``Content-Disposition`` name) and keep their extension: NFKC, controls and path characters
+removed, cut to ``max_bytes`` of UTF-8 with the extension kept, never a reserved name.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import hashlib
 import re
 import unicodedata
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 #: hex digits of the id's SHA-256 appended to a changed or cut name (48 bits)
 HASH_HEX = 12
@@ -122,3 +127,84 @@ def safe_name(id: Any, *, max_bytes: int = 120, suffix: str = "",
         return text + suffix
     part = _utf8_prefix(readable, budget) or "_"
     return part + name_hash(text) + suffix
+
+
+# -- safe file names -----------------------------------------------------------------------
+_WIN_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
+    | {f"COM{i}" for i in range(10)} | {f"LPT{i}" for i in range(10)}
+)
+_FORBIDDEN_CHARS = re.compile(r'[/\\:*?"<>|]')
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _strip_controls(s: str) -> str:
+    # Cc: C0/C1 controls; Cf: format chars (bidi overrides, zero-width); Cs: lone surrogates
+    return "".join(c for c in s if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
+
+
+def _utf8_prefix(s: str, max_bytes: int) -> str:
+    return s.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    """``("stem", ".ext")`` when the extension is 1-8 ASCII letters/digits, else (name, "")."""
+    dot = name.rfind(".")
+    if dot > 0:
+        ext = name[dot:]
+        if 2 <= len(ext) <= 9 and ext[1:].isascii() and ext[1:].isalnum():
+            return name[:dot], ext
+    return name, ""
+
+
+def _truncate(name: str, max_bytes: int) -> str:
+    """At most ``max_bytes`` of UTF-8, cut on a character boundary, keeping the extension."""
+    if len(name.encode("utf-8")) <= max_bytes:
+        return name
+    stem, ext = _split_ext(name)
+    if ext and max_bytes > len(ext):
+        stem = _utf8_prefix(stem, max_bytes - len(ext)).rstrip(". ")
+        if stem:
+            return stem + ext
+    return _utf8_prefix(name, max_bytes).rstrip(". ")
+
+
+def _is_reserved(name: str) -> bool:
+    return name.split(".", 1)[0].rstrip(" ").upper() in _WIN_RESERVED
+
+
+def _sanitize(name: str, max_bytes: int) -> str:
+    if _URL_LIKE.match(name):  # a URL: its path, without query and fragment
+        name = urlsplit(name).path
+    name = unicodedata.normalize("NFKC", unquote(name))
+    name = re.sub(r"\s+", " ", name)  # newlines, tabs... are whitespace, not removed
+    name = _strip_controls(name)
+    comps = [c for c in re.split(r"[/\\]", name) if c.strip()]
+    name = comps[-1].strip() if comps else ""
+    name = _FORBIDDEN_CHARS.sub("_", name)
+    name = re.sub(r"\s+", "_", name)
+    name = name.lstrip(".-").rstrip(". ")
+    if name in ("", ".", ".."):
+        return ""
+    name = _truncate(name, max_bytes)
+    if name and _is_reserved(name):
+        name = _truncate("_" + name, max_bytes)
+    return name if name not in (".", "..") else ""
+
+
+def safe_filename(name: str, max_bytes: int = 100, default: str = "file") -> str:
+    """A single file name, safe to create inside a directory, derived from ``name``.
+
+    ``name`` may be a path, a URL (its path is used; query and fragment are dropped) or
+    URL-encoded text. Only the last path component is kept (``/`` and ``\\`` both count),
+    NFKC-normalised, with control and invisible format characters removed, ``/ \\ : * ?
+    " < > |`` replaced by ``_``, whitespace runs replaced by ``_``, leading dots/dashes and
+    trailing dots removed. The result is at most ``max_bytes`` bytes of UTF-8, cut on a
+    character boundary and keeping a short (<= 8 ASCII alphanumerics) extension; Windows
+    device names (``CON``, ``NUL``, ``COM1``...) get a ``_`` prefix. When nothing usable is
+    left (empty, ``.``, ``..``), the sanitised ``default`` is returned (``"file"`` if that
+    is unusable too).
+    """
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    return _sanitize(name, max_bytes) or _sanitize(default, max_bytes) or "file"[:max_bytes]

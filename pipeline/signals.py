@@ -6,8 +6,8 @@ the run ``interrupted`` in ``run.json`` and the command exits with 130; rerunnin
 resumes. A second signal while that clean-up runs exits at once (still 130; committed
 batches are safe either way, each part is written whole or not at all).
 
-The stall watchdog interrupts the main thread through the same SIGINT handler
-(:func:`watchdog_interrupt_main`); that is not a user's signal and is not counted. So
+The stall watchdog (:class:`Watchdog`) interrupts the main thread through the same SIGINT
+handler (:func:`watchdog_interrupt_main`); that is not a user's signal and is not counted. So
 does a run's lost lease on an object-store run directory (:func:`raise_in_main`): the
 handler raises that error, and the run fails with it.
 """
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,3 +131,41 @@ class GracefulSignals:
                 os._exit(EXIT_INTERRUPTED)
         self.received = name
         raise RunInterrupted(name)
+
+
+class Watchdog:
+    """Interrupts the main thread when no batch finished for ``timeout_s`` seconds."""
+
+    def __init__(self, timeout_s: float, what: str) -> None:
+        self.timeout_s = timeout_s
+        self.what = what
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True, name="speechmill-watchdog")
+
+    def __enter__(self) -> Watchdog:
+        self._old_handler = None
+        # background jobs (`cmd &`) start with SIGINT ignored: interrupt_main would then
+        # do nothing, so install Python's handler for the watchdog's duration
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+            self._old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if time.monotonic() - self.last > self.timeout_s and not self._stop.is_set():
+                self.fired = True
+                watchdog_interrupt_main()
+                return

@@ -131,7 +131,7 @@ def _on_filesystem(parts: list[Any]) -> tuple[list[Any], Any]:
     """Parts named by URL (a run directory on object storage: ``s3://...``) as paths in
     their fsspec filesystem, which pyarrow then reads with ranged reads (footer, the
     columns asked for), never a whole copy; local parts as they are (filesystem None)."""
-    from speechmill.pipeline.store import is_url
+    from speechmill.pipeline.store.layout import is_url
 
     urls = [str(p) for p in parts if isinstance(p, str) and is_url(p)]
     if not urls:

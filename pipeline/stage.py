@@ -66,7 +66,7 @@ class StageContext:
         return self._local_root() / "tmp" / self.stage_id
 
     def _local_root(self) -> Path:
-        from speechmill.pipeline.store import is_url, local_cache_dir
+        from speechmill.pipeline.store.layout import is_url, local_cache_dir
 
         return local_cache_dir(self.run_dir) if is_url(self.run_dir) else Path(self.run_dir)
 

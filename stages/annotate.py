@@ -52,16 +52,18 @@ class Annotate(Stage):
     config: AnnotateConfig
 
     def setup(self) -> None:
-        from speechmill.stages import annotate_quality as quality
+        from speechmill.stages import text_signals
+        from speechmill.stages.audio_models import quality
 
         self.q = quality
+        self.t = text_signals
         if self.config.dnsmos:  # load the ONNX sessions once per worker, not per row
             import numpy as np
 
             quality.dnsmos(np.zeros(int(9.01 * SR), np.float32), SR)
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        c, q = self.config, self.q
+        c, q, t = self.config, self.q, self.t
         need_audio = c.dnsmos or c.snr or c.clipping or c.bandwidth
         scores: dict[str, Any] = dict(row.get("scores") or {})
         if need_audio:
@@ -83,17 +85,17 @@ class Annotate(Stage):
         text = row.get("text") or ""
         out: dict[str, Any] = {**row}
         if c.speaking_rate:
-            rate = q.speaking_rate(text, float(row.get("duration") or 0.0))
+            rate = t.speaking_rate(text, float(row.get("duration") or 0.0))
             scores.update({k: rate[k] for k in ("chars_per_s", "words_per_s")})
         if c.text_lid:
-            lang, prob = q.text_language(text, tuple(c.lid_languages) or None)
+            lang, prob = t.text_language(text, tuple(c.lid_languages) or None)
             out["text_language"] = lang
             scores["text_lid_prob"] = prob
             asr_lang = row.get("language")
             out["lid_agrees"] = (None if lang is None or not asr_lang
                                  else lang == str(asr_lang).split("-")[0])
         if c.hallucination:
-            h = q.hallucination_signals(text, scores.get("asr_compression_ratio"),
+            h = t.hallucination_signals(text, scores.get("asr_compression_ratio"),
                                         scores.get("asr_no_speech_prob"))
             scores["repeat_ngram_ratio"] = h["repeat_ngram_ratio"]
             scores["text_compression_ratio"] = h["text_compression_ratio"]

@@ -3,7 +3,7 @@
 Backend ``embed-cluster`` (the offline default, built only from models shipped in pip
 packages): Silero VAD -> Resemblyzer GE2E embeddings on sliding windows -> spectral /
 agglomerative clustering with an automatic number of speakers -> turns (see
-``diarize_embed.py``). Each output row is the input file with ``turns`` (start, end,
+:mod:`speechmill.stages.audio_models.speaker`). Each output row is the input file with ``turns`` (start, end,
 local speaker label), ``overlaps`` (regions where two speakers likely talk at once),
 ``num_speakers`` and ``speaker_embeddings`` (one L2-normalised mean embedding per local
 speaker, used by ``link_speakers`` to give speakers run-wide ids). A file without speech
@@ -133,19 +133,19 @@ class Diarize(Stage):
                                         min_speakers=c.min_speakers,
                                         max_speakers=c.max_speakers, uri=row_id)
         else:
-            from speechmill.stages import diarize_embed
+            from speechmill.stages.audio_models import speaker, vad
 
-            diarize_embed.load_models()
+            speaker.load_models()
 
             def run(audio: Any, sr: int, row_id: str) -> Any:
-                return diarize_embed.diarize(
+                return speaker.diarize(
                     audio, sr, num_speakers=c.num_speakers, min_speakers=c.min_speakers,
                     max_speakers=c.max_speakers, window_s=c.window_s, step_s=c.step_s,
                     threshold=c.threshold,
                 )
 
             def stream(reader: AudioReader) -> Any:
-                return diarize_embed.diarize_stream(
+                return speaker.diarize_stream(
                     reader.read, reader.n, num_speakers=c.num_speakers,
                     min_speakers=c.min_speakers, max_speakers=c.max_speakers,
                     window_s=c.window_s, step_s=c.step_s, threshold=c.threshold,
@@ -153,7 +153,7 @@ class Diarize(Stage):
                 )
 
             self._stream = stream
-            self._stream_above_s = diarize_embed.CHUNK_S
+            self._stream_above_s = vad.CHUNK_S
         self._run = run
 
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ workers (e.g. through the job's runtime environment).
 imports pyannote, unless the variable is already set (a batch pipeline should not phone
 home, and it may be offline). Set ``PYANNOTE_METRICS_ENABLED=true`` to opt in.
 
-**Output** (:class:`~speechmill.stages.diarize_embed.DiarizationResult`, the same as the
+**Output** (:class:`~speechmill.stages.audio_models.speaker.DiarizationResult`, the same as the
 ``embed-cluster`` backend): turns from ``speaker_diarization`` (turns of different
 speakers may overlap), ``overlaps`` = its overlapped-speech regions (``get_overlap()``),
 and one L2-normalised embedding per speaker: pyannote's cluster centroid (the mean of the
@@ -72,7 +72,7 @@ from speechmill.pipeline.models import (
     register_downloader,
     resolve,
 )
-from speechmill.stages.diarize_embed import DiarizationResult
+from speechmill.stages.audio_models.speaker import DiarizationResult
 
 __all__ = [
     "BACKEND",

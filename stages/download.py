@@ -17,7 +17,7 @@ Transient and data rejects: a fetch that failed because the service failed after
 fetcher's retries -- ``timeout``, ``connection_error`` (refused, reset, a temporary DNS
 failure), ``rate_limited`` (429 beyond the retries), ``http_server_error`` (5xx),
 ``truncated`` (the body kept breaking off): :attr:`FetchError.transient
-<speechmill.stages.download_fetch.FetchError.transient>` -- is rejected with ``kind``
+<speechmill.stages.download_policy.FetchError.transient>` -- is rejected with ``kind``
 "transient" (counted toward the error budget; a rerun retries the row, resuming the
 part file kept for it). So is an object store that cannot be reached (connection
 errors, timeouts, 408/429/5xx from fsspec) and a yt-dlp page whose every failure was of
@@ -155,7 +155,7 @@ class Download(Stage):
 
     # -- shared ------------------------------------------------------------------------
     def _policy(self) -> Any:
-        from speechmill.stages.download_fetch import FetchPolicy
+        from speechmill.stages.download_policy import FetchPolicy
 
         c = self.config
         return FetchPolicy(
@@ -180,7 +180,7 @@ class Download(Stage):
 
     # -- plan ----------------------------------------------------------------------------
     def plan(self) -> pa.Table:
-        from speechmill.stages.download_feeds import normalize_url
+        from speechmill.stages.download_urls import normalize_url
 
         rows: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
@@ -231,12 +231,13 @@ class Download(Stage):
         )
 
     def _read_list(self, path: str) -> list[dict[str, Any]]:
-        from speechmill.stages.download_feeds import read_url_list
+        from speechmill.stages.download_urls import read_url_list
 
         kind = Path(urlsplit(path).path).suffix.lower().lstrip(".") or "txt"
         kind = kind if kind in ("txt", "csv", "tsv", "jsonl") else "txt"
         if urlsplit(path).scheme.lower() in ("http", "https"):
-            from speechmill.stages.download_fetch import Fetcher, FetchError
+            from speechmill.stages.download_fetch import Fetcher
+            from speechmill.stages.download_policy import FetchError
 
             try:
                 data, _ = Fetcher(self._policy()).get_bytes(path)
@@ -263,7 +264,8 @@ class Download(Stage):
 
     def _plan_feed(self, feed: str, add: Any, rows: list[dict[str, Any]]) -> None:
         from speechmill.stages.download_feeds import parse_feed
-        from speechmill.stages.download_fetch import Fetcher, FetchError
+        from speechmill.stages.download_fetch import Fetcher
+        from speechmill.stages.download_policy import FetchError
 
         try:
             if is_url(feed):
@@ -365,7 +367,8 @@ class Download(Stage):
         raise Reject("bad_url", f"unknown kind {kind!r}")
 
     def _dest(self, url: str, ext_hint: str = "") -> Path:
-        from speechmill.stages.download_feeds import normalize_url, safe_filename
+        from speechmill.pipeline.safe_names import safe_filename
+        from speechmill.stages.download_urls import normalize_url
 
         parts = urlsplit(url)
         with contextlib.suppress(Exception):
@@ -379,7 +382,7 @@ class Download(Stage):
         return self.ctx.media_dir / host / f"{h}{ext}"
 
     def _http(self, row: dict[str, Any]) -> dict[str, Any]:
-        from speechmill.stages.download_fetch import FetchError
+        from speechmill.stages.download_policy import FetchError
 
         url = row["source_url"]
         dest = self._dest(url)
@@ -495,7 +498,8 @@ class Download(Stage):
         """All media of one page/playlist through yt-dlp, audio only."""
         import yt_dlp
 
-        from speechmill.stages.download_fetch import FetchError, check_url
+        from speechmill.stages.download_policy import FetchError
+        from speechmill.stages.download_safety import check_url
 
         page = row["source_url"]
         try:
@@ -546,7 +550,7 @@ class Download(Stage):
                 if not path.exists() and media_url and entry.get("protocol") in ("http", "https"):
                     # a plain file: our fetcher (SSRF guard on every hop, Range resume,
                     # per-host limits, sniffing) instead of yt-dlp's downloader
-                    from speechmill.stages.download_fetch import FetchError as _FE
+                    from speechmill.stages.download_policy import FetchError as _FE
 
                     try:
                         self.fetcher.fetch(media_url, path)
@@ -785,6 +789,6 @@ def _append_archive(path: Path, key: str, done: set[str]) -> None:
 def _run_local_dir(run_dir: str) -> Path:
     """Where this run keeps local files: the run dir itself, or for a run dir on object
     storage the node's local cache of it (yt-dlp's archive only saves re-downloads)."""
-    from speechmill.pipeline.store import is_url, local_cache_dir
+    from speechmill.pipeline.store.layout import is_url, local_cache_dir
 
     return local_cache_dir(run_dir) if is_url(run_dir) else Path(run_dir)

@@ -1,34 +1,25 @@
-"""Podcast/media feeds, URL normalisation, safe file names and URL lists.
-
-Helpers for turning web sources into download jobs:
+"""Podcast and media feeds for the ``download`` stage.
 
 * :func:`parse_feed` reads RSS 2.0 (iTunes, Media RSS, Dublin Core, Creative Commons and
   Atom extensions) and Atom 1.0 feeds into feed metadata plus one :class:`FeedItem` per
   audio/video enclosure. The XML is parsed with ``defusedxml``: a feed that declares
   entities (billion laughs, XXE) or references external resources raises ``ValueError``
   instead of being expanded or fetched.
-* :func:`normalize_url` gives a canonical form of a URL for de-duplication.
-* :func:`safe_filename` turns an untrusted name (or URL) into one file name that is safe to
-  create inside a directory.
-* :func:`read_url_list` reads txt/csv/tsv/jsonl lists of URLs with per-URL metadata.
+URL normalisation and URL lists are in :mod:`speechmill.stages.download_urls`, safe
+file names in :mod:`speechmill.pipeline.safe_names`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import email.utils
 import html
-import io
-import json
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 from xml.etree.ElementTree import Element, ParseError
 
 import defusedxml.ElementTree as DET
@@ -36,7 +27,7 @@ from defusedxml import DefusedXmlException
 
 from speechmill.pipeline.audio import MEDIA_EXTENSIONS
 
-__all__ = ["FeedItem", "normalize_url", "parse_feed", "read_url_list", "safe_filename"]
+__all__ = ["FeedItem", "parse_feed"]
 
 # -- namespaces ----------------------------------------------------------------------------
 NS_ATOM = "http://www.w3.org/2005/Atom"
@@ -533,320 +524,3 @@ def _parse_atom(root: Element, base_url: str) -> tuple[dict[str, str | None], li
             season=_parse_int(_first_text(entry, _q(NS_ITUNES, "season"))),
         )
     return meta, items
-
-
-# -- URL normalisation ---------------------------------------------------------------------
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_SUB_DELIMS = "!$&'()*+,;="
-_PATH_SAFE = frozenset(_UNRESERVED | set(_SUB_DELIMS) | set(":@/"))
-_QUERY_SAFE = frozenset(_PATH_SAFE | set("?"))
-_USERINFO_SAFE = frozenset(_UNRESERVED | set(_SUB_DELIMS) | set(":"))
-_HEX = frozenset("0123456789abcdefABCDEF")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_TRACKING_PARAMS = frozenset({"fbclid", "gclid"})
-
-
-def _norm_pct(s: str, safe: frozenset[str]) -> str:
-    """Uppercase ``%xx``, decode escaped unreserved characters, escape unsafe ones (UTF-8)."""
-    out: list[str] = []
-    i, n = 0, len(s)
-    while i < n:
-        c = s[i]
-        if c == "%" and i + 2 < n and s[i + 1] in _HEX and s[i + 2] in _HEX:
-            ch = chr(int(s[i + 1:i + 3], 16))
-            out.append(ch if ch in _UNRESERVED else "%" + s[i + 1:i + 3].upper())
-            i += 3
-            continue
-        if c in safe:
-            out.append(c)
-        else:  # includes a lone '%' (-> %25, which keeps this idempotent)
-            out.extend(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
-        i += 1
-    return "".join(out)
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 section 5.2.4 for an absolute path."""
-    segs = path.split("/")
-    out: list[str] = []
-    for seg in segs[1:]:
-        if seg == ".":
-            continue
-        if seg == "..":
-            if out:
-                out.pop()
-            continue
-        out.append(seg)
-    if segs[-1] in (".", ".."):
-        out.append("")
-    return "/" + "/".join(out)
-
-
-def _norm_host(host: str) -> str:
-    if host.startswith("["):  # IPv6 literal
-        return host.lower()
-    host = host.lower().rstrip(".")
-    if not host.isascii():
-        with contextlib.suppress(UnicodeError):  # not a valid IDN: keep the lowercased text
-            host = host.encode("idna").decode("ascii")
-    return host
-
-
-def normalize_url(url: str) -> str:
-    """Canonical form of ``url`` for de-duplication (idempotent).
-
-    Lowercases scheme and host, IDNA-encodes non-ASCII hosts, drops default ports (http
-    80, https 443), the fragment, ``utm_*``/``fbclid``/``gclid`` query parameters and
-    empty query parameters, sorts the remaining parameters, makes an empty path ``/``,
-    resolves ``.``/``..`` path segments and normalises percent-encoding (uppercase hex,
-    escaped unreserved characters decoded, spaces and non-ASCII characters escaped as
-    UTF-8). Raises ``ValueError`` for a URL that cannot be split (e.g. a broken IPv6
-    literal).
-    """
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    netloc = parts.netloc
-    if netloc:
-        userinfo, at, hostport = netloc.rpartition("@")
-        if hostport.startswith("[") and "]" in hostport:
-            end = hostport.index("]") + 1
-            host, port = hostport[:end], hostport[end:].removeprefix(":")
-        elif ":" in hostport:
-            host, _, port = hostport.rpartition(":")
-        else:
-            host, port = hostport, ""
-        host = _norm_host(host)
-        if port.isdigit() and port.isascii():
-            port = "" if int(port) == _DEFAULT_PORTS.get(scheme) else str(int(port))
-        netloc = (_norm_pct(userinfo, _USERINFO_SAFE) + at if at else "") + host + (
-            ":" + port if port else "")
-    path = _norm_pct(parts.path, _PATH_SAFE)
-    if path.startswith("/"):
-        path = _remove_dot_segments(path)
-    if not path and netloc:
-        path = "/"
-    params: list[tuple[str, str]] = []
-    for pair in parts.query.split("&"):
-        if not pair:
-            continue
-        key, eq, value = pair.partition("=")
-        key = _norm_pct(key, _QUERY_SAFE)
-        k = key.lower()
-        if k.startswith("utm_") or k in _TRACKING_PARAMS:
-            continue
-        params.append((key, eq + _norm_pct(value, _QUERY_SAFE)))
-    params.sort()
-    query = "&".join(k + v for k, v in params)
-    return urlunsplit((scheme, netloc, path, query, ""))
-
-
-# -- safe file names -----------------------------------------------------------------------
-_WIN_RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
-    | {f"COM{i}" for i in range(10)} | {f"LPT{i}" for i in range(10)}
-)
-_FORBIDDEN_CHARS = re.compile(r'[/\\:*?"<>|]')
-_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _strip_controls(s: str) -> str:
-    # Cc: C0/C1 controls; Cf: format chars (bidi overrides, zero-width); Cs: lone surrogates
-    return "".join(c for c in s if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
-
-
-def _utf8_prefix(s: str, max_bytes: int) -> str:
-    return s.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
-
-
-def _split_ext(name: str) -> tuple[str, str]:
-    """``("stem", ".ext")`` when the extension is 1-8 ASCII letters/digits, else (name, "")."""
-    dot = name.rfind(".")
-    if dot > 0:
-        ext = name[dot:]
-        if 2 <= len(ext) <= 9 and ext[1:].isascii() and ext[1:].isalnum():
-            return name[:dot], ext
-    return name, ""
-
-
-def _truncate(name: str, max_bytes: int) -> str:
-    """At most ``max_bytes`` of UTF-8, cut on a character boundary, keeping the extension."""
-    if len(name.encode("utf-8")) <= max_bytes:
-        return name
-    stem, ext = _split_ext(name)
-    if ext and max_bytes > len(ext):
-        stem = _utf8_prefix(stem, max_bytes - len(ext)).rstrip(". ")
-        if stem:
-            return stem + ext
-    return _utf8_prefix(name, max_bytes).rstrip(". ")
-
-
-def _is_reserved(name: str) -> bool:
-    return name.split(".", 1)[0].rstrip(" ").upper() in _WIN_RESERVED
-
-
-def _sanitize(name: str, max_bytes: int) -> str:
-    if _URL_LIKE.match(name):  # a URL: its path, without query and fragment
-        name = urlsplit(name).path
-    name = unicodedata.normalize("NFKC", unquote(name))
-    name = re.sub(r"\s+", " ", name)  # newlines, tabs... are whitespace, not removed
-    name = _strip_controls(name)
-    comps = [c for c in re.split(r"[/\\]", name) if c.strip()]
-    name = comps[-1].strip() if comps else ""
-    name = _FORBIDDEN_CHARS.sub("_", name)
-    name = re.sub(r"\s+", "_", name)
-    name = name.lstrip(".-").rstrip(". ")
-    if name in ("", ".", ".."):
-        return ""
-    name = _truncate(name, max_bytes)
-    if name and _is_reserved(name):
-        name = _truncate("_" + name, max_bytes)
-    return name if name not in (".", "..") else ""
-
-
-def safe_filename(name: str, max_bytes: int = 100, default: str = "file") -> str:
-    """A single file name, safe to create inside a directory, derived from ``name``.
-
-    ``name`` may be a path, a URL (its path is used; query and fragment are dropped) or
-    URL-encoded text. Only the last path component is kept (``/`` and ``\\`` both count),
-    NFKC-normalised, with control and invisible format characters removed, ``/ \\ : * ?
-    " < > |`` replaced by ``_``, whitespace runs replaced by ``_``, leading dots/dashes and
-    trailing dots removed. The result is at most ``max_bytes`` bytes of UTF-8, cut on a
-    character boundary and keeping a short (<= 8 ASCII alphanumerics) extension; Windows
-    device names (``CON``, ``NUL``, ``COM1``...) get a ``_`` prefix. When nothing usable is
-    left (empty, ``.``, ``..``), the sanitised ``default`` is returned (``"file"`` if that
-    is unusable too).
-    """
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-    return _sanitize(name, max_bytes) or _sanitize(default, max_bytes) or "file"[:max_bytes]
-
-
-# -- URL lists -----------------------------------------------------------------------------
-URL_KEYS = ("url", "link", "source_url", "audio_url")
-_LIST_KINDS = ("txt", "csv", "tsv", "jsonl")
-
-
-def _pick_url(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    lower = {str(k).strip().lower(): k for k in rec if k is not None}
-    for want in URL_KEYS:
-        key = lower.get(want)
-        if key is None:
-            continue
-        v = rec[key]
-        if isinstance(v, str) and v.strip():
-            meta = {k: val for k, val in rec.items()
-                    if k != key and k is not None and str(k).strip().lower() != "url"}
-            return {"url": v.strip(), **meta}
-        if v not in (None, ""):
-            raise ValueError(f"{where}: {key!r} is not a string: {_short(v)}")
-    raise ValueError(f"{where} has no URL (expected a non-empty {'/'.join(URL_KEYS)} value)")
-
-
-_LIST_MAX_DEPTH = 32
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _short(v: Any, n: int = 80) -> str:
-    try:
-        r = repr(v[: n + 1] if isinstance(v, str) else v)
-    except RecursionError:
-        return f"<a deeply nested {type(v).__name__}>"
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def _check_entry(rec: dict[str, Any], where: str) -> dict[str, Any]:
-    """``rec`` if its URL can be split and its values stored (no lone surrogate from a
-    JSON ``"\\ud800"`` escape, no nesting deeper than 32 levels); else ``ValueError``."""
-    try:
-        urlsplit(rec["url"])
-    except ValueError as e:
-        raise ValueError(f"{where}: {_short(rec['url'])} is not a URL ({e})") from None
-    stack: list[tuple[Any, int]] = [(rec, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, str):
-            if not v.isascii() and _SURROGATES.search(v):
-                raise ValueError(f"{where}: {_short(v)} is not valid Unicode (a lone "
-                                 "surrogate)")
-        elif isinstance(v, dict | list):
-            if depth >= _LIST_MAX_DEPTH:
-                raise ValueError(f"{where}: nested deeper than {_LIST_MAX_DEPTH} levels")
-            for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
-                stack.append((k, depth + 1))
-                stack.append((x, depth + 1))
-    return rec
-
-
-def read_url_list(text: str | bytes, kind: str, source: str | None = None
-                  ) -> list[dict[str, Any]]:
-    """Read a list of URLs with optional metadata.
-
-    ``kind`` is ``"txt"`` (one URL per line; blank lines and ``#`` comment lines skipped),
-    ``"csv"``/``"tsv"`` (header row with a ``url``, ``link``, ``source_url`` or
-    ``audio_url`` column, matched case-insensitively, first non-empty one wins) or
-    ``"jsonl"`` (one JSON object per line with one of those keys). Returns one dict per
-    entry with the key ``url`` plus the entry's other columns/keys as metadata. A leading
-    UTF-8 BOM is ignored. Raises ``ValueError`` naming the line of an entry without a URL,
-    of a URL that cannot be split (``http://[``), of invalid JSON (or JSON nested too
-    deeply, or holding a lone surrogate), of bytes that are not UTF-8 (``text`` given as
-    bytes), or for an unknown ``kind``; ``source`` (e.g. the config key and file) starts
-    each message.
-    """
-    try:
-        return _read_url_list(text, kind)
-    except ValueError as e:
-        if source:
-            raise ValueError(f"{source}: {e}") from None
-        raise
-
-
-def _read_url_list(text: str | bytes, kind: str) -> list[dict[str, Any]]:
-    k = kind.strip().lower().lstrip(".")
-    if k not in _LIST_KINDS:
-        raise ValueError(f"unknown URL list kind {kind!r} (expected one of {', '.join(_LIST_KINDS)})")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")  # (a BOM decodes to U+FEFF: removed below)
-        except UnicodeDecodeError as e:
-            line = text.count(b"\n", 0, e.start) + 1
-            col = e.start - (text.rfind(b"\n", 0, e.start) + 1) + 1
-            raise ValueError(f"line {line}: not UTF-8 text (byte 0x{text[e.start]:02x} at "
-                             f"column {col})") from None
-    text = text.removeprefix("\ufeff")
-    out: list[dict[str, Any]] = []
-    if k == "txt":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            s = line.strip()
-            if s and not s.startswith("#"):
-                out.append(_check_entry({"url": s}, f"line {lineno}"))
-        return out
-    if k == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError) as e:  # too deep, a 5000-digit number...
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else (
-                    "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200])
-                raise ValueError(f"line {lineno}: invalid JSON ({msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"line {lineno}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
-            out.append(_check_entry(_pick_url(rec, f"line {lineno}"), f"line {lineno}"))
-        return out
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if k == "tsv" else ",")
-    try:
-        header = reader.fieldnames
-        if not header:
-            return out
-        reader.fieldnames = [h.strip() if h else h for h in header]
-        if not any(h and h.lower() in URL_KEYS for h in reader.fieldnames):
-            raise ValueError(f"line 1: header has no URL column (expected one of "
-                             f"{', '.join(URL_KEYS)}; got {', '.join(map(str, header))})")
-        for rec in reader:
-            where = f"line {reader.line_num}"
-            out.append(_check_entry(_pick_url(rec, where), where))
-    except csv.Error as e:
-        raise ValueError(f"line {reader.line_num}: {e}") from None
-    return out

@@ -1,44 +1,27 @@
 """Polite, fault-tolerant, resumable HTTP(S) file fetching for the ``download`` stage.
 
 ``Fetcher.fetch(url, dest)`` downloads one file; the ``download`` stage calls it from a
-thread pool, so everything here is thread-safe and the per-host limits are process-wide.
+thread pool, so everything here is thread-safe. Every request carries
+``FetchPolicy.user_agent`` (:mod:`speechmill.stages.download_policy`) and passes the
+process-wide per-host gate (:mod:`speechmill.stages.download_hosts`: concurrency, start
+spacing, ``Retry-After``); every URL and every redirect hop is checked before it is sent, and
+the connected peer before any body byte is read (:mod:`speechmill.stages.download_safety`).
 
-Politeness
-    Every request carries ``FetchPolicy.user_agent``. Per host (the URL's host name) at most
-    ``per_host_concurrency`` requests are in flight and request starts are spaced at least
-    ``1 / per_host_rps`` seconds apart; both limits live in a module-level registry, so
-    they hold across all ``Fetcher`` instances and threads of a process. A ``Retry-After``
-    from a 429 or 503 (seconds or an HTTP date, capped at ``max_retry_after_s``) delays
-    every later request to that host, not only the retry.
-
-Safety
-    Only http and https URLs; ``deny_hosts`` and then ``allow_hosts`` (fnmatch patterns)
-    are checked, and every host is resolved with ``socket.getaddrinfo``: an address that is
-    loopback, private, link-local, reserved, multicast, unspecified or otherwise not
-    globally routable is refused (``private_address``) unless ``allow_private`` names the
-    host, the address or a network containing it. Redirects are followed by hand and
-    every hop is checked again. As a guard against DNS rebinding the peer address of the
-    actual connection (plain or TLS) is checked too, as soon as the response headers are
-    in and before any body byte is read, redirect bodies included (not when a proxy from
-    the environment is used: the peer is then the proxy). The check fails closed: when
-    the peer address cannot be read the response is dropped unread (``unverified_peer``)
-    unless ``allow_private`` names the host. A redirect's body is never read, whatever
-    its size: the connection is closed once the Location is known.
-    With ``sniff`` a body that starts like HTML, XML, JSON or plain text is refused
-    (``not_audio``), and ``max_bytes`` bounds a body by its declared length and while
-    streaming. File names are never derived from URLs: the caller picks ``dest``.
+Bodies
+    Redirects are followed by hand. A redirect's body is never read, whatever its size: the
+    connection is closed once the Location is known. With ``sniff`` a body that starts like
+    HTML, XML, JSON or plain text is refused (``not_audio``), and ``max_bytes`` bounds a body
+    by its declared length and while streaming. File names are never derived from URLs: the
+    caller picks ``dest``.
 
 Faults and retries
     Timeouts, connection errors, short bodies, 429 and 5xx are retried ``max_retries``
     times with exponential backoff and full jitter (``uniform(0, min(backoff_max_s,
-    backoff_base_s * 2**n))``) or the server's ``Retry-After``. Other 4xx, redirect
+    backoff_base_s * 2**n))``) or the server's ``Retry-After``, as the project's HTTP
+    policy does it (:mod:`speechmill.pipeline.http_policy`). Other 4xx, redirect
     problems, policy refusals, ``too_large``, ``not_audio`` and ``checksum_mismatch`` are
-    final at once. Failures raise ``FetchError`` whose ``reason`` is one of ``REASONS``.
-    ``FetchError.transient`` tells the two kinds apart once the retries are spent: True
-    when the service failed (``timeout`` -- HTTP 408 included --, ``connection_error``,
-    ``rate_limited``, ``http_server_error``, ``truncated``; not a DNS name that does not
-    exist), False for what the URL itself earns (the ``download`` stage's rejects are
-    transient or data accordingly).
+    final at once. Failures raise ``FetchError`` whose ``reason`` is one of ``REASONS``
+    (``FetchError.transient`` tells a failed service from a bad URL).
 
 Resume and atomicity
     Bytes arrive in ``<dest>.part``; before the first byte is written ``<dest>.part.json``
@@ -57,363 +40,40 @@ Resume and atomicity
 from __future__ import annotations
 
 import contextlib
-import email.utils
-import fnmatch
-import functools
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
-import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-__all__ = [
-    "REASONS",
-    "RETRYABLE",
-    "FetchError",
-    "FetchPolicy",
-    "FetchResult",
-    "Fetcher",
-    "check_url",
-    "sniff_not_audio",
-]
+from speechmill.pipeline.http_policy import (
+    Failure,
+    RetryPolicy,
+    call_with_retries,
+    error_text,
+    retry_after_seconds,
+)
+from speechmill.stages import download_hosts as hosts
+from speechmill.stages.download_policy import RETRYABLE, FetchError, FetchPolicy, FetchResult
+from speechmill.stages.download_safety import bad_url, check_peer, check_url
 
-REASONS = frozenset({
-    "bad_url", "blocked_host", "private_address", "not_found", "http_client_error",
-    "rate_limited", "http_server_error", "timeout", "connection_error",
-    "too_many_redirects", "redirect_loop", "truncated", "too_large", "not_audio",
-    "checksum_mismatch", "unverified_peer",
-})
-#: reasons worth another attempt (after backoff / Retry-After)
-RETRYABLE = frozenset({
-    "rate_limited", "http_server_error", "timeout", "connection_error", "truncated",
-})
+__all__ = ["Fetcher", "sha256_file", "sniff_not_audio"]
 
 CHUNK_BYTES = 64 * 1024
 SNIFF_BYTES = 512
 _T = TypeVar("_T")
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    user_agent: str = "speechmill/0.1 (+https://pypi.org/project/speechmill/)"
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0          # a stalled body (no bytes for this long) is a timeout
-    max_retries: int = 4                  # retries after the first attempt
-    backoff_base_s: float = 0.5           # exponential backoff base, with full jitter
-    backoff_max_s: float = 30.0
-    max_retry_after_s: float = 120.0      # cap on honoured Retry-After (seconds or HTTP date)
-    max_redirects: int = 5
-    max_bytes: int | None = None          # larger bodies -> too_large
-    per_host_concurrency: int = 2         # simultaneous requests per host (process-wide)
-    per_host_rps: float = 4.0             # request starts per second per host (0 = unlimited)
-    allow_hosts: tuple[str, ...] = ()     # fnmatch patterns; empty = all hosts allowed
-    deny_hosts: tuple[str, ...] = ()      # fnmatch patterns, checked first
-    allow_private: tuple[str, ...] = ()   # hosts / IPs / CIDRs exempt from the SSRF guard
-    sniff: bool = True                    # reject bodies that are HTML/XML/JSON/plain text
-    min_speed_bps: float = 512.0          # slower than this over a window: timeout (0 = off)
-    slow_window_s: float = 30.0           # ... measured over this many seconds
-
-    def __post_init__(self) -> None:
-        if self.per_host_concurrency < 1:
-            raise ValueError("per_host_concurrency must be >= 1")
-        if self.max_retries < 0 or self.max_redirects < 0:
-            raise ValueError("max_retries and max_redirects must be >= 0")
-        if self.per_host_rps < 0:
-            raise ValueError("per_host_rps must be >= 0")
-        if min(self.connect_timeout_s, self.read_timeout_s) <= 0:
-            raise ValueError("timeouts must be > 0")
-
-
-class FetchError(Exception):
-    """A fetch that failed for good; ``reason`` is one of ``REASONS``."""
-
-    def __init__(self, reason: str, detail: str = "", *, status: int | None = None,
-                 attempts: int = 0, url: str = "", retry_after: float | None = None,
-                 retry: bool | None = None) -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-        self.status = status
-        self.attempts = attempts
-        self.url = url
-        self.retry_after = retry_after  # seconds the server asked for (429/503), if any
-        self._retry = retry             # None: decided by reason
-
-    @property
-    def retryable(self) -> bool:
-        return self._retry if self._retry is not None else self.reason in RETRYABLE
-
-    @property
-    def transient(self) -> bool:
-        """A failure of the service (after the retries), not of the URL: a retryable
-        network/server reason (``timeout``, ``connection_error``, ``rate_limited``,
-        ``http_server_error``, ``truncated``)."""
-        return self.retryable and self.reason in RETRYABLE
-
-    def __str__(self) -> str:
-        status = f" [HTTP {self.status}]" if self.status is not None else ""
-        return (f"{self.reason}: {self.detail}{status} ({self.url}, "
-                f"attempts: {self.attempts})")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (self.__class__, (self.reason, self.detail), self.__dict__.copy())
-
-
-@dataclass
-class FetchResult:
-    url: str
-    final_url: str
-    status: int                  # 200, or 206 when the file was completed by a resume
-    path: Path
-    size: int
-    sha256: str
-    etag: str | None
-    last_modified: str | None
-    content_type: str | None
-    attempts: int
-    resumed: bool                # the file was completed from bytes of an earlier attempt
-    fetched_at: str              # ISO-8601 UTC
-    redirects: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------
-# process-wide per-host limits
-
-
-class _HostGate:
-    """Concurrency slots and start spacing for one host, shared by the whole process."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._next_start = 0.0   # monotonic time of the next free start slot
-        self._not_before = 0.0   # set by Retry-After
-
-    def acquire(self, limit: int, rps: float) -> None:
-        with self._cond:
-            while self._in_flight >= limit:
-                self._cond.wait()
-            self._in_flight += 1
-            now = time.monotonic()
-            start = max(now, self._not_before)
-            if rps > 0:
-                start = max(start, self._next_start)
-                self._next_start = start + 1.0 / rps
-        if start > now:
-            try:
-                time.sleep(start - now)
-            except BaseException:
-                self.release()
-                raise
-
-    def release(self) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify()
-
-    def defer(self, until: float) -> None:
-        with self._cond:
-            self._not_before = max(self._not_before, until)
-
-
-_GATES: dict[str, _HostGate] = {}
-_GATES_LOCK = threading.Lock()
-
-
-def _gate(host: str) -> _HostGate:
-    with _GATES_LOCK:
-        g = _GATES.get(host)
-        if g is None:
-            g = _GATES[host] = _HostGate()
-        return g
-
-
-class _DestLock:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
-
-
-_DEST_LOCKS: dict[str, _DestLock] = {}
-_DEST_LOCKS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _dest_lock(dest: Path) -> Iterator[None]:
-    """One fetch per destination at a time within the process."""
-    key = os.path.abspath(dest)
-    with _DEST_LOCKS_LOCK:
-        entry = _DEST_LOCKS.setdefault(key, _DestLock())
-        entry.users += 1
-    entry.lock.acquire()
-    try:
-        yield
-    finally:
-        entry.lock.release()
-        with _DEST_LOCKS_LOCK:
-            entry.users -= 1
-            if entry.users == 0:
-                del _DEST_LOCKS[key]
-
-
-_TLS = threading.local()
-
-
-def _session() -> requests.Session:
-    """This thread's session (connection pools are per thread; requests does no retries)."""
-    s: requests.Session | None = getattr(_TLS, "session", None)
-    if s is None:
-        s = requests.Session()
-        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=4, max_retries=0)
-        s.mount("http://", adapter)
-        s.mount("https://", adapter)
-        _TLS.session = s
-    return s
-
-
-def _sleep(seconds: float) -> None:
-    """Backoff sleep (a seam for tests)."""
-    if seconds > 0:
-        time.sleep(seconds)
-
-
-# --------------------------------------------------------------------------------------
-# URL and address checks
-
-
-def _bad_url(url: str, detail: str) -> FetchError:
-    return FetchError("bad_url", detail, url=url)
-
-
-def _split_url(url: str) -> tuple[str, int]:
-    """(host, port) of an http(s) URL, or ``bad_url``."""
-    if not isinstance(url, str) or not url:
-        raise _bad_url(str(url), "empty URL")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise _bad_url(url, "control character in URL")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError as e:
-        raise _bad_url(url, f"malformed URL: {e}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise _bad_url(url, f"unsupported scheme {scheme or '(none)'!r}; http and https only")
-    if not host:
-        raise _bad_url(url, "URL has no host")
-    if port == 0:
-        raise _bad_url(url, "port 0")
-    return host.rstrip(".").lower() or host, port or (443 if scheme == "https" else 80)
-
-
-def _matches(host: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(host, p.strip().lower()) for p in patterns)
-
-
-def _check_lists(url: str, host: str, policy: FetchPolicy) -> None:
-    if policy.deny_hosts and _matches(host, policy.deny_hosts):
-        raise FetchError("blocked_host", f"host {host} is on the deny list", url=url)
-    if policy.allow_hosts and not _matches(host, policy.allow_hosts):
-        raise FetchError("blocked_host", f"host {host} is not on the allow list", url=url)
-
-
-def _private_kind(ip: _IPAddress) -> str | None:
-    """Why ``ip`` is not a public unicast address, or None."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None:
-            return _private_kind(embedded)
-    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    if not ip.is_global:
-        return "not globally routable"
-    return None
-
-
-@functools.lru_cache(maxsize=64)
-def _exemptions(entries: tuple[str, ...]) -> tuple[tuple[_IPNetwork, ...], tuple[str, ...]]:
-    nets: list[_IPNetwork] = []
-    names: list[str] = []
-    for e in entries:
-        e = e.strip().lower()
-        try:
-            nets.append(ipaddress.ip_network(e.strip("[]"), strict=False))
-        except ValueError:
-            names.append(e.rstrip("."))
-    return tuple(nets), tuple(names)
-
-
-def _exempt(host: str, ip: _IPAddress, policy: FetchPolicy) -> bool:
-    nets, names = _exemptions(policy.allow_private)
-    if any(fnmatch.fnmatchcase(host, n) for n in names):
-        return True
-    cands: list[_IPAddress] = [ip]
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        cands.append(ip.ipv4_mapped)
-    return any(c.version == n.version and c in n for c in cands for n in nets)
-
-
-def _parse_ip(addr: str) -> _IPAddress | None:
-    try:
-        return ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
-def _check_address(url: str, host: str, port: int, policy: FetchPolicy) -> None:
-    """Resolve ``host``; refuse it if any address is non-public and not exempt."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except UnicodeError as e:
-        raise _bad_url(url, f"bad host name {host!r}: {e}") from None
-    except socket.gaierror as e:
-        # a temporary resolver failure is worth a retry; "no such name" is not
-        temporary = e.errno in (socket.EAI_AGAIN,)
-        raise FetchError("connection_error", f"cannot resolve {host}: {e.strerror or e}",
-                         url=url, retry=temporary) from None
-    except OSError as e:
-        raise FetchError("connection_error", f"cannot resolve {host}: {e}", url=url) from None
-    for info in infos:
-        ip = _parse_ip(str(info[4][0]))
-        if ip is None:
-            continue
-        kind = _private_kind(ip)
-        if kind and not _exempt(host, ip, policy):
-            raise FetchError("private_address",
-                             f"{host} resolves to {ip} ({kind}); not in allow_private", url=url)
-
-
-def check_url(url: str, policy: FetchPolicy, *, resolve: bool = True) -> str:
-    """Refuse what ``policy`` would refuse before sending anything; returns the host.
-
-    Raises ``FetchError`` with ``bad_url``, ``blocked_host`` or (when ``resolve``)
-    ``private_address`` / ``connection_error`` (the name does not resolve).
-    """
-    host, port = _split_url(url)
-    _check_lists(url, host, policy)
-    if resolve:
-        _check_address(url, host, port, policy)
-    return host
 
 
 def _norm_url(url: str) -> str:
@@ -429,79 +89,6 @@ def _norm_url(url: str) -> str:
     if port and port != {"http": 80, "https": 443}.get(scheme):
         netloc += f":{port}"
     return urlunsplit((scheme, netloc, p.path or "/", p.query, ""))
-
-
-def _proxied(url: str) -> bool:
-    try:
-        proxies = requests.utils.get_environ_proxies(url, no_proxy=None)
-        return bool(requests.utils.select_proxy(url, proxies))
-    except Exception:
-        return True  # unknown: do not second-guess the connection
-
-
-def _host_exempt(host: str, policy: FetchPolicy) -> bool:
-    """``allow_private`` names ``host`` (a name pattern, or an address it covers)."""
-    _, names = _exemptions(policy.allow_private)
-    if any(fnmatch.fnmatchcase(host, n) for n in names):
-        return True
-    ip = _parse_ip(host.strip("[]"))
-    return ip is not None and _exempt(host, ip, policy)
-
-
-def _response_sockets(resp: requests.Response) -> Iterator[Any]:
-    """The sockets a response may be read from (urllib3 2.x first, then the
-    http.client reader underneath), without raising."""
-    raw = resp.raw
-    for path in (("connection", "sock"), ("_connection", "sock"),
-                 ("_fp", "fp", "raw", "_sock")):
-        obj: Any = raw
-        for attr in path:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if obj is not None:
-            yield obj
-            inner = getattr(obj, "socket", None)  # urllib3's SSLTransport (TLS in TLS)
-            if inner is not None:
-                yield inner
-
-
-def _peer_ip(resp: requests.Response) -> _IPAddress | None:
-    """The address the response's connection is connected to (plain or TLS: an
-    ``ssl.SSLSocket`` answers ``getpeername`` too), or None when it cannot be read."""
-    for sock in _response_sockets(resp):
-        try:
-            ip = _parse_ip(str(sock.getpeername()[0]))
-        except Exception:  # noqa: BLE001 - closed, not a socket: try the next one
-            continue
-        if ip is not None:
-            return ip
-    return None
-
-
-# --------------------------------------------------------------------------------------
-# HTTP helpers
-
-
-def _retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    ref = time.time() if now is None else now
-    return max(0.0, when.timestamp() - ref)
 
 
 def _int_header(resp: requests.Response, name: str) -> int | None:
@@ -536,10 +123,8 @@ def _encoded(resp: requests.Response) -> bool:
 
 
 def _short(e: BaseException, n: int = 200) -> str:
-    from speechmill.pipeline.redact import redact_text
-
-    s = redact_text(str(e)) or type(e).__name__  # redacted whole, then cut
-    return s if len(s) <= n else s[: n - 3] + "..."
+    """``e``'s text for a reject detail: redacted whole, then cut to ``n`` characters."""
+    return error_text(str(e), limit=n, ellipsis="...") or type(e).__name__
 
 
 def _status_error(resp: requests.Response, url: str) -> FetchError | None:
@@ -548,7 +133,7 @@ def _status_error(resp: requests.Response, url: str) -> FetchError | None:
         return None
     if st in (404, 410):
         return FetchError("not_found", f"HTTP {st}", status=st, url=url)
-    retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
     if st == 408:  # the server timed the request out: the service's failure, retried
         return FetchError("timeout", "HTTP 408 Request Timeout", status=st, url=url,
                           retry_after=retry_after)
@@ -690,9 +275,6 @@ class _Got:
     resumed: bool
 
 
-# --------------------------------------------------------------------------------------
-
-
 class Fetcher:
     """Fetches files and small documents under one ``FetchPolicy``; thread-safe."""
 
@@ -739,7 +321,7 @@ class Fetcher:
                 fetched_at=_now_iso(), redirects=got.redirects,
             )
 
-        with _dest_lock(dest):
+        with hosts.dest_lock(dest):
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 return self._with_retries(url, trace, once)
@@ -812,23 +394,34 @@ class Fetcher:
 
     def _with_retries(self, url: str, trace: _Trace, once: Callable[[int], _T]) -> _T:
         p = self.policy
-        attempt = 0
-        while True:
-            attempt += 1
+        retry = RetryPolicy(max_attempts=p.max_retries + 1, backoff_base_s=p.backoff_base_s,
+                            backoff_max_s=p.backoff_max_s,
+                            max_retry_after_s=p.max_retry_after_s)
+
+        def attempt(n: int) -> _T:
             try:
-                return once(attempt)
+                return once(n)
             except FetchError as e:
-                e.attempts, e.url = attempt, url
-                if not e.retryable or attempt > p.max_retries:
-                    self._bump(trace.host, failures=1)
-                    raise
-                if e.retry_after is not None:
-                    delay = min(e.retry_after, p.max_retry_after_s)
-                    _gate(trace.host).defer(time.monotonic() + delay)
-                else:
-                    cap = min(p.backoff_max_s, p.backoff_base_s * 2 ** (attempt - 1))
-                    delay = random.uniform(0, cap)
-                _sleep(delay)
+                e.attempts, e.url = n, url
+                raise
+
+        def failure_of(e: Exception) -> Failure | None:
+            if not isinstance(e, FetchError):
+                return None
+            return Failure(status=e.status, retry_after=e.retry_after, retryable=e.retryable)
+
+        def before_retry(n: int, failure: Failure, delay: float) -> None:
+            if failure.retry_after is not None:  # the whole host waits, not only this URL
+                hosts.host_gate(trace.host).defer(time.monotonic() + delay)
+
+        def give_up(n: int, failure: Failure, e: Exception) -> BaseException:
+            self._bump(trace.host, failures=1)
+            return e
+
+        # the seam is looked up at each sleep, so tests can replace hosts.backoff_sleep
+        return call_with_retries(attempt, retry, failure_of,
+                                 sleep=lambda d: hosts.backoff_sleep(d),
+                                 before_retry=before_retry, give_up=give_up)
 
     def _send(self, url: str, headers: dict[str, str], host: str) -> requests.Response:
         """GET ``url``, headers only. The peer check runs as requests' response hook:
@@ -838,7 +431,7 @@ class Fetcher:
 
         def peer_hook(resp: requests.Response, **_: Any) -> None:
             try:
-                self._check_peer(resp, host, url)
+                check_peer(resp, host, url, p)
             except FetchError:
                 resp.close()  # the connection goes away with its unread body
                 raise
@@ -850,9 +443,10 @@ class Fetcher:
                 resp._content_consumed = True
 
         try:
-            return _session().get(url, headers=headers, stream=True, allow_redirects=False,
-                                  timeout=(p.connect_timeout_s, p.read_timeout_s),
-                                  hooks={"response": [peer_hook]})
+            return hosts.thread_session().get(url, headers=headers, stream=True,
+                                              allow_redirects=False,
+                                              timeout=(p.connect_timeout_s, p.read_timeout_s),
+                                              hooks={"response": [peer_hook]})
         except requests.exceptions.ConnectTimeout as e:
             raise FetchError("timeout", f"connect timeout: {_short(e)}", url=url) from None
         except requests.exceptions.ReadTimeout as e:
@@ -860,32 +454,11 @@ class Fetcher:
                              f"{_short(e)}", url=url) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                 requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as e:
-            raise _bad_url(url, _short(e)) from None
+            raise bad_url(url, _short(e)) from None
         except requests.exceptions.RequestException as e:
             raise FetchError("connection_error", _short(e), url=url) from None
         except (Urllib3Error, http.client.HTTPException, OSError, ValueError) as e:
             raise FetchError("connection_error", _short(e), url=url) from None
-
-    def _check_peer(self, resp: requests.Response, host: str, url: str) -> None:
-        """Second SSRF layer (DNS rebinding): the connected address must be public or
-        exempt. Fails closed: an unreadable peer address is ``unverified_peer`` unless
-        ``allow_private`` names the host."""
-        ip = _peer_ip(resp)
-        kind = _private_kind(ip) if ip is not None else None
-        if ip is not None and kind is None:
-            return
-        if _proxied(url):
-            return  # the peer is the proxy, not the host
-        if ip is None:
-            if _host_exempt(host, self.policy):
-                return
-            raise FetchError("unverified_peer", f"cannot read the address {host} is "
-                             "connected to; response dropped unread (list the host in "
-                             "allow_private to skip this check)", status=resp.status_code,
-                             url=url)
-        if not _exempt(host, ip, self.policy):
-            raise FetchError("private_address", f"{host} connected to {ip} ({kind}); "
-                             "not in allow_private", status=resp.status_code, url=url)
 
     @contextlib.contextmanager
     def _open(self, url: str, headers: dict[str, str],
@@ -899,13 +472,13 @@ class Fetcher:
         while True:
             host = check_url(current, p)
             trace.host = host
-            gate = _gate(host)
+            gate = hosts.host_gate(host)
             gate.acquire(p.per_host_concurrency, p.per_host_rps)
             t0 = time.monotonic()
             try:
                 resp = self._send(current, headers, host)  # peer checked, body unread
                 try:
-                    target = _session().get_redirect_target(resp)
+                    target = hosts.thread_session().get_redirect_target(resp)
                     if target is None:
                         yield resp, current, redirects
                         return

@@ -120,7 +120,7 @@ class ReadParquet(Stage):
         themselves are read by the workers, a batch at a time)."""
         import pyarrow.parquet as pq
 
-        from speechmill.pipeline.store import as_string
+        from speechmill.pipeline.store.parts import as_string
 
         tables = []
         schemas: list[tuple[str, pa.Schema]] = []

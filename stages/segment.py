@@ -77,16 +77,16 @@ class Segment(Stage):
         if config.min_s >= config.max_s:
             raise ValueError("key 'with.min_s': must be < max_s")
 
-    #: a recording longer than this (seconds; ``diarize_embed.CHUNK_S``, set in
+    #: a recording longer than this (seconds; ``audio_models.vad.CHUNK_S``, set in
     #: ``setup()``) is read turn by turn, not whole
     stream_above_s: float = 300.0
 
     def setup(self) -> None:
-        from speechmill.stages import diarize_embed
+        from speechmill.stages.audio_models import speaker, vad
 
-        diarize_embed.load_models()
-        self.vad = diarize_embed.speech_regions
-        self.stream_above_s = diarize_embed.CHUNK_S
+        speaker.load_models()
+        self.vad = vad.speech_regions
+        self.stream_above_s = vad.CHUNK_S
 
     def process(self, batch: pa.Table) -> StageResult:
         outs: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ where VAD finds no speech is rejected as ``no_speech``.
 
 Language rules here or in a downstream ``filter`` need a model that detects languages:
 validation reads the model's own files (its vocabulary size, see
-:func:`speechmill.stages.transcribe_asr.is_multilingual`; never its name) and refuses an allow-list
+:func:`speechmill.stages.audio_models.asr.is_multilingual`; never its name) and refuses an allow-list
 or a ``min_language_prob`` with an English-only model, and a ``min_language_prob`` with a
 fixed ``language``. A model that is not on this machine yet is not inspected (nothing is
 downloaded to validate; setup resolves it).
@@ -34,7 +34,7 @@ from speechmill.pipeline.audio import AudioError, load_audio
 from speechmill.pipeline.models import ModelNotFoundError, ModelSpec, resolve
 from speechmill.pipeline.records import recording_id, rejects_table, segment_id
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig, StageResult
-from speechmill.stages.transcribe_asr import (
+from speechmill.stages.audio_models.asr import (
     SAMPLE_RATE,
     AsrResult,
     DecodeOptions,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.audio_factory import make_unreadable, write_bad_files, write_good_files
+from testkit.audio import make_unreadable, write_bad_files, write_good_files
 
 # Fuzz targets (tests/fuzz): a small budget in `make test`; a long local run with
 # `pytest tests/fuzz --hypothesis-profile=long`. Failing examples found are committed as

@@ -1,4 +1,4 @@
-"""Quick checks of the audio fixture factory (tests/audio_factory.py) with PyAV."""
+"""Quick checks of the audio fixture factory (testkit/audio.py) with PyAV."""
 
 from __future__ import annotations
 
@@ -11,30 +11,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-try:
-    from tests.audio_factory import (
-        BAD_CATEGORIES,
-        GOOD_FILENAMES,
-        load_speech,
-        make_unreadable,
-        speech_samples,
-        write_bad_files,
-        write_duplicate,
-        write_good_files,
-        write_long_flac,
-    )
-except ModuleNotFoundError:  # pytest "prepend" import mode puts tests/ itself on sys.path
-    from audio_factory import (  # type: ignore[no-redef]
-        BAD_CATEGORIES,
-        GOOD_FILENAMES,
-        load_speech,
-        make_unreadable,
-        speech_samples,
-        write_bad_files,
-        write_duplicate,
-        write_good_files,
-        write_long_flac,
-    )
+from testkit.audio import (
+    BAD_CATEGORIES,
+    GOOD_FILENAMES,
+    load_speech,
+    make_unreadable,
+    speech_samples,
+    write_bad_files,
+    write_duplicate,
+    write_good_files,
+    write_long_flac,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit.conversations import espeak_available
 from tests.conftest import cli_env
-from tests.conversation_factory import espeak_available
 
 ROOT = Path(__file__).resolve().parents[1]
 

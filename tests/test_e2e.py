@@ -84,7 +84,7 @@ def test_dag_over_every_format_and_bad_input(media_copy, tmp_path: Path) -> None
 def test_transcribe_runs_as_a_ray_actor_pool(tmp_path: Path) -> None:
     from whisper.normalizers import EnglishTextNormalizer
 
-    from tests.audio_factory import speech_samples
+    from testkit.audio import speech_samples
 
     src = tmp_path / "in"
     src.mkdir()

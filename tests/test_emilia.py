@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 
 from speechmill.pipeline.store import RunStore
+from testkit.conversations import espeak_available, make_conversation
 from tests.conftest import cli_env
-from tests.conversation_factory import espeak_available, make_conversation
 from tests.stages.test_separate import MODEL, make_repo
 
 pytestmark = [pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)"),

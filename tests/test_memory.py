@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.audio_factory import write_long_flac
+from testkit.audio import write_long_flac
 
 # Peak RSS is the kernel's high-water mark of this process (VmHWM, KiB). ru_maxrss is not
 # used: after fork+exec it still counts the forked copy of the (large) pytest parent.

@@ -27,8 +27,8 @@ import soundfile as sf
 import torch
 
 from speechmill.pipeline.store import RunStore
+from testkit.conversations import SENTENCES, synthesize
 from tests.conftest import cli_env
-from tests.conversation_factory import SENTENCES, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = sorted((ROOT / "dags").glob("*.yaml"))

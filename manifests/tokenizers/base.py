@@ -16,7 +16,7 @@ quantise features with k-means (log-mel units, HuBERT units) subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -174,7 +174,3 @@ def as_code_list(codes: np.ndarray | list[np.ndarray]) -> list[list[int]]:
     if isinstance(codes, np.ndarray):
         return [[int(v) for v in row] for row in np.atleast_2d(codes)]
     return [[int(v) for v in np.asarray(c).ravel()] for c in codes]
-
-
-def flat_frames(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.float32) for a in arrays], axis=0)

@@ -2,8 +2,11 @@
 ``Retry-After``, a per-backend concurrency limit, and API keys read from an environment
 variable that never reach a log, an error message or a result.
 
-Retried: connection errors, timeouts, 408/425/429 and 5xx answers. Other 4xx answers are
-permanent (the request is wrong: retrying cannot help) and fail at once.
+Retried (:mod:`speechmill.pipeline.http_policy`, with :data:`TTS_RETRY_STATUS
+<speechmill.pipeline.http_policy.TTS_RETRY_STATUS>`): connection errors, timeouts,
+408/425/429 and 500/502/503/504 answers; the server's ``Retry-After`` and the backoff are
+both capped at ``max_backoff_s``. Other 4xx answers are permanent (the request is wrong:
+retrying cannot help) and fail at once.
 
 Classification of the :class:`TTSError` raised (``transient``): a server that keeps
 refusing connections, timing out, breaking off its answer or answering 408/425/429/5xx
@@ -15,45 +18,23 @@ and every message is redacted whole before a server's answer is cut short.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import random
 import threading
-import time
 from typing import Any
 
 from speechmill.pipeline.errors import ConfigError
-from speechmill.pipeline.redact import redact_text, register_secret, register_secrets
+from speechmill.pipeline.http_policy import (
+    TTS_RETRY_STATUS,
+    Failure,
+    RetryPolicy,
+    error_text,
+    retry_after_seconds,
+)
+from speechmill.pipeline.redact import register_secret, register_secrets
 from speechmill.synth.tts.base import TTSError
 
 log = logging.getLogger(__name__)
-
-RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
-    """The wait before retry ``attempt`` (1-based): the server's ``Retry-After`` when it
-    gave one (capped), else exponential backoff with full jitter."""
-    if retry_after is not None:
-        return min(retry_after, cap)
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
 def api_key(env: str | None, *, required: bool, what: str) -> str | None:
@@ -85,6 +66,10 @@ class HttpClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_concurrency = max_concurrency
+        self.retry = RetryPolicy(max_attempts=max_retries + 1, backoff_base_s=backoff_s,
+                                 backoff_max_s=max_backoff_s,
+                                 max_retry_after_s=max_backoff_s,
+                                 retry_status=TTS_RETRY_STATUS)
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._local = threading.local()
         self._stop = threading.Event()
@@ -106,7 +91,7 @@ class HttpClient:
 
     def redact(self, text: str, limit: int | None = None) -> str:
         """``text`` without the key or any registered secret, then cut to ``limit``."""
-        return redact_text(text, [self._key] if self._key else [], limit=limit)
+        return error_text(text, [self._key] if self._key else [], limit=limit)
 
     def post(self, path: str, **kw: Any) -> Any:
         """POST with retries; the ``requests.Response`` of a 2xx answer, else
@@ -117,15 +102,14 @@ class HttpClient:
         url = self.url(path)
         shown = self.redact(url)
         last = ""
-        retry_after: float | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
-                log.info("tts http: retry %d/%d of %s in %.1fs (%s)", attempt,
+        failure: Failure | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            if failure is not None:
+                delay = self.retry.delay(attempt - 1, failure.retry_after)
+                log.info("tts http: retry %d/%d of %s in %.1fs (%s)", attempt - 1,
                          self.max_retries, shown, delay, last)
                 if self._stop.wait(delay):
                     break
-            retry_after = None
             with self._slots:
                 try:
                     r = self._session().post(url, timeout=(min(10.0, self.timeout_s),
@@ -133,6 +117,7 @@ class HttpClient:
                 except (requests.ConnectionError, requests.Timeout,
                         requests.exceptions.ChunkedEncodingError) as e:
                     last = f"{type(e).__name__}"
+                    failure = Failure(status=None)
                     continue
                 except requests.RequestException as e:
                     raise TTSError(self.redact(f"POST {shown}: {type(e).__name__}: {e}",
@@ -140,13 +125,12 @@ class HttpClient:
             if 200 <= r.status_code < 300:
                 return r
             body = self.redact(r.text if r.content else "", 300)
-            last = f"HTTP {r.status_code}"
-            if r.status_code not in RETRY_STATUS:
+            failure = Failure(r.status_code, retry_after_seconds(r.headers.get("Retry-After")))
+            if not self.retry.retryable(failure):
                 raise TTSError(f"POST {shown}: HTTP {r.status_code}: {body}")
             last = f"HTTP {r.status_code}: {body[:200]}"
-            retry_after = retry_after_seconds(r.headers.get("Retry-After"))
         raise TTSError(f"POST {shown}: gave up after {self.max_retries + 1} attempts ({last})",
-                       transient=True)
+                       transient=failure is None or self.retry.transient(failure))
 
     def close(self) -> None:
         self._stop.set()

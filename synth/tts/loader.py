@@ -37,7 +37,7 @@ def load_backend(spec: TTSSpec | Mapping[str, Any], offline: bool = False,
     spec = parse_tts_spec(spec)
     backend = backend_class(spec.backend)(spec, offline=offline)
     if spec.voice_match is not None:
-        from speechmill.synth.voice_match import VoiceMatchBackend
+        from speechmill.synth.voices.voice_match import VoiceMatchBackend
 
         backend = VoiceMatchBackend(backend, spec.voice_match)
     if load:

@@ -7,10 +7,12 @@ server speaking the same API. Retries (honouring ``Retry-After``) and timeouts a
 (preset voices), unless ``voice_match`` is configured.
 
 A failure after those retries is a :class:`TTSError` with ``transient=True`` when the
-service failed (connection errors, timeouts, HTTP 408/409/425/429/5xx): the stage's
-reject is retried by a rerun; other 4xx answers and answers that are not audio are data
+service failed (connection errors, timeouts, HTTP 408/409/425/429/5xx:
+:func:`speechmill.pipeline.http_policy.service_failed`): the stage's reject is retried by
+a rerun; other 4xx answers and answers that are not audio are data
 (``transient=False``). The key is registered with :mod:`speechmill.pipeline.redact`;
-error messages are redacted whole before they are cut short.
+error messages are redacted whole before they are cut short
+(:func:`speechmill.pipeline.http_policy.error_text`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from speechmill.pipeline.redact import redact_text, register_secret, register_secrets
+from speechmill.pipeline.http_policy import error_text, service_failed
+from speechmill.pipeline.redact import register_secret, register_secrets
 from speechmill.synth.tts.audio import decode_audio, resample
 from speechmill.synth.tts.base import (
     Synthesis,
@@ -36,8 +39,6 @@ from speechmill.synth.tts.http import api_key
 DEFAULT_MODEL = "gpt-4o-mini-tts"
 DEFAULT_VOICE = "alloy"
 SAMPLE_RATE = 24000  # the API's wav output
-#: statuses that mean the service (not the request) failed
-TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
 
 class OpenAIBackend(TTSBackend):
@@ -77,9 +78,9 @@ class OpenAIBackend(TTSBackend):
             data = resp.read()
         except openai.APIStatusError as e:
             st = e.status_code
-            msg = redact_text(str(e.message), [self._key] if self._key else [], limit=200)
+            msg = error_text(str(e.message), [self._key] if self._key else [], limit=200)
             raise TTSError(f"openai speech: HTTP {st}: {msg}",
-                           transient=st >= 500 or st in TRANSIENT_STATUS) from None
+                           transient=service_failed(st)) from None
         except (openai.APIConnectionError, openai.APITimeoutError) as e:
             raise TTSError(f"openai speech: {type(e).__name__} (after the client's "
                            f"{self.spec.max_retries} retries)", transient=True) from None

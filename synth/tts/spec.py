@@ -23,7 +23,8 @@ PRESET_BACKENDS = ("openai", "piper", "espeak")
 
 
 class VoiceMatchSpec(BaseModel):
-    """Offline voice matching for preset backends (see :mod:`speechmill.synth.voice_match`)."""
+    """Offline voice matching for preset backends (see
+    :mod:`speechmill.synth.voices.voice_match`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

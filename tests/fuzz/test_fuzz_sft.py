@@ -36,7 +36,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.sft_import import SftImport, SftImportConfig
+from speechmill.synth.text.sft_import import SftImport, SftImportConfig
 from tests.fuzz.harness import budget, time_limit
 
 #: seconds one example may take (a small file plans and imports in milliseconds)

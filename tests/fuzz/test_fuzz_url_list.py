@@ -1,7 +1,7 @@
 """Fuzz target: ``download``'s URL lists (txt/csv/tsv/jsonl) never crash or hang the plan.
 
 Inputs, written to a list file and planned as a run does (``Download.plan`` with
-``url_lists``; ``read_url_list`` in ``stages/download_feeds.py``), then processed with
+``url_lists``; ``read_url_list`` in ``stages/download_urls.py``), then processed with
 every host denied and the network refused (nothing is fetched): random lines (NUL,
 control characters, bidi and zero-width characters, lone CR, very long lines, URL-ish
 text such as ``http://[``), bytes that are not UTF-8, CSV/TSV headers and quoting, JSON

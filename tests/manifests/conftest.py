@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.manifests.segments_factory import make_segments
+from testkit.segments import make_segments
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ from speechmill.manifests.tokenizers.base import (
 )
 from speechmill.manifests.tokenizers.codecs import DEFAULT_NAMES
 from speechmill.pipeline.models import ModelNotFoundError
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
+from testkit.snac import build_snac
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -48,22 +49,6 @@ def _randomise_codebooks(model: torch.nn.Module, scale: float) -> None:
         for name, buf in model.named_buffers():
             if name.endswith(".embed_sum") or name.endswith("codebook.embed"):
                 buf.copy_(torch.randn(buf.shape, generator=g) * scale)
-
-
-def _build_snac(d: Path) -> Path:
-    from snac import SNAC
-
-    # snac_24khz's config with tiny widths: same rates, strides and codebook size
-    conf = {"sampling_rate": 24000, "encoder_dim": 8, "encoder_rates": [2, 4, 8, 8],
-            "decoder_dim": 16, "decoder_rates": [8, 8, 4, 2], "attn_window_size": None,
-            "codebook_size": 4096, "codebook_dim": 8, "vq_strides": [4, 2, 1],
-            "noise": True, "depthwise": True}
-    torch.manual_seed(0)
-    model = SNAC(**conf)
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps(conf))
-    torch.save(model.state_dict(), d / "pytorch_model.bin")
-    return d
 
 
 def _build_mimi(d: Path) -> Path:
@@ -110,7 +95,7 @@ def _build_hubert(d: Path, stable: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("codec_models")
-    return {"snac": _build_snac(root / "snac_24khz"), "mimi": _build_mimi(root / "mimi"),
+    return {"snac": build_snac(root / "snac_24khz"), "mimi": _build_mimi(root / "mimi"),
             "encodec": _build_encodec(root / "encodec_24khz"),
             "hubert": _build_hubert(root / "hubert-tiny")}
 

@@ -1,6 +1,6 @@
 """The dataset report (``speechmill report`` and the ``report`` sink) over a real run:
 ingest -> standardize -> report on real good and bad audio, plus a segment-level stage
-written from :func:`tests.manifests.segments_factory.make_segments` (speaker, language,
+written from :func:`testkit.segments.make_segments` (speaker, language,
 DNSMOS, speaking rate, split). Every number is checked against pyarrow."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from speechmill.pipeline.cli import main
 from speechmill.pipeline.records import conform, rejects_table
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
+from testkit.segments import make_segments
 from tests.conftest import dag_yaml
-from tests.manifests.segments_factory import make_segments
 
 SEG = "segments"  # the synthetic segment-level stage (not in dag.yaml: it comes last)
 SPLITS = ["train", "train", "dev", "test"]

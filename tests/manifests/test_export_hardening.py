@@ -85,9 +85,9 @@ def test_bad_spans_are_rejects(tmp_path: Path, segments_dir) -> None:
         assert res.rows_out == 4 - len(reasons)
     import numpy as np
 
-    from speechmill.manifests.tokenize import Tokenize, TokenizeConfig
     from speechmill.manifests.tokenizers.base import AudioTokenizerConfig
     from speechmill.manifests.tokenizers.kmeans import save_codebook
+    from speechmill.manifests.tokens import Tokenize, TokenizeConfig
 
     cb = tmp_path / "cb.npy"
     save_codebook(cb, np.random.default_rng(0).normal(size=(8, 80)).astype(np.float32))

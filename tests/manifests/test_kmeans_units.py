@@ -19,7 +19,7 @@ from speechmill.manifests.tokenizers.kmeans import (
     load_codebook,
     save_codebook,
 )
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
 
 SR = 16000
 

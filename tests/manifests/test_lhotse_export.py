@@ -15,16 +15,16 @@ import pyarrow.compute as pc
 import pytest
 import soundfile as sf
 
-from speechmill.manifests.common import read_clip
 from speechmill.manifests.lhotse_export import (
     LhotseConfig,
     LhotseExport,
     LhotseShar,
     LhotseSharConfig,
 )
+from speechmill.pipeline.clips import read_clip
 from speechmill.pipeline.records import recording_id
 from speechmill.pipeline.stage import StageContext
-from tests.manifests.segments_factory import make_segments
+from testkit.segments import make_segments
 
 Q16 = 2.0 / 32768  # two 16-bit steps
 

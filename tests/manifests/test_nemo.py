@@ -32,14 +32,14 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from speechmill.manifests.common import read_clip
-from speechmill.manifests.nemo import NemoManifest, clip_name
+from speechmill.manifests.nemo import NemoManifest
 from speechmill.pipeline import dag as dagmod
+from speechmill.pipeline.clips import clip_name, read_clip
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
 from speechmill.pipeline.store import RunStore
+from testkit.segments import make_segments
 from tests.manifests.conftest import tones_then
-from tests.manifests.segments_factory import make_segments
 
 Q = 2.0 / 32768  # 16-bit quantisation (+ rounding) tolerance
 
@@ -243,7 +243,7 @@ def test_clip_namer_matches_clip_name() -> None:
     (rejected clips take no name)."""
     import random
 
-    from speechmill.manifests.nemo import ClipNamer
+    from speechmill.pipeline.clips import ClipNamer
 
     fixed = ["a/b.c", "a_b_c", "a_b_c_2", "x-sub3", "", None, "a/b.c", "a_b_c_3", "q_2",
              "q", "q", "q_02", "q_2_2", "é", "_", "y" * 250, "y" * 200 + "z"]
@@ -334,14 +334,14 @@ def test_reference_exports_hold_one_slice_of_rows(segs: pa.Table, tmp_path: Path
     256 rows at a time); the code before this change peaked at 18.7 MiB in nemo (4.4
     slices: a split's rows and entries as dicts) and 3.7 MiB in lhotse (every id and path
     as a list)."""
-    from speechmill.manifests import common
+    from speechmill.manifests.common import row_columns
     from speechmill.manifests.lhotse_export import LhotseExport
-    from speechmill.manifests.nemo import row_columns
+    from speechmill.pipeline.row_slices import SLICE_ROWS
 
     table = many_rows(segs.column("audio_path")[0].as_py(), N_MANY)
     tracemalloc.start()
     try:
-        row_columns(table).slice(0, common.SLICE_ROWS).to_pylist()
+        row_columns(table).slice(0, SLICE_ROWS).to_pylist()
         one_slice = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

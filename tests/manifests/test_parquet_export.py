@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from speechmill.manifests.common import read_clip
 from speechmill.manifests.parquet_export import ParquetExport
 from speechmill.pipeline import dag as dagmod
+from speechmill.pipeline.clips import read_clip
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
+from testkit.segments import make_segments
 from tests.manifests.conftest import tones_then
-from tests.manifests.segments_factory import make_segments
 
 datasets = pytest.importorskip("datasets")
 

@@ -143,7 +143,7 @@ def test_assemble_hostile_dialogue_ids(tmp_path: Path) -> None:
     """``dialogue_assemble`` names each conversation's files after its dialogue id:
     ``张三`` / ``李四`` (used to share ``__.wav``), ``a b`` / ``a_b`` and ``../../escape``
     each get files of their own, inside the export."""
-    from speechmill.synth.assemble import AssembleConfig, DialogueAssemble
+    from speechmill.manifests.dialogue_assemble import AssembleConfig, DialogueAssemble
     from tests.synth.dialogue_rows import DialogueSpec, make_dialogue_rows
 
     dids = ["张三", "李四", "a b", "a_b", "../../escape"]

@@ -13,7 +13,7 @@ from speechmill.manifests.splits import assign_splits
 from speechmill.pipeline.dag import load as load_dag
 from speechmill.pipeline.records import conform, content_id, segment_id
 from speechmill.pipeline.runner import run
-from tests.conversation_factory import SENTENCES, synthesize
+from testkit.conversations import SENTENCES, synthesize
 from tests.manifests.conftest import dag_with
 
 #: Piper's joe voice played back at these speeds (pitch and tempo scaled together) makes

@@ -28,12 +28,12 @@ DIALOGUE = ["dialogue_id", "round", "n_rounds", "role", "voice_id", "synthetic",
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table]:
-    from tests.manifests.test_codecs import _build_snac
+    from testkit.snac import build_snac
 
     tmp = tmp_path_factory.mktemp("turns")
     rows = make_dialogue_rows(tmp / "clips", SPECS)
     tts = write_tts_stage(tmp / "synth", rows)
-    model = _build_snac(tmp / "snac")
+    model = build_snac(tmp / "snac")
     dag = dag_with(tmp, tts, f"""
   - id: split
     uses: split

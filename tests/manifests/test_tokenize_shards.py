@@ -14,7 +14,7 @@ from speechmill.manifests.tokenizers import layouts
 from speechmill.pipeline.dag import load as load_dag
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.runner import run
-from tests.conversation_factory import espeak_available
+from testkit.conversations import espeak_available
 from tests.manifests.conftest import dag_with
 
 TOKENIZE = """
@@ -137,10 +137,10 @@ def test_mini_omni_needs_snac(tmp_path: Path, segments_dir) -> None:
 def test_snac_mini_omni_shards(tmp_path: Path, segments_dir) -> None:
     """A small random SNAC saved the way SNAC.from_pretrained reads it, through tokenize
     and the Mini-Omni 7-stream layout; the streams unflatten back to the codes."""
-    from tests.manifests.test_codecs import _build_snac
+    from testkit.snac import build_snac
 
     d, seg = segments_dir
-    model = _build_snac(tmp_path / "snac")
+    model = build_snac(tmp_path / "snac")
     dag = dag_with(tmp_path, d / "segments.parquet", f"""
   - id: tok
     uses: tokenize
@@ -195,7 +195,7 @@ def test_fitted_codebook_is_reused_on_resume(tmp_path: Path, segments_dir,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The k-means fit runs once per (config, input ids); a resumed run reuses the saved
     codebook; other inputs fit anew."""
-    from speechmill.manifests import tokenize as tk
+    from speechmill.manifests import tokens as tk
     from speechmill.manifests.tokenizers import kmeans
     from speechmill.pipeline.stage import StageContext
 

@@ -86,12 +86,12 @@ print(json.dumps(rates))
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table]:
     """tts turns -> split (dialogue mode) -> tokenize (SNAC) -> voice_assistant; and
     voice_assistant straight after split (no codes)."""
-    from tests.manifests.test_codecs import _build_snac
+    from testkit.snac import build_snac
 
     tmp = tmp_path_factory.mktemp("va")
     rows = make_dialogue_rows(tmp / "clips", SPECS)
     tts = write_tts_stage(tmp / "synth", rows, dropped_rejects(SPECS))
-    model = _build_snac(tmp / "snac")
+    model = build_snac(tmp / "snac")
     dag = dag_with(tmp, tts, f"""
   - id: split
     uses: split

@@ -35,8 +35,8 @@ import pyarrow as pa
 from ray import cloudpickle
 
 from speechmill.pipeline import registry
-from speechmill.pipeline import store as store_mod
 from speechmill.pipeline.stage import Reject, Resources, Stage, StageConfig
+from speechmill.pipeline.store import parts as store_mod
 
 
 def read_faults(path: str, stage_id: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from speechmill.pipeline.audio_write import sound_writer, write_audio
 from speechmill.pipeline.errors import is_fatal
 from speechmill.pipeline.stage import Reject
 from speechmill.stages import standardize as std_mod
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 

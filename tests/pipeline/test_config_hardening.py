@@ -31,7 +31,9 @@ import soundfile as sf
 from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.cli import EXIT_CONFIG, EXIT_FAILED, main
 from speechmill.pipeline.errors import ConfigError
-from speechmill.pipeline.store import RUN_MARKER, RunStore, check_run_dir_contents
+from speechmill.pipeline.store import RunStore
+from speechmill.pipeline.store.checks import check_run_dir_contents
+from speechmill.pipeline.store.layout import RUN_MARKER
 from tests.conftest import cli_env, dag_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -323,7 +325,7 @@ def _lease(fs: Any, path: str, **fields: Any) -> None:
 def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(
         s3_server: str, tmp_path: Path, aws: Any, capsys: pytest.CaptureFixture,
         caplog: pytest.LogCaptureFixture) -> None:
-    from speechmill.pipeline.store import _machine_ident
+    from speechmill.pipeline.store.lock import machine_ident
 
     aws(s3_server)
     fs, bucket = _bucket(s3_server)
@@ -331,7 +333,7 @@ def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(
     url = f"s3://{bucket}/run"
     dag.write_text(_DAG.format(run_dir=url, inputs=_inputs(tmp_path / "in", 2)))
     me = socket.gethostname()
-    ident = {k: v for k, v in _machine_ident(os.getpid()).items() if k != "pid_start"}
+    ident = {k: v for k, v in machine_ident(os.getpid()).items() if k != "pid_start"}
     # a run SIGKILLed a moment ago (its lease has 110 s to go), as this version and an
     # older one (host and pid only) write it
     for extra in (ident, {}):
@@ -352,7 +354,7 @@ def test_lease_of_a_dead_pid_on_this_host_is_taken_over_at_once(
     assert rc == 0 and "that process is gone" in caplog.text, err
     # a live run of this host is never taken over, not even with --break-lease
     _lease(fs, f"{bucket}/run/run.lock", pid=os.getpid(), host=me,
-           **_machine_ident(os.getpid()))
+           **machine_ident(os.getpid()))
     for flags in ([], ["--break-lease"]):
         rc, err = _cli(capsys, "run", str(dag), "--no-progress", *flags)
         assert rc == EXIT_FAILED, err
@@ -394,7 +396,7 @@ def test_embedded_ray_runs_beside_a_ray_start_cluster(tmp_path: Path) -> None:
     ``ray.init()`` finds it (``$RAY_TMPDIR/ray/ray_current_cluster``); the embedded
     executor used to join it and fail (``num_cpus ... must not be provided``). It now
     starts a Ray of its own and says that a cluster was found."""
-    from tests.ray_cluster import LocalCluster
+    from testkit.ray_cluster import LocalCluster
 
     base = Path(__import__("tempfile").mkdtemp(prefix="smrt", dir="/tmp"))
     cluster = LocalCluster()

@@ -37,7 +37,7 @@ from speechmill.pipeline.audio_write import write_audio
 from speechmill.pipeline.errors import ErrorBudgetExceeded
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
 from tests.pipeline.fault_stages import FaultyModel, write_faults
 
 
@@ -457,7 +457,7 @@ def test_ray_errors_are_told_apart(ray_session: None) -> None:
     application's (its original type and message), a dead worker process is not."""
     import ray.data
 
-    from speechmill.pipeline.executors import ray_application_error
+    from speechmill.pipeline.executors.ray_support import ray_application_error
 
     def raises(batch: Any) -> Any:
         raise KeyError("no such column 'x'")

@@ -25,7 +25,7 @@ from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.fused import plan_chains
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
-from tests.audio_factory import speech_samples
+from testkit.audio import speech_samples
 from tests.conftest import cli_env
 
 CHAIN = ["standardize", "diarize", "segment", "transcribe"]

@@ -4,7 +4,7 @@ then); `device: cpu` or the DAG's `resources.gpus` decide otherwise."""
 from __future__ import annotations
 
 from speechmill.pipeline import dag as dagmod
-from speechmill.pipeline.executors import RayExecutor
+from speechmill.pipeline.executors.ray import RayExecutor
 
 
 def _plan(stages: str) -> dict:

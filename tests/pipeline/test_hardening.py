@@ -14,7 +14,8 @@ import pytest
 from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline import registry
 from speechmill.pipeline.errors import StallError
-from speechmill.pipeline.runner import _safe_argv, run
+from speechmill.pipeline.runner import run
+from speechmill.pipeline.runner import safe_argv as _safe_argv
 from speechmill.pipeline.stage import Stage, StageConfig, StageContext, StageResult
 from speechmill.pipeline.store import RunStore
 from speechmill.stages.ingest import Ingest, IngestConfig

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from speechmill.pipeline.store import RunStore
-from tests.conversation_factory import espeak_available, make_conversation
-from tests.ray_cluster import LocalCluster
+from testkit.conversations import espeak_available, make_conversation
+from testkit.ray_cluster import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(not espeak_available(),

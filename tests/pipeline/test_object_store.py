@@ -1,6 +1,6 @@
 """Run directories named by URL (``s3://bucket/run``).
 
-A URL run dir goes to the object store (:class:`ObjectRunStore`); one the store cannot
+A URL run dir goes to the object store (a :class:`RunStore` over its filesystem); one the store cannot
 write to (an unknown scheme, a filesystem whose package is missing, an fsspec chain) is
 refused before any work starts, never taken as a relative local path (which used to create
 a directory named ``s3:`` under the working directory). A whole DAG run on a bucket is in
@@ -25,7 +25,8 @@ import pytest
 
 from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.errors import ConfigError
-from speechmill.pipeline.store import RunStore, is_url
+from speechmill.pipeline.store import RunStore
+from speechmill.pipeline.store.layout import is_url
 
 _DAG = """
 name: t
@@ -70,12 +71,12 @@ def test_url_run_dir_refused_by_dag(url: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("url", ["s3://bucket/run", "file:///tmp/speechmill-x/run"])
 def test_url_run_dir_of_a_known_filesystem_is_an_object_store(url: str,
                                                               tmp_path: Path) -> None:
-    from speechmill.pipeline.store import ObjectRunStore, open_store
+    from speechmill.pipeline.store import open_store
 
     d = dagmod.loads(_DAG.format(run_dir=url, inputs=tmp_path))
     assert d.run_dir == url
     for st in (RunStore(url), open_store(url)):  # never a local path named `s3:`
-        assert isinstance(st, ObjectRunStore) and st.root == url
+        assert not st.local and st.root == url
 
 
 def test_local_paths_are_not_urls(tmp_path: Path) -> None:
@@ -151,9 +152,8 @@ def _table(ids: list[str]) -> pa.Table:
 
 
 def test_object_store_parts_markers_and_listings(s3_server: str, bucket: str) -> None:
-    from speechmill.pipeline.store import ObjectRunStore
 
-    st = ObjectRunStore(f"s3://{bucket}/runs/a", _opts(s3_server))
+    st = RunStore(f"s3://{bucket}/runs/a", _opts(s3_server))
     st.write_outputs("asr", "0001", _table(["a", "b"]))
     st.write_outputs("asr", "0002", _table(["c"]))
     st.write_rejects("asr", "0001", pa.table({"id": ["d"], "stage": ["asr"],
@@ -179,14 +179,14 @@ def test_object_store_parts_markers_and_listings(s3_server: str, bucket: str) ->
     assert st.add_wall_seconds("asr", 1.5) == 1.5 and st.add_wall_seconds("asr", 2) == 3.5
     st.write_run({"status": "done"})
     # another process (a fresh filesystem object, no shared cache) sees the same
-    again = ObjectRunStore(f"s3://{bucket}/runs/a/", _opts(s3_server))
+    again = RunStore(f"s3://{bucket}/runs/a/", _opts(s3_server))
     assert again.read_run() == {"status": "done"} and again.is_done("asr")
     # media and exports: finished local files uploaded whole, markers last
     local = again.scratch_dir() / "exp"
     (local / "cuts").mkdir(parents=True, exist_ok=True)
     (local / "cuts" / "a.jsonl").write_text("{}\n")
     (local / "_SUCCESS").write_text("")
-    url = again.put_dir(local, again._p("exports", "lhotse"))
+    url = again.put_dir(local, again.layout.at("exports", "lhotse"))
     assert url == f"s3://{bucket}/runs/a/exports/lhotse"
     assert st.fs.cat_file(f"{bucket}/runs/a/exports/lhotse/cuts/a.jsonl") == b"{}\n"
     shutil.rmtree(again.scratch_dir())
@@ -198,9 +198,9 @@ def test_object_store_parts_markers_and_listings(s3_server: str, bucket: str) ->
 
 _WRITER = """
 import sys, pyarrow as pa
-from speechmill.pipeline.store import ObjectRunStore
+from speechmill.pipeline.store import RunStore
 url, endpoint = sys.argv[1], sys.argv[2]
-st = ObjectRunStore(url, {"key": "k", "secret": "s",
+st = RunStore(url, {"key": "k", "secret": "s",
                           "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}})
 big = "x" * 40_000
 with st.lock(ttl_s=float(sys.argv[3])):
@@ -219,7 +219,6 @@ def test_object_store_sigkill_mid_write_and_lease(s3_server: str, bucket: str) -
     import socket
 
     from speechmill.pipeline.errors import RunLockedError
-    from speechmill.pipeline.store import ObjectRunStore
 
     url = f"s3://{bucket}/runs/k"
     p = subprocess.Popen([sys.executable, "-c", _WRITER, url, s3_server, "60"],
@@ -231,43 +230,42 @@ def test_object_store_sigkill_mid_write_and_lease(s3_server: str, bucket: str) -
         for _ in range(3):  # a few parts committed, the next one mid-upload
             p.stdout.readline()
         with pytest.raises(RunLockedError, match=f"in use by pid {p.pid} .*still running "
-                           "on this host"), ObjectRunStore(url, _opts(s3_server)).lock():
+                           "on this host"), RunStore(url, _opts(s3_server)).lock():
             pass
         os.kill(p.pid, signal.SIGKILL)
     finally:
         p.kill()
         p.wait()
-    st = ObjectRunStore(url, _opts(s3_server))
+    st = RunStore(url, _opts(s3_server))
     parts = st.output_parts("seg")
     assert len(parts) >= 3
     ids = st.consumed_id_array("seg").to_pylist()
     assert len(ids) == 50 * len(parts) and len(set(ids)) == len(ids)  # whole parts only
-    lease = json.loads(st.fs.cat_file(st._p("run.lock")))
+    lease = json.loads(st.fs.cat_file(st.layout.lock))
     assert lease["pid"] == p.pid and lease["expires"] > time.time() + 30  # still live
     with st.lock(ttl_s=30) as lk:  # its pid is gone: taken over at once
         assert lk.took_over.startswith(f"took over the lease of pid {p.pid} on ")
         assert json.loads(st.fs.cat_file(lk.path))["owner"] == lk.owner
-    assert not st.fs.exists(st._p("run.lock"))  # released
+    assert not st.fs.exists(st.layout.lock)  # released
     # another host's lease: refused while live, taken over once expired
     now = time.time()
     other = {"owner": "o", "pid": 1, "host": f"not-{socket.gethostname()}", "since": now}
-    st.fs.pipe_file(st._p("run.lock"), json.dumps({**other, "expires": now + 60}).encode())
+    st.fs.pipe_file(st.layout.lock, json.dumps({**other, "expires": now + 60}).encode())
     with pytest.raises(RunLockedError, match="--break-lease"), st.lock():
         pass
-    st.fs.pipe_file(st._p("run.lock"), json.dumps({**other, "expires": now - 1}).encode())
+    st.fs.pipe_file(st.layout.lock, json.dumps({**other, "expires": now - 1}).encode())
     with st.lock(ttl_s=30) as lk:
         assert lk.took_over == ""
-    assert not st.fs.exists(st._p("run.lock"))
+    assert not st.fs.exists(st.layout.lock)
 
 
 def test_object_store_lock_one_of_two_concurrent(s3_server: str, bucket: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from speechmill.pipeline.errors import RunLockedError
-    from speechmill.pipeline.store import ObjectRunStore
 
     url = f"s3://{bucket}/runs/c"
-    locks = [ObjectRunStore(url, _opts(s3_server)).lock(ttl_s=1.5) for _ in range(4)]
+    locks = [RunStore(url, _opts(s3_server)).lock(ttl_s=1.5) for _ in range(4)]
 
     def take(lk: Any) -> Any:
         try:
@@ -281,10 +279,10 @@ def test_object_store_lock_one_of_two_concurrent(s3_server: str, bucket: str) ->
     assert len(won) == 1
     time.sleep(2.5)  # longer than the ttl: the holder's renewals keep its lease alive
     assert not won[0].lost
-    with pytest.raises(RunLockedError), ObjectRunStore(url, _opts(s3_server)).lock():
+    with pytest.raises(RunLockedError), RunStore(url, _opts(s3_server)).lock():
         pass
     won[0].__exit__(None, None, None)
-    with ObjectRunStore(url, _opts(s3_server)).lock():
+    with RunStore(url, _opts(s3_server)).lock():
         pass
 
 
@@ -296,8 +294,9 @@ def test_object_store_media_uploaded_and_read_back_ranged(
     import soundfile as sf
 
     from speechmill.pipeline.audio import load_audio
-    from speechmill.pipeline.store import ObjectRunStore, open_store, read_unit
-    from tests.audio_factory import load_speech
+    from speechmill.pipeline.store import open_store
+    from speechmill.pipeline.store.parts import read_unit
+    from testkit.audio import load_speech
 
     # workers get credentials from the environment, as on a cluster
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", _KEY)
@@ -306,7 +305,7 @@ def test_object_store_media_uploaded_and_read_back_ranged(
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     url = f"s3://{bucket}/runs/m"
     st = open_store(url)
-    assert isinstance(st, ObjectRunStore)
+    assert not st.local
     media = st.local_media_dir("standardize")
     media.mkdir(parents=True, exist_ok=True)
     x = load_speech(3.0, 16000, seed=1)
@@ -332,7 +331,7 @@ def test_dialogue_sinks_read_upstream_reasons_from_object_storage(
     on object storage it reads them through the store, not as a local path."""
     from speechmill.pipeline.records import reject, rejects_table
     from speechmill.pipeline.store import open_store
-    from speechmill.synth.dialogues import upstream_reasons
+    from speechmill.synth.text.dialogues import upstream_reasons
 
     for k, v in (("AWS_ACCESS_KEY_ID", _KEY), ("AWS_SECRET_ACCESS_KEY", _SECRET),
                  ("AWS_ENDPOINT_URL", s3_server), ("AWS_DEFAULT_REGION", "us-east-1")):

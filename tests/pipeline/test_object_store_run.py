@@ -121,7 +121,7 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
 
     import soundfile as sf
 
-    from speechmill.pipeline.store import ObjectRunStore, RunStore
+    from speechmill.pipeline.store import RunStore
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -150,7 +150,7 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     cmd = [*SPEECHMILL, "run", str(DEMO), "--offline", "--no-progress", "--run-dir", url,
            *DEMO_SET]
     store = RunStore(url)
-    assert isinstance(store, ObjectRunStore)
+    assert not store.local
     # its lease lives 10 min after the kill, longer than this test: the rerun on this host
     # takes it over at once because its pid is gone (so the first run is killed only once
     # the second was refused)
@@ -161,7 +161,7 @@ def test_demo_dag_on_s3_sigkill_resume_exports(s3_server: str, tmp_path: Path,
     try:
         deadline = time.time() + 900  # minutes on a loaded 2-CPU machine; seconds idle
         while time.time() < deadline and p.poll() is None:
-            if second is None and store._get(store._p("run.lock")) is not None:
+            if second is None and store.read_file(store.layout.lock) is not None:
                 # a second run on the same prefix while the first holds the lease (started
                 # beside it, so the watch for the kill goes on meanwhile)
                 second = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
@@ -351,8 +351,9 @@ def test_file_url_run_dir_goes_through_the_object_store(tmp_path: Path) -> None:
 
     from speechmill.pipeline import dag as dagmod
     from speechmill.pipeline.runner import run
-    from speechmill.pipeline.store import ObjectRunStore, RunStore, local_cache_dir
-    from tests.audio_factory import load_speech
+    from speechmill.pipeline.store import RunStore
+    from speechmill.pipeline.store.layout import local_cache_dir
+    from testkit.audio import load_speech
 
     local_in = tmp_path / "in"
     local_in.mkdir()
@@ -373,7 +374,7 @@ stages:
     d = dagmod.loads(text)
     assert run(d, progress=False).status == "succeeded"
     store = RunStore(url)
-    assert isinstance(store, ObjectRunStore)
+    assert not store.local
     paths = store.read_outputs("standardize", ["audio_path"]).column("audio_path").to_pylist()
     assert len(paths) == 2
     for pth in paths:
@@ -411,7 +412,8 @@ def test_lost_lease_stops_the_run(s3_server: str, tmp_path: Path,
     import socket
 
     from speechmill.pipeline.cli import EXIT_FAILED
-    from speechmill.pipeline.store import ObjectRunLock, ObjectRunStore, RunStore
+    from speechmill.pipeline.store import RunStore
+    from speechmill.pipeline.store.lock import RunLease
     from tests.pipeline.fault_stages import write_faults
 
     env = {**_env(s3_server, tmp_path), "SPEECHMILL_LEASE_TTL_S": "3"}
@@ -434,11 +436,11 @@ stages:
   - {{id: f, uses: t_faulty, needs: [src], batch_size: 2, with: {{faults: "{faults}"}}}}
 """)
     store = RunStore(url)
-    assert isinstance(store, ObjectRunStore)
+    assert not store.local
     p = subprocess.Popen([sys.executable, "-m", "tests.pipeline.fault_stages", "run",
                           str(dag), "--no-progress"], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    taker: ObjectRunLock | None = None
+    taker: RunLease | None = None
     try:
         deadline = time.time() + 300
         while not store.output_parts("f") and p.poll() is None and time.time() < deadline:
@@ -448,7 +450,7 @@ stages:
         lease = json.loads(fs.cat_file(f"{bucket}/run/run.lock"))
         assert lease["pid"] == p.pid
         time.sleep(max(0.0, lease["expires"] - time.time()) + 0.3)
-        taker = ObjectRunLock(store, ttl_s=60).__enter__()  # another run takes it over
+        taker = RunLease(store, ttl_s=60).__enter__()  # another run takes it over
         n_parts = len(store.output_parts("f"))
         os.kill(p.pid, signal.SIGCONT)
         _, err = p.communicate(timeout=120)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speechmill.pipeline import redact as R
+from speechmill.pipeline import redact
 from speechmill.pipeline.redact import (
     MASK,
     redact_text,
@@ -31,9 +31,9 @@ def pieces(secret: str, n: int = 8) -> list[str]:
 @pytest.fixture
 def clean_registry() -> Iterator[None]:
     saved = registered_secrets()
-    R._forget_all()
+    redact._forget_all()
     yield
-    R._forget_all()
+    redact._forget_all()
     for s in saved:
         register_secret(s)
 
@@ -159,12 +159,12 @@ def test_property_no_piece_survives_redaction_then_truncation(
     text = secret.join(chunks) if len(chunks) > 1 else chunks[0] + secret
     if registered:
         saved = registered_secrets()
-        R._forget_all()
+        redact._forget_all()
         try:
             register_secret(secret)
             out = redact_text(text, limit=cut)
         finally:
-            R._forget_all()
+            redact._forget_all()
             for s in saved:
                 register_secret(s)
     else:

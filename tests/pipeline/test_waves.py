@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from speechmill.pipeline.dag import loads
-from speechmill.pipeline.executors import LocalExecutor
+from speechmill.pipeline.executors.local import LocalExecutor
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import Stage, StageConfig
 from speechmill.pipeline.store import RunStore
@@ -141,7 +141,7 @@ stages:
 def test_stream_groups_split_big_parts_and_join_small_ones(tmp_path: Path) -> None:
     import numpy as np
 
-    from speechmill.pipeline.runner import StageInput
+    from speechmill.pipeline.stage_input import StageInput
 
     big = np.ones(100, dtype=bool)
     big[::10] = False  # 90 rows to do

@@ -15,7 +15,7 @@ from speechmill.stages.annotate import Annotate, AnnotateConfig
 from speechmill.stages.demo_data import SENTENCES, synthesize
 from speechmill.stages.filter import Filter, FilterConfig
 from speechmill.stages.transcribe import Transcribe, TranscribeConfig
-from tests.audio_factory import load_speech, speech_samples
+from testkit.audio import load_speech, speech_samples
 
 # TTS and these short recordings score lower on DNSMOS than Emilia's 3.0 cut
 FILTER = dict(min_duration_s=0.5, min_dnsmos_ovrl=2.5, speaking_rate_iqr=False)

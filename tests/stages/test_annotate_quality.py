@@ -1,4 +1,5 @@
-"""Quality signals on real recorded speech and real transcripts (speechmill.stages.annotate_quality)."""
+"""Quality signals on real recorded speech and real transcripts
+(``speechmill.stages.audio_models.quality``, ``speechmill.stages.text_signals``)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,9 @@ import pytest
 import soxr
 from scipy import signal
 
-from speechmill.stages.annotate_quality import (
-    bandwidth_hz,
-    clipping_ratio,
-    dnsmos,
-    hallucination_signals,
-    snr_db,
-    speaking_rate,
-    text_language,
-)
-from tests.audio_factory import load_speech, speech_samples
+from speechmill.stages.audio_models.quality import bandwidth_hz, clipping_ratio, dnsmos, snr_db
+from speechmill.stages.text_signals import hallucination_signals, speaking_rate, text_language
+from testkit.audio import load_speech, speech_samples
 
 SR = 16000
 

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from speechmill.pipeline.audio import load_audio
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.annotate import Annotate, AnnotateConfig
-from speechmill.stages.annotate_quality import dnsmos
-from tests.audio_factory import load_speech
+from speechmill.stages.audio_models.quality import dnsmos
+from testkit.audio import load_speech
 
 SR = 16000
 KEYS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")

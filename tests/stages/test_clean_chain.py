@@ -14,7 +14,7 @@ from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
 from speechmill.stages.segment import _pieces, _subtract
-from tests.conversation_factory import espeak_available, make_conversation
+from testkit.conversations import espeak_available, make_conversation
 
 # only the conversations need eSpeak NG voices: the other tests run everywhere
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)")

@@ -1,5 +1,5 @@
-"""Offline diarization (``speechmill.stages.diarize_embed``: Silero VAD + GE2E + NME-SC)
-on generated conversations of truly different voices (Piper ``joe`` + eSpeak NG).
+"""Offline diarization (``speechmill.stages.audio_models.speaker``: Silero VAD + GE2E +
+NME-SC) on generated conversations of truly different voices (Piper ``joe`` + eSpeak NG).
 
 Quality is scored frame by frame (10 ms) over reference speech: the hypothesis clusters
 are mapped one-to-one to reference speakers with ``linear_sum_assignment``; purity is
@@ -24,9 +24,11 @@ import soundfile as sf
 import soxr
 from scipy.optimize import linear_sum_assignment
 
-from speechmill.stages import diarize_embed as de
-from speechmill.stages.diarize_embed import DiarizationResult, diarize, speech_regions
-from tests.conversation_factory import VOICES, espeak_available, make_conversation
+from speechmill.stages.audio_models import speaker as de
+from speechmill.stages.audio_models import vad
+from speechmill.stages.audio_models.speaker import DiarizationResult, diarize
+from speechmill.stages.audio_models.vad import speech_regions
+from testkit.conversations import VOICES, espeak_available, make_conversation
 
 pytest.importorskip("resemblyzer")
 pytest.importorskip("silero_vad")
@@ -329,8 +331,8 @@ def test_streamed_long_audio_reads_bounded_chunks(conversations: dict) -> None:
     assert same["purity"] >= 0.95 and same["coverage"] >= 0.95
     # a region is never left split at a chunk boundary: the chunked VAD's regions are the
     # whole signal's, give or take the VAD's own padding
-    whole_regions = de._speech_regions_16k(long_audio)
-    chunked = de._speech_regions_chunked(lambda a, b: long_audio[a:b], len(long_audio),
+    whole_regions = vad.speech_regions_16k(long_audio)
+    chunked = vad.speech_regions_chunked(lambda a, b: long_audio[a:b], len(long_audio),
                                          20 * SR)
     assert abs(len(chunked) - len(whole_regions)) <= 2
     speech = sum(e - s for s, e in whole_regions)

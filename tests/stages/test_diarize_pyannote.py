@@ -36,7 +36,7 @@ from speechmill.pipeline.stage import StageContext  # noqa: E402
 from speechmill.pipeline.store import RunStore  # noqa: E402
 from speechmill.stages import diarize_pyannote as dp  # noqa: E402
 from speechmill.stages.diarize import Diarize, DiarizeConfig  # noqa: E402
-from tests.conversation_factory import espeak_available, make_conversation  # noqa: E402
+from testkit.conversations import espeak_available, make_conversation  # noqa: E402
 
 # the conversation is spoken by an eSpeak NG voice too; the config checks need no audio
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)")

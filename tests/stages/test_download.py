@@ -20,9 +20,8 @@ from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline.errors import ConfigError, ErrorBudgetExceeded
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.store import RunStore
-from tests.audio_factory import load_speech
-from tests.conftest import cli_env
-from tests.http_faults import (
+from testkit.audio import load_speech
+from testkit.http_faults import (
     HTML_PAGE,
     FaultServer,
     fail_first,
@@ -32,6 +31,7 @@ from tests.http_faults import (
     short_body_route,
     stall_route,
 )
+from tests.conftest import cli_env
 
 
 def mp3(seconds: float, seed: int) -> bytes:

@@ -1,4 +1,5 @@
-"""Feed parsing, URL normalisation, safe file names and URL lists (speechmill.stages.download_feeds)."""
+"""Feed parsing (speechmill.stages.download_feeds), URL normalisation and URL lists
+(speechmill.stages.download_urls), safe file names (speechmill.pipeline.safe_names)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from speechmill.stages.download_feeds import (
-    FeedItem,
-    normalize_url,
-    parse_feed,
-    read_url_list,
-    safe_filename,
-)
+from speechmill.pipeline.safe_names import safe_filename
+from speechmill.stages.download_feeds import FeedItem, parse_feed
+from speechmill.stages.download_urls import normalize_url, read_url_list
 
 BASE = "https://podcasts.example.org/shows/talk/feed.xml"
 

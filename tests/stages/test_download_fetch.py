@@ -1,4 +1,4 @@
-"""stages/download_fetch.py against a fault-injecting HTTP server on 127.0.0.1 (tests/http_faults.py)."""
+"""stages/download_fetch.py against a fault-injecting HTTP server on 127.0.0.1 (testkit/http_faults.py)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,13 @@ from typing import Any
 import pytest
 import pytest_audioeval
 
-from speechmill.stages import download_fetch as fetchmod
-from speechmill.stages.download_fetch import (
-    REASONS,
-    Fetcher,
-    FetchError,
-    FetchPolicy,
-    check_url,
-    sniff_not_audio,
-)
-from tests.http_faults import (
+from speechmill.pipeline.http_policy import retry_after_seconds
+from speechmill.stages import download_hosts as hostsmod
+from speechmill.stages import download_safety as safetymod
+from speechmill.stages.download_fetch import Fetcher, sniff_not_audio
+from speechmill.stages.download_policy import REASONS, FetchError, FetchPolicy
+from speechmill.stages.download_safety import check_url
+from testkit.http_faults import (
     ETAG,
     HTML_PAGE,
     LAST_MODIFIED,
@@ -147,7 +144,7 @@ def test_server_error_then_success(srv: FaultServer, tmp_path: Path) -> None:
 def test_server_error_after_retries_with_jittered_backoff(
         srv: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(fetchmod, "_sleep", sleeps.append)
+    monkeypatch.setattr(hostsmod, "backoff_sleep", sleeps.append)
     f = Fetcher(pol(max_retries=3, backoff_base_s=0.01, backoff_max_s=0.03))
     e = fail(f, srv.url("/broken"), tmp_path / "x.wav")
     assert (e.reason, e.status, e.attempts) == ("http_server_error", 500, 4)
@@ -175,7 +172,7 @@ def test_rate_limited_after_retries_and_cap(srv: FaultServer, tmp_path: Path) ->
 
 
 def test_retry_after_parsing() -> None:
-    parse = fetchmod._retry_after_seconds
+    parse = retry_after_seconds
     assert parse("7") == 7.0 and parse(" 0 ") == 0.0 and parse(None) is None
     assert parse("soon") is None
     assert parse("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
@@ -526,7 +523,7 @@ def test_content_encoding_is_decoded(srv: FaultServer, tmp_path: Path) -> None:
 def test_connected_peer_is_checked_too(srv: FaultServer, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """DNS rebinding: even if the name check passed, a private peer address is refused."""
-    monkeypatch.setattr(fetchmod, "_check_address", lambda *a: None)
+    monkeypatch.setattr(safetymod, "_check_address", lambda *a: None)
     e = fail(Fetcher(FetchPolicy(max_retries=0)), srv.url("/audio.wav"), tmp_path / "x")
     assert e.reason == "private_address" and "connected to 127.0.0.1" in e.detail
 
@@ -541,7 +538,7 @@ def test_fetch_error_pickles() -> None:
 
 def test_host_gate_counts_threads() -> None:
     """The gate itself: never more than the limit inside, whatever the number of threads."""
-    gate = fetchmod._gate("gate-test.invalid")
+    gate = hostsmod.host_gate("gate-test.invalid")
     inside, peak, lock = 0, 0, threading.Lock()
 
     def work() -> None:

@@ -21,9 +21,11 @@ import pytest
 import pytest_audioeval
 import trustme
 
-from speechmill.stages import download_fetch as fetchmod
-from speechmill.stages.download_fetch import Fetcher, FetchError, FetchPolicy, check_url
-from tests.http_faults import TLSFaultServer, default_routes, redirect_route
+from speechmill.stages import download_safety as safetymod
+from speechmill.stages.download_fetch import Fetcher
+from speechmill.stages.download_policy import FetchError, FetchPolicy
+from speechmill.stages.download_safety import check_url
+from testkit.http_faults import TLSFaultServer, default_routes, redirect_route
 
 AUDIO = (pathlib.Path(pytest_audioeval.__path__[0]) / "samples/audio/en/counting.wav").read_bytes()
 SHA = hashlib.sha256(AUDIO).hexdigest()
@@ -62,8 +64,8 @@ def srv(tls_server: TLSFaultServer, ca: trustme.CA, tmp_path_factory: pytest.Tem
 
 @pytest.fixture
 def names(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Connections to PUBLIC / CDN go to 127.0.0.1; fetch's own DNS check (the module's
-    ``socket`` name) is told PUBLIC is PUBLIC_IP."""
+    """Connections to PUBLIC / CDN go to 127.0.0.1; the fetcher's own DNS check
+    (download_safety's ``socket`` name) is told PUBLIC is PUBLIC_IP."""
     real = socket.getaddrinfo
 
     def connect_view(host: Any, port: Any, *a: Any, **kw: Any) -> Any:
@@ -80,7 +82,7 @@ def names(monkeypatch: pytest.MonkeyPatch) -> None:
             return connect_view(host, port, *a, **kw)
 
     monkeypatch.setattr(socket, "getaddrinfo", connect_view)
-    monkeypatch.setattr(fetchmod, "socket", CheckView())
+    monkeypatch.setattr(safetymod, "socket", CheckView())
 
 
 @pytest.fixture
@@ -125,7 +127,7 @@ def test_https_peer_check_alone(srv: TLSFaultServer, tmp_path: Path, body_reads:
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the DNS check, the TLS connection's own peer address still refuses 127.0.0.1,
     on a plain response and on a redirect (read before requests consumes its body)."""
-    monkeypatch.setattr(fetchmod, "_check_address", lambda *a: None)
+    monkeypatch.setattr(safetymod, "_check_address", lambda *a: None)
     for path in ("/audio.wav", "/r1"):
         e = refused(Fetcher(pol()), srv.url(path), tmp_path / "x" / "a.wav")
         assert (e.reason, e.attempts) == ("private_address", 1), path
@@ -154,7 +156,7 @@ def test_https_rebinding_after_redirect_is_caught(srv: TLSFaultServer, tmp_path:
 def test_unreadable_peer_fails_closed(srv: TLSFaultServer, tmp_path: Path, names: None,
                                       body_reads: list[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetchmod, "_peer_ip", lambda resp: None)
+    monkeypatch.setattr(safetymod, "_peer_ip", lambda resp: None)
     url = srv.url_as(PUBLIC, "/audio.wav")
     e = refused(Fetcher(pol()), url, tmp_path / "x" / "a.wav")
     assert (e.reason, e.attempts, e.retryable) == ("unverified_peer", 1, False)

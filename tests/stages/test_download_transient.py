@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.download import Download, DownloadConfig
-from tests.http_faults import (
+from testkit.http_faults import (
     HTML_PAGE,
     FaultServer,
     echo_auth_route,

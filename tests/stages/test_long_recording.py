@@ -1,4 +1,4 @@
-"""A recording longer than diarize_embed.CHUNK_S goes through the diarize and segment
+"""A recording longer than audio_models.vad.CHUNK_S goes through the diarize and segment
 stages a piece at a time (``AudioReader``): no decode is longer than a chunk, and the
 segments are the ones the in-memory path cuts. ``CHUNK_S`` is lowered to 40 s here so a
 3-minute file proves it (the shipped 300 s bounds a 2-hour file to ~5 minutes of audio in
@@ -17,11 +17,11 @@ import soundfile as sf
 from speechmill.pipeline import audio as audio_mod
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages import diarize as diarize_mod
-from speechmill.stages import diarize_embed as de
 from speechmill.stages import segment as segment_mod
+from speechmill.stages.audio_models import vad as de
 from speechmill.stages.diarize import Diarize, DiarizeConfig
 from speechmill.stages.segment import Segment, SegmentConfig
-from tests.conversation_factory import espeak_available, make_conversation
+from testkit.conversations import espeak_available, make_conversation
 
 pytest.importorskip("resemblyzer")
 pytest.importorskip("silero_vad")

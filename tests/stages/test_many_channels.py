@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from speechmill.pipeline.store import RunStore
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
 from tests.conftest import cli_env
 
 SECONDS = 3.0

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from speechmill.stages.segment import Segment, plan_segments
-from tests.conversation_factory import espeak_available
+from testkit.conversations import espeak_available
 
 A, B = "SPK0", "SPK1"
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt)")
@@ -181,7 +181,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from speechmill.stages.diarize import Diarize, DiarizeConfig
     from speechmill.stages.segment import SegmentConfig
     from speechmill.stages.transcribe import Transcribe, TranscribeConfig
-    from tests.conversation_factory import make_sentence_conversation
+    from testkit.conversations import make_sentence_conversation
 
     d = tmp_path_factory.mktemp("yield")
 

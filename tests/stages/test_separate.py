@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from speechmill.pipeline.models import ModelNotFoundError  # noqa: E402
 from speechmill.pipeline.stage import StageContext  # noqa: E402
 from speechmill.stages.separate import Separate, SeparateConfig  # noqa: E402
-from tests.audio_factory import load_speech  # noqa: E402
+from testkit.audio import load_speech  # noqa: E402
 
 SR = 24000
 MODEL = "tiny-random"

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from speechmill.pipeline.stage import Reject, StageContext
 from speechmill.stages.standardize import Standardize, StandardizeConfig, standardize_file
-from tests.audio_factory import load_speech
+from testkit.audio import load_speech
 from tests.conftest import EXPECTED_REASON
 
 

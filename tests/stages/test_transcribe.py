@@ -18,7 +18,7 @@ from speechmill.pipeline.records import segment_id
 from speechmill.pipeline.stage import StageContext
 from speechmill.stages.demo_data import SENTENCES, synthesize
 from speechmill.stages.transcribe import Transcribe, TranscribeConfig, vad_segments
-from tests.audio_factory import speech_samples
+from testkit.audio import speech_samples
 
 NORM = EnglishTextNormalizer()
 
@@ -94,7 +94,7 @@ def test_log_mel_does_not_follow_the_blas_thread_count(asr: Transcribe) -> None:
     process has, so every executor gets the same features (and transcripts)."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from tests.audio_factory import load_speech
+    from testkit.audio import load_speech
 
     x = load_speech(10.0, 16000, seed=1).astype(np.float32)
     fe = asr.asr.model.feature_extractor
@@ -260,7 +260,7 @@ def multilingual_ct2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_multilingual_model_measures_lid_prob_only_when_it_detects(
         multilingual_ct2: Path, tmp_path: Path) -> None:
-    from speechmill.stages.transcribe_asr import DecodeOptions, FasterWhisper, is_multilingual
+    from speechmill.stages.audio_models.asr import DecodeOptions, FasterWhisper, is_multilingual
 
     assert is_multilingual("faster-whisper", str(multilingual_ct2)) is True
     tiny = resolve(ModelSpec(backend="faster-whisper", name="tiny.en"), offline=True)
@@ -292,7 +292,7 @@ def test_multilingual_model_measures_lid_prob_only_when_it_detects(
 
 
 def test_openai_whisper_lid_prob(tmp_path: Path) -> None:
-    from speechmill.stages.transcribe_asr import DecodeOptions, OpenAIWhisper, is_multilingual
+    from speechmill.stages.audio_models.asr import DecodeOptions, OpenAIWhisper, is_multilingual
     from tests.stages.whisper_models import make_openai_whisper_checkpoint
 
     en = make_openai_whisper_checkpoint(tmp_path / "en.pt", multilingual=False)

@@ -1,6 +1,6 @@
 """Test-support: the ``tts`` stage's output turn rows over real synthetic speech.
 
-Rows follow the synthesis contract exactly (``synth/turns.py`` columns plus what ``tts``
+Rows follow the synthesis contract exactly (``synth/text/turns.py`` columns plus what ``tts``
 adds): ``id = f"{dialogue_id}-{round:03d}"``, ``dialogue_id`` (16 hex), ``round``,
 ``n_rounds``, ``role``, ``text``, ``language``, ``system``, ``topic``, ``persona``,
 ``source`` (JSON), ``synthetic``; ``audio_path`` (absolute mono WAV), ``offset`` 0,
@@ -10,7 +10,7 @@ adds): ``id = f"{dialogue_id}-{round:03d}"``, ``dialogue_id`` (16 hex), ``round`
 
 Speech is real: user turns in eSpeak NG voices (or Piper's joe at other speeds when
 eSpeak NG is missing), assistant turns in Piper's joe, from
-:func:`tests.conversation_factory.synthesize` (trimmed, cached). ``words`` stand in for
+:func:`testkit.conversations.synthesize` (trimmed, cached). ``words`` stand in for
 the QC ASR round trip: the text's words spread evenly over the clip (what matters to the
 sinks is that they are clip-relative times).
 
@@ -35,8 +35,8 @@ import soundfile as sf
 
 from speechmill.pipeline.records import conform, reject, rejects_table
 from speechmill.pipeline.store import RunStore
-from speechmill.synth.turns import dialogue_id, turn_rows
-from tests.conversation_factory import espeak_available, synthesize
+from speechmill.synth.text.turns import dialogue_id, turn_rows
+from testkit.conversations import espeak_available, synthesize
 
 SR = 16000
 ASSISTANT = ("piper:joe", 1.0, "assistant-joe", "piper", "piper-tts-1.2+joe-us")
@@ -166,6 +166,6 @@ def write_tts_stage(run_dir: Path, table: pa.Table, rejects: pa.Table | None = N
 
 def clip(row: dict[str, Any], sample_rate: int | None = None) -> np.ndarray:
     """A turn's clip as float32 (resampled when asked)."""
-    from speechmill.manifests.common import read_clip
+    from speechmill.pipeline.clips import read_clip
 
     return read_clip(row, sample_rate)[0]

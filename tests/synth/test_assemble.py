@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from speechmill.manifests.dialogue_assemble import AssembleConfig, DialogueAssemble, gaps_for
 from speechmill.pipeline.dag import load as load_dag
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.runner import run
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.assemble import AssembleConfig, DialogueAssemble, gaps_for
 from tests.manifests.conftest import dag_with
 from tests.synth.dialogue_rows import (
     DialogueSpec,

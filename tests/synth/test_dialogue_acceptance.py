@@ -19,7 +19,7 @@ import yaml
 from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline import runner
 from speechmill.pipeline.store import RunStore
-from tests.synth.fake_llm import FakeLLM
+from testkit.fake_llm import FakeLLM
 
 TRANSIENT = ["429x1", "500x1", "503x1", "timeoutx1", "invalidx1", "offschemax1",
              "truncatedx1", "roundsx1", "429x1,500x1", "500x1,offschemax1"]

@@ -19,10 +19,14 @@ from speechmill.pipeline import dag as dagmod
 from speechmill.pipeline import runner
 from speechmill.pipeline.errors import ConfigError, SpeechmillError
 from speechmill.pipeline.store import RunStore
-from speechmill.synth.dialogue_generate import DialogueGenerate, DialogueGenerateConfig, plan_rows
-from speechmill.synth.llm import LLMConfig
-from tests.http_faults import find_pieces, leaked_files
-from tests.synth.fake_llm import FakeLLM, kill_run_while_held
+from speechmill.synth.llm.config import LLMConfig
+from speechmill.synth.text.dialogue_generate import (
+    DialogueGenerate,
+    DialogueGenerateConfig,
+    plan_rows,
+)
+from testkit.fake_llm import FakeLLM, kill_run_while_held
+from testkit.http_faults import find_pieces, leaked_files
 
 REPO = Path(__file__).resolve().parents[2]
 SPEECHMILL = str(Path(sys.executable).with_name("speechmill"))
@@ -428,7 +432,7 @@ def test_run_json_argv_redacts_secrets_inside_set_values(
 
 
 def test_safe_argv_forms() -> None:
-    from speechmill.pipeline.runner import _safe_argv
+    from speechmill.pipeline.runner import safe_argv as _safe_argv
 
     class _D:
         secret_env = {"MY_TOKEN": "tok-1234567890abcdef"}

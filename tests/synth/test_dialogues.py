@@ -1,4 +1,4 @@
-"""The dialogue grouping helper every dialogue sink uses (``synth/dialogues.py``):
+"""The dialogue grouping helper every dialogue sink uses (``synth/text/dialogues.py``):
 complete dialogues, whole-dialogue rejects naming the missing rounds (and the upstream
 reason from the run directory), truncation, mixed splits, and provenance."""
 
@@ -15,7 +15,7 @@ from speechmill.manifests.common import split_groups
 from speechmill.pipeline.errors import ConfigError
 from speechmill.pipeline.records import reject, rejects_table
 from speechmill.pipeline.store import RunStore
-from speechmill.synth.dialogues import (
+from speechmill.synth.text.dialogues import (
     check_turn_columns,
     dialogue_provenance,
     iter_dialogues,
@@ -23,7 +23,7 @@ from speechmill.synth.dialogues import (
     turn_provenance,
     user_voice,
 )
-from speechmill.synth.turns import dialogue_id, turn_rows
+from speechmill.synth.text.turns import dialogue_id, turn_rows
 
 
 def _rows(key: str, n: int, drop: tuple[int, ...] = (), split: str | None = None,

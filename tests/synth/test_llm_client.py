@@ -13,15 +13,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from speechmill.synth.llm import (
-    BudgetExceeded,
-    ChatRequest,
-    LLMClient,
-    LLMConfig,
-    LLMUnavailable,
-    estimate,
-)
-from tests.synth.fake_llm import FakeLLM
+from speechmill.synth.llm.budget import BudgetExceeded, LLMUnavailable
+from speechmill.synth.llm.client import LLMClient
+from speechmill.synth.llm.config import LLMConfig, estimate
+from speechmill.synth.llm.conversation import ChatRequest
+from testkit.fake_llm import FakeLLM
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -290,7 +286,8 @@ def test_batch_api(srv: FakeLLM, tmp_path: Path) -> None:
 _BATCH_CLIENT = """
 import sys
 from tests.synth.test_llm_client import req, Dialogue
-from speechmill.synth.llm import LLMClient, LLMConfig
+from speechmill.synth.llm.client import LLMClient
+from speechmill.synth.llm.config import LLMConfig
 conf = LLMConfig(base_url=sys.argv[1], model="fake-model", batch_api=True, batch_poll_s=0.05,
                  api_key_env="SPEECHMILL_TEST_NO_KEY")
 LLMClient(conf, sys.argv[2], "gen").run([req(i) for i in range(4)])
@@ -333,7 +330,7 @@ def test_token_bucket_waits_and_settles(tmp_path: Path) -> None:
     estimated) lets the one after that pass at once."""
     import asyncio
 
-    from speechmill.synth.llm_budget import RateLimiter
+    from speechmill.synth.llm.budget import RateLimiter
 
     lim = RateLimiter(tmp_path / "_ratelimit.json", None, 600)
 

@@ -16,7 +16,7 @@ import pytest
 
 from speechmill.pipeline.errors import StageFailedError
 from speechmill.pipeline.store import RunStore
-from tests.synth.fake_llm import FakeLLM, _Handler, _Server
+from testkit.fake_llm import FakeLLM
 from tests.synth.test_dialogue_generate import KEY, KEY_ENV, dag_dict, run_dag
 
 
@@ -35,11 +35,7 @@ def _free_port() -> int:
 
 def _llm_on(port: int, **kw: Any) -> FakeLLM:
     """The fake LLM server, listening on ``port`` (where the DAG expects it)."""
-    srv = FakeLLM(api_key=KEY, **kw)
-    srv._srv.server_close()
-    srv._srv = _Server(("127.0.0.1", port), _Handler)
-    srv._srv.fake = srv
-    return srv
+    return FakeLLM(api_key=KEY, port=port, **kw)
 
 
 class _Endpoint:

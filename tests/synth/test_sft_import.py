@@ -15,8 +15,8 @@ import pytest
 
 from speechmill.pipeline.records import recording_id
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.sft_import import SftImport, SftImportConfig
-from speechmill.synth.text_qc import TextQCConfig
+from speechmill.synth.qc.text_qc import TextQCConfig
+from speechmill.synth.text.sft_import import SftImport, SftImportConfig
 
 
 def _run(tmp_path: Path, offline: bool = False, **cfg: Any
@@ -284,9 +284,9 @@ def test_hub_dataset_refused_offline_and_config_errors(
 
 
 def test_llm_judge_scores_and_rejects(tmp_path: Path) -> None:
-    from speechmill.synth.llm import LLMConfig
-    from speechmill.synth.text_judge import JUDGE_PROMPT, JudgeConfig, judge_prompt_version
-    from tests.synth.fake_llm import FakeLLM
+    from speechmill.synth.llm.config import LLMConfig
+    from speechmill.synth.qc.text_judge import JUDGE_PROMPT, JudgeConfig, judge_prompt_version
+    from testkit.fake_llm import FakeLLM
 
     def answer(body: dict, fault: str | None) -> tuple[str, str]:
         shown = body["messages"][1]["content"]

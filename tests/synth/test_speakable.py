@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from speechmill.synth.speakable import has_unspoken, make_speakable, sentences, unspeakable
+from speechmill.synth.text.speakable import has_unspoken, make_speakable, sentences, unspeakable
 
 EN = [
     # numbers

@@ -13,17 +13,17 @@ import pyarrow as pa
 import pytest
 
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.llm import LLMConfig
-from speechmill.synth.speech_rewrite import (
+from speechmill.synth.llm.config import LLMConfig
+from speechmill.synth.text.speech_rewrite import (
     ASSISTANT_PROMPT,
     USER_PROMPT,
     SpeechRewrite,
     SpeechRewriteConfig,
     prompt_version,
 )
-from speechmill.synth.turns import dialogue_id, turn_rows
-from tests.http_faults import find_pieces, leaked_files
-from tests.synth.fake_llm import FakeLLM
+from speechmill.synth.text.turns import dialogue_id, turn_rows
+from testkit.fake_llm import FakeLLM
+from testkit.http_faults import find_pieces, leaked_files
 
 
 def _rows(*texts: str, language: str | None = "en", key: str = "d") -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from speechmill.pipeline.store import RunStore
-from tests.synth.fake_llm import FakeLLM, kill_run_while_held
+from testkit.fake_llm import FakeLLM, kill_run_while_held
 from tests.synth.test_speech_rewrite import _answer
 
 ROOT = Path(__file__).resolve().parents[2]

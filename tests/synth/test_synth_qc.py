@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechmill.synth.synth_qc import (
+from speechmill.synth.qc.synth_qc import (
     QCConfig,
     QCResult,
     SynthQC,
@@ -18,7 +18,7 @@ from speechmill.synth.synth_qc import (
     qc_struct,
     silence_bounds,
 )
-from tests.conversation_factory import espeak_available, synthesize
+from testkit.conversations import espeak_available, synthesize
 
 TEXT = "The museum opens at nine and closes at five on weekdays."
 SR = 16000
@@ -86,7 +86,7 @@ def qc() -> SynthQC:
 
 
 def test_qc_on_real_speech(qc: SynthQC) -> None:
-    from speechmill.synth.voice_match import embed
+    from speechmill.synth.voices.voice_match import embed
 
     x = synthesize("piper:joe", TEXT, SR)
     ref = embed(synthesize("piper:joe", "Thanks, I will call you back after lunch.", SR), SR)
@@ -121,7 +121,7 @@ def test_qc_on_real_speech(qc: SynthQC) -> None:
 
 @pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng for a second voice")
 def test_qc_speaker_check_and_voice_match_limit(qc: SynthQC) -> None:
-    from speechmill.synth.voice_match import embed
+    from speechmill.synth.voices.voice_match import embed
 
     x = synthesize("piper:joe", TEXT, SR)
     other = embed(synthesize("espeak:en-us+f3", "Thanks, I will call you back after lunch.",

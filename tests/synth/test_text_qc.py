@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speechmill.synth.text_qc import TextQCConfig, find_pii, luhn_ok, qc_dialogue, qc_turn
+from speechmill.synth.qc.text_qc import TextQCConfig, find_pii, luhn_ok, qc_dialogue, qc_turn
 
 CFG = TextQCConfig()
 

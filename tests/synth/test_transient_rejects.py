@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.dialogue_generate import DialogueGenerate, DialogueGenerateConfig
-from speechmill.synth.tts_stage import TTS, TTSStageConfig
-from speechmill.synth.turns import dialogue_id, turn_rows
-from tests.http_faults import FaultServer, echo_auth_route, find_pieces, leaked_files
-from tests.synth.fake_llm import FakeLLM
+from speechmill.synth.text.dialogue_generate import DialogueGenerate, DialogueGenerateConfig
+from speechmill.synth.text.turns import dialogue_id, turn_rows
+from speechmill.synth.tts.stage import TTS, TTSStageConfig
+from testkit.fake_llm import FakeLLM
+from testkit.http_faults import FaultServer, echo_auth_route, find_pieces, leaked_files
 from tests.synth.fake_tts_servers import tone, wav
 
 KEY_ENV = "SM_TRANSIENT_TEST_KEY"

@@ -204,7 +204,7 @@ def test_api_key_echoed_by_the_server_never_leaks(prompt_path: Path, monkeypatch
     503 bodies, the key in the middle and across the points where messages are cut: no
     8-character piece of it in an error, a log line, the output or a version string.
     500 forever is a transient failure, 401 a data one."""
-    from tests.http_faults import FaultServer, echo_auth_route, find_pieces
+    from testkit.http_faults import FaultServer, echo_auth_route, find_pieces
     from tests.synth.fake_tts_servers import tone, wav
 
     monkeypatch.setenv("FAKE_TTS_KEY", TTS_KEY)

@@ -21,7 +21,7 @@ TEXT = "Please remember to water the plants on Tuesday."
 
 @pytest.fixture(scope="module")
 def asr():
-    from speechmill.stages.transcribe_asr import DecodeOptions, FasterWhisper
+    from speechmill.stages.audio_models.asr import DecodeOptions, FasterWhisper
 
     model = FasterWhisper(ModelSpec(backend="faster-whisper", name="tiny.en", device="cpu"),
                           offline=True, cpu_threads=2)

@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from speechmill.pipeline.store import RunStore
-from speechmill.synth.turns import dialogue_id, turn_rows
-from tests.conversation_factory import espeak_available
-from tests.synth.voice_bank_data import export, make_segments
+from speechmill.synth.text.turns import dialogue_id, turn_rows
+from testkit.conversations import espeak_available
+from testkit.voice_bank_data import export, make_segments
 
 pytestmark = [pytest.mark.ray,
               pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng voices")]

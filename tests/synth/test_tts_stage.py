@@ -14,11 +14,11 @@ import pytest
 import soundfile as sf
 
 from speechmill.pipeline.stage import StageContext
-from speechmill.synth.synth_qc import QC_FIELDS
-from speechmill.synth.tts_stage import TTS, TTSStageConfig
-from speechmill.synth.turns import dialogue_id, turn_rows
-from tests.conversation_factory import espeak_available
-from tests.synth.voice_bank_data import export, make_segments
+from speechmill.synth.qc.synth_qc import QC_FIELDS
+from speechmill.synth.text.turns import dialogue_id, turn_rows
+from speechmill.synth.tts.stage import TTS, TTSStageConfig
+from testkit.conversations import espeak_available
+from testkit.voice_bank_data import export, make_segments
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng voices")
 SMALL_GRID = {"pitch_factors": [0.8, 1.0, 1.4], "formant_factors": [1.0, 1.15]}

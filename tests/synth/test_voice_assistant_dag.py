@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from speechmill.pipeline.store import RunStore
+from testkit.conversations import espeak_available
+from testkit.voice_bank_data import make_segments
 from tests.conftest import cli_env
-from tests.conversation_factory import espeak_available
-from tests.synth.voice_bank_data import make_segments
 
 ROOT = Path(__file__).resolve().parents[2]
 VOICES = {"spk-f3": "espeak:en-us+f3", "spk-m3": "espeak:en-gb+m3",
@@ -53,13 +53,13 @@ QC_REASONS = {"qc_wer", "qc_speaker", "qc_dnsmos", "qc_duration", "qc_clipping",
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    from tests.manifests.test_codecs import _build_snac
+    from testkit.snac import build_snac
 
     cleaning = tmp / "cleaning"
     (cleaning / "stages" / "split").mkdir(parents=True)
     pq.write_table(make_segments(tmp / "segments", VOICES, clips=2),
                    cleaning / "stages" / "split" / "part-00000.parquet")
-    _build_snac(tmp / "models" / "snac" / "hubertsiuzdak" / "snac_24khz")
+    build_snac(tmp / "models" / "snac" / "hubertsiuzdak" / "snac_24khz")
     return {**cli_env(), "DIALOGUES": DIALOGUES, "SPEECHMILL_VOICES_FROM": str(cleaning),
             "SPEECHMILL_MODELS": str(tmp / "models"), "SPEECHMILL_CACHE_DIR": str(tmp / "cache"),
             "SPEECHMILL_RUN_DIR": str(tmp / "run")}

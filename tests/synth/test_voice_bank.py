@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from speechmill.synth.synth_qc import silence_bounds
-from speechmill.synth.voice_bank import VoiceBank, VoiceBankConfig, fit_span
-from speechmill.synth.voices import Clip, VoiceBankError, load_voice_bank
-from speechmill.synth.voices import VoiceBank as Bank
-from tests.conversation_factory import SENTENCES, espeak_available
-from tests.synth.voice_bank_data import export, segment_row, words_over, write_segment
+from speechmill.synth.qc.synth_qc import silence_bounds
+from speechmill.synth.voices.bank import Clip, VoiceBankError, load_voice_bank
+from speechmill.synth.voices.bank import VoiceBank as Bank
+from speechmill.synth.voices.voice_bank import VoiceBank, VoiceBankConfig, fit_span
+from testkit.conversations import SENTENCES, espeak_available
+from testkit.voice_bank_data import export, segment_row, words_over, write_segment
 
 SR = 16000
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng voices")
@@ -274,7 +274,7 @@ def test_folder_voices_with_clashing_names_and_a_latin1_transcript(tmp_path: Pat
 
 
 def test_read_transcript_encodings(tmp_path: Path) -> None:
-    from speechmill.synth.voice_bank import TranscriptEncodingError, read_transcript
+    from speechmill.synth.voices.voice_bank import TranscriptEncodingError, read_transcript
 
     p = tmp_path / "t.txt"
     s = "Grüße, 张三 — naïve café"

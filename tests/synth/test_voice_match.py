@@ -19,7 +19,7 @@ from pytest_audioeval.samples import registry
 
 from speechmill.synth.tts import VoicePrompt, load_backend
 from speechmill.synth.tts.audio import resample
-from speechmill.synth.voice_match import apply_match, embed, f0_track
+from speechmill.synth.voices.voice_match import apply_match, embed, f0_track
 
 pytest.importorskip("pyworld")
 pytest.importorskip("resemblyzer")
@@ -73,7 +73,7 @@ def test_apply_match_scales_pitch_and_moves_formants(piper_speech) -> None:
 
 
 def test_voice_match_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speechmill.synth import voice_match
+    from speechmill.synth.voices import voice_match
 
     applied: list[tuple[np.ndarray, np.ndarray]] = []
     real_apply = voice_match.apply_match
@@ -145,7 +145,7 @@ def test_voice_match_gains_speaker_similarity_without_hurting_asr(tmp_path: Path
     import jiwer
 
     from speechmill.pipeline.models import ModelSpec
-    from speechmill.stages.transcribe_asr import DecodeOptions, FasterWhisper
+    from speechmill.stages.audio_models.asr import DecodeOptions, FasterWhisper
 
     sentences = ["Could you tell me how long it takes to bake a loaf of bread?",
                  "I would like to book a table for four people tomorrow evening."]
