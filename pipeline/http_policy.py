@@ -242,18 +242,29 @@ def call_with_retries(fn: Callable[[int], _T], policy: RetryPolicy,
         try:
             return fn(attempt)
         except Exception as e:
-            failure = failure_of(e)
-            if failure is None:
-                raise
-            wait = policy.retry_delay(attempt, failure, started)
-            if wait is None:
-                final = e if give_up is None else give_up(attempt, failure, e)
-                if final is e:
-                    raise
-                raise final from None
+            failure, wait = _wait_or_raise(e, attempt, started, policy, failure_of, give_up)
         if before_retry is not None:
             before_retry(attempt, failure, wait)
         sleep(wait)
+
+
+def _wait_or_raise(e: Exception, attempt: int, started: float, policy: RetryPolicy,
+                   failure_of: Callable[[Exception], Failure | None],
+                   give_up: Callable[[int, Failure, Exception], BaseException] | None
+                   ) -> tuple[Failure, float]:
+    """The failure ``e`` of attempt ``attempt`` and the wait before the next one; raises
+    (``e``, or what ``give_up`` names) when ``e`` is not an HTTP failure or is final.
+    Called inside the ``except`` block, so a bare ``raise`` re-raises ``e``."""
+    failure = failure_of(e)
+    if failure is None:
+        raise
+    wait = policy.retry_delay(attempt, failure, started)
+    if wait is None:
+        final = e if give_up is None else give_up(attempt, failure, e)
+        if final is e:
+            raise
+        raise final from None
+    return failure, wait
 
 
 async def call_with_retries_async(
@@ -270,15 +281,7 @@ async def call_with_retries_async(
         try:
             return await fn(attempt)
         except Exception as e:
-            failure = failure_of(e)
-            if failure is None:
-                raise
-            wait = policy.retry_delay(attempt, failure, started)
-            if wait is None:
-                final = e if give_up is None else give_up(attempt, failure, e)
-                if final is e:
-                    raise
-                raise final from None
+            failure, wait = _wait_or_raise(e, attempt, started, policy, failure_of, give_up)
         if before_retry is not None:
             before_retry(attempt, failure, wait)
         await sleep(wait)

@@ -135,7 +135,26 @@ class _Step:
 
 def _step_task(batch: pa.Table, k: int, last: bool, st: PlannedStage,
                ctx: StageContext) -> Any:
-    yield from _Step(k, last, st, ctx)(batch)
+    yield from _worker_cached(_spec_key(k, last, st, ctx),
+                              lambda: _Step(k, last, st, ctx))(batch)
+
+
+def _spec_key(k: int, last: bool, st: PlannedStage, ctx: StageContext) -> tuple[Any, ...]:
+    return (k, last, ctx.stage_id, ctx.run_dir, st.config.model_dump_json())
+
+
+#: the steps and chains a Ray task worker set up (see :func:`_worker_cached`)
+_TASK_CACHE: dict[Any, Any] = {}
+
+
+def _worker_cached(key: Any, make: Any) -> Any:
+    """The step (or chain) this Ray task worker set up for ``key``, made on first use: a
+    task worker keeps its stages between tasks, and with them what they learnt (a
+    ``setup()`` or a batch that failed fatally is reported again, not run again)."""
+    obj = _TASK_CACHE.get(key)
+    if obj is None:
+        obj = _TASK_CACHE[key] = make()
+    return obj
 
 
 def fit_resources(members: list[PlannedStage], cpus: float, gpus: float
@@ -193,7 +212,8 @@ class _Chain:
 
 def _chain_task(batch: pa.Table, specs: list[tuple[int, bool, PlannedStage, StageContext]]
                 ) -> Any:
-    yield from _Chain(specs)(batch)
+    yield from _worker_cached(tuple(_spec_key(*spec) for spec in specs),
+                              lambda: _Chain(specs))(batch)
 
 
 def run_ray_chain(exe: Any, members: list[ChainMember], on_stats: ChainStatsFn,
