@@ -148,17 +148,16 @@ class LocalCluster:
                 os.kill(p, signal.SIGKILL)
 
     def wait_nodes(self, n: int, timeout: float = 180) -> None:
-        code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
-                "print(sum(1 for x in ray.nodes() if x['Alive']))")
         deadline = time.time() + timeout
         while True:
-            r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(),
-                               capture_output=True, text=True, timeout=120)
-            alive = int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else -1
+            try:
+                alive = sum(1 for x in self.node_table() if x["Alive"])
+            except RuntimeError:
+                alive = -1
             if alive >= n:
                 return
             if time.time() > deadline:
-                raise RuntimeError(f"cluster has {alive} live nodes, wanted {n}: {r.stderr}")
+                raise RuntimeError(f"cluster has {alive} live nodes, wanted {n}")
             time.sleep(1)
 
     def node_table(self) -> list[dict]:
@@ -166,14 +165,19 @@ class LocalCluster:
         a subprocess (this test process may hold an embedded Ray of its own)."""
         import json
 
+        # Ray may print notices on stdout too (lagging heartbeats on a busy machine): the
+        # table is the one line that carries the marker
+        mark = "NODE-TABLE "
         code = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
-                "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources')}"
-                " for n in ray.nodes()]))")
+                f"print({mark!r} + json.dumps([{{k: n[k] for k in ('NodeID', 'Alive', "
+                "'Resources')} for n in ray.nodes()]), flush=True)")
         r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(),
                            capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            raise RuntimeError(f"cannot list the cluster's nodes: {r.stderr[-2000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith(mark)]
+        if r.returncode != 0 or not lines:
+            raise RuntimeError(f"cannot list the cluster's nodes: {r.stdout[-1000:]}"
+                               f"{r.stderr[-2000:]}")
+        return json.loads(lines[-1][len(mark):])
 
     def raylet_pids(self, i: int) -> list[int]:
         node = self.nodes[i]
