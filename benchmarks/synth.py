@@ -204,14 +204,14 @@ def speak(m: dict[str, Any], row: dict[str, Any], voice_id: str | None, out_dir:
     import numpy as np
     import soundfile as sf
 
-    from speechmill.synth.tts.stage import seed_hash
+    from speechmill.pipeline.records import stable_hash
 
     cfg, tts, qc, bank = m["cfg"], m["tts"], m["qc"], m["bank"]
     prompt = emb = None
     if row["role"] == "user" and voice_id is not None:
         prompt = bank.prompt(voice_id, tuple(tts.prompt_seconds))
         emb = bank.clip(voice_id, tuple(tts.prompt_seconds)).embedding
-    base = seed_hash("tts", cfg.seed, row["id"]) % (2**31 - 1000)
+    base = stable_hash("tts", cfg.seed, row["id"]) % (2**31 - 1000)
     tried: list[tuple[Any, Any]] = []
     hashes: set[str] = set()
     t_syn = 0.0

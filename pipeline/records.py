@@ -65,6 +65,13 @@ def content_id(sha256_hex: str) -> str:
     return sha256_hex[:20]
 
 
+def stable_hash(*parts: Any) -> int:
+    """A 64-bit hash of ``parts`` that is the same in every process (Python's own ``hash``
+    is salted per process): seeds and deterministic orderings."""
+    blob = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
 def key_id(*parts: str) -> str:
     """Deterministic id for a non-file key (e.g. a planned input URL)."""
     h = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator
 
-from speechmill.pipeline.records import reject, rejects_table
+from speechmill.pipeline.records import reject, rejects_table, stable_hash
 from speechmill.pipeline.redact import redact_text
 from speechmill.pipeline.stage import Resources, Stage, StageConfig, StageContext, StageResult
 from speechmill.synth.llm.client import LLMClient
@@ -233,8 +233,7 @@ def _strings(spec: str | list[str] | None, what: str, extra: Any) -> list[str]:
 
 
 def _rng(*parts: Any) -> random.Random:
-    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(h[:8], "big"))
+    return random.Random(stable_hash(*parts))
 
 
 def prompt_version(config: DialogueGenerateConfig) -> str:

@@ -57,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from speechmill.pipeline.records import WORD_TYPE, conform, rejects_table
+from speechmill.pipeline.records import WORD_TYPE, conform, rejects_table, stable_hash
 from speechmill.pipeline.stage import (
     Resources,
     Stage,
@@ -100,11 +100,6 @@ class TTSStageConfig(StageConfig):
     sample_rate: int | None = Field(None, ge=8000, le=192000,
                                     description="resample clips (default: the backend's)")
     qc: QCConfig = Field(default_factory=QCConfig)
-
-
-def seed_hash(*parts: Any) -> int:
-    blob = "\x1f".join(str(p) for p in parts).encode("utf-8")
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
 
 
 def uses_bank_voices(spec: TTSSpec) -> bool:
@@ -348,7 +343,7 @@ class TTS(Stage):
             except TTSError as e:
                 rejects.append(self.reject_row(row, "tts_error", str(e)))
                 continue
-            base = seed_hash("tts", c.seed, row.get("id")) % (2**31 - 1000)
+            base = stable_hash("tts", c.seed, row.get("id")) % (2**31 - 1000)
             todo[i] = {"tts": tts, "voice_id": vid, "prompt": prompt, "emb": emb,
                        "preset_key": f"{id(tts)}:{vid if prompt is None else ''}",
                        "seed": base, "attempts": [], "audio_hashes": set(), "done": False}

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from speechmill.pipeline.records import stable_hash
 from speechmill.synth.tts.base import VoicePrompt
 
 BANK_FILE = "voices.parquet"
@@ -50,12 +50,6 @@ class Clip:
     rank: int
     embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
     dnsmos: float | None = None
-
-
-def _h(*parts: Any) -> int:
-    """A stable 64-bit hash (Python's own ``hash`` is salted per process)."""
-    blob = "\x1f".join(str(p) for p in parts).encode("utf-8")
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
 
 
 def bank_path(path: str | Path) -> Path:
@@ -197,11 +191,11 @@ class VoiceBank:
                 f"{len(pool)} voices cannot keep each under max_share {max_share:g} of "
                 f"{n} dialogues (at most {cap} each); add voices (at least {need}) or raise "
                 "max_share")
-        order = {v: i for i, v in enumerate(sorted(pool, key=lambda v: (_h("voice", seed, v),
+        order = {v: i for i, v in enumerate(sorted(pool, key=lambda v: (stable_hash("voice", seed, v),
                                                                          v)))}
         counts = dict.fromkeys(pool, 0)
         out: dict[str, str] = {}
-        for did in sorted(items, key=lambda d: (_h("dialogue", seed, d), d)):
+        for did in sorted(items, key=lambda d: (stable_hash("dialogue", seed, d), d)):
             lang, gender = items[did]
             cands = [v for v in self._eligible(pool, lang, gender, match_language, match_gender)
                      if counts[v] < cap]
@@ -222,7 +216,7 @@ class VoiceBank:
         if not pool:
             raise VoiceBankError(f"the voice bank {self.source!r} has no voice to assign")
         cands = self._eligible(pool, language, gender, match_language, match_gender)
-        return max(cands, key=lambda v: (_h("rendezvous", seed, dialogue_id, v), v))
+        return max(cands, key=lambda v: (stable_hash("rendezvous", seed, dialogue_id, v), v))
 
 
 def _lang(code: str | None) -> str | None:
